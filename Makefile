@@ -1,0 +1,61 @@
+# customkd-cache: every target installs what it needs first (idempotent).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+CLI := $(VENV)/bin/customkd-cache
+# The torch build to install. The default works on CPU-only Linux x86_64 machines with Python 3.11;
+# on a GPU machine install your own torch/torchvision into $(VENV) first, or override TORCH_PKGS.
+TORCH_PKGS ?= torch==2.14.1 torchvision==0.29.1
+STAMP := $(VENV)/.install-stamp
+DATASET ?=
+SPEC ?=
+ARGS ?=
+
+.PHONY: help install test test-slow lint cache train demo evidence bench clean
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
+
+install: $(STAMP)  ## create .venv and install the package with its test tools
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -c "import torch, torchvision" 2>/dev/null || $(PY) -m pip install -q $(TORCH_PKGS)
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+lint: install  ## ruff and mypy
+	$(VENV)/bin/ruff check customkd_cache tests benchmarks evidence
+	$(VENV)/bin/ruff format --check customkd_cache tests benchmarks evidence
+	$(VENV)/bin/mypy
+
+test: lint  ## ruff, mypy and the fast test suite
+	$(VENV)/bin/pytest
+
+test-slow: install  ## the slow tests too
+	$(VENV)/bin/pytest -m ''
+
+cache: install  ## run every spec in cache_specs/$(DATASET)/ (or SPEC=file); ARGS are passed on
+	@if [ -n "$(SPEC)" ]; then specs="$(SPEC)"; \
+	elif [ -n "$(DATASET)" ]; then specs=$$(ls cache_specs/$(DATASET)/*.toml 2>/dev/null); \
+	  [ -n "$$specs" ] || { echo "make cache: no specs in cache_specs/$(DATASET)/ (choose from: $$(ls cache_specs | tr '\n' ' '))" >&2; exit 2; }; \
+	else echo "make cache: give DATASET=name or SPEC=file" >&2; exit 2; fi; \
+	for s in $$specs; do echo "== $$s"; $(CLI) cache --spec $$s $(ARGS) || exit $$?; done
+
+train: install  ## customkd-cache train --spec $(SPEC) $(ARGS)
+	@[ -n "$(SPEC)" ] || { echo "make train: give SPEC=pipelines/....toml" >&2; exit 2; }
+	$(CLI) train --spec $(SPEC) $(ARGS)
+
+demo: install  ## real data, offline, minutes: Fashion-MNIST, EfficientNet-Lite0 teacher, student_only vs customkd
+	$(PY) -m evidence.demo
+
+evidence: install  ## the full study (not part of CI)
+	$(PY) -m evidence.study
+
+bench: install  ## stage-one and stage-two benchmarks
+	$(PY) -m benchmarks.bench_cache
+	$(PY) -m benchmarks.bench_train
+
+clean:  ## remove the virtual environment and caches of tools
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
