@@ -1,0 +1,386 @@
+"""TOML specs validated into frozen, typed objects.
+
+Two kinds of spec: a *cache spec* (stage one: dataset, teacher, views, store, run) and a *train spec*
+(stage two: method, protocol, student, optimisation, and a reference to a cache spec). Unknown keys and
+wrong types raise ``SpecError`` with one line naming the file, the dotted field and the closest valid
+key. ``--set dotted.key=value`` overrides are merged into the TOML before validation, so they are
+checked the same way.
+
+Path rules: data paths (``dataset.root``, ``ssl.labeled_list``) resolve against ``CUSTOMKD_DATA_ROOT``
+(default ``./data``); other file paths in a spec (``cache.spec``, weights files) resolve against the
+directory of the spec file; absolute paths are used as they are. Stores live under
+``CUSTOMKD_CACHE_ROOT`` (default ``./caches``).
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Any, Literal, TypeVar, Union
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import SpecError, closest
+
+DatasetKind = Literal[
+    "officehome",
+    "domainnet",
+    "cifar100",
+    "cifar10",
+    "imagenet",
+    "fashion_mnist",
+    "image_folder",
+    "list_file",
+]
+FeatureKind = Literal["cls", "cls+mean_patch", "embed", "pooled"]
+Method = Literal["student_only", "kd", "fitnet", "dkd", "customkd", "customkd+kd", "customkd+dkd"]
+METHODS: tuple[str, ...] = Method.__args__  # type: ignore[attr-defined]
+
+DEFAULT_ROOTS: dict[str, str] = {
+    "officehome": "officehome",
+    "domainnet": "domainnet",
+    "cifar100": "cifar100",
+    "cifar10": "cifar10",
+    "imagenet": "imagenet",
+    "fashion_mnist": "/usr/share/datasets/fashion-mnist",
+    "image_folder": "images",
+    "list_file": ".",
+}
+
+
+class _Spec(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# --- shared sections ---------------------------------------------------------------------------
+
+
+class DatasetSpec(_Spec):
+    """Which images: a dataset in its real on-disk layout."""
+
+    kind: DatasetKind
+    root: str = Field("", description="dataset root; relative roots resolve against CUSTOMKD_DATA_ROOT")
+    splits: tuple[str, ...] = Field((), description="splits to use; empty = every split of the dataset")
+    max_per_split: int = Field(0, ge=0, description="keep the first N samples of each split; 0 = all")
+    lists: tuple[str, ...] = Field((), description="list_file kind: list files `path label`, one split each")
+    skip_list: str = Field("", description="file of sample ids to leave out (recorded in the manifest)")
+
+    def resolved_root(self) -> Path:
+        return data_path(self.root or DEFAULT_ROOTS[self.kind])
+
+
+class RunSpec(_Spec):
+    """How to run; never part of a cache's identity."""
+
+    batch_size: int = Field(64, ge=1)
+    num_workers: int = Field(2, ge=0)
+    device: str = Field("auto", description="auto, cpu, cuda, cuda:N")
+    threads: int = Field(0, ge=0, description="torch intra-op threads; 0 = torch's default")
+
+
+# --- cache spec --------------------------------------------------------------------------------
+
+
+class TeacherSpec(_Spec):
+    source: Literal["timm", "open_clip"] = "timm"
+    name: str = Field(..., min_length=1)
+    pretrained: str = Field("", description="open_clip pretrained tag, e.g. laion2b_s32b_b82k")
+    weights: str = Field(
+        "hub", description="'hub' (Hugging Face cache / open_clip tag), 'random' (explicit), or a file"
+    )
+    input_size: int = Field(224, ge=8)
+    feature: FeatureKind = "cls"
+    precision: Literal["fp32", "bf16"] = "fp32"
+    init_seed: int = Field(0, description="torch seed for weights = 'random'")
+
+    @model_validator(mode="after")
+    def _feature_fits_source(self) -> TeacherSpec:
+        if self.source == "open_clip" and self.feature != "embed":
+            raise ValueError(f"open_clip teachers give feature = 'embed', not '{self.feature}'")
+        if self.source == "timm" and self.feature == "embed":
+            raise ValueError("feature = 'embed' is for open_clip; timm teachers give cls, cls+mean_patch, pooled")
+        return self
+
+
+class ViewsSpec(_Spec):
+    num_views: int = Field(8, ge=1, description="views per image; view 0 is the evaluation view")
+    seed: int = 0
+    scale: tuple[float, float] = (0.08, 1.0)
+    ratio: tuple[float, float] = (3.0 / 4.0, 4.0 / 3.0)
+    hflip: bool = True
+    eval_crop: float = Field(0.875, gt=0.0, le=1.0, description="view 0: centre square, this fraction of the short side")
+
+    @field_validator("scale", "ratio")
+    @classmethod
+    def _ordered(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not 0 < v[0] <= v[1]:
+            raise ValueError(f"expected 0 < low <= high, got {list(v)}")
+        return v
+
+
+class StoreSpec(_Spec):
+    dtype: Literal["float16", "float32"] = "float16"
+    unit_rows: int = Field(256, ge=1, description="rows per work unit (one chunk file per array)")
+    compressor: Literal["zstd", "none"] = "zstd"
+
+
+class CacheSpec(_Spec):
+    """Stage one: run ``teacher`` over ``dataset`` for ``views`` and write a store."""
+
+    dataset: DatasetSpec
+    teacher: TeacherSpec
+    views: ViewsSpec = ViewsSpec()
+    store: StoreSpec = StoreSpec()
+    run: RunSpec = RunSpec()
+
+
+# --- train spec --------------------------------------------------------------------------------
+
+
+class CacheRef(_Spec):
+    spec: str = Field("", description="cache spec file (relative to this spec's directory)")
+    store: str = Field("", description="explicit store path; else found under CUSTOMKD_CACHE_ROOT")
+
+
+class UdaSpec(_Spec):
+    source: tuple[str, ...] = Field(..., min_length=1, description="labeled source split(s)")
+    target: tuple[str, ...] = Field(..., min_length=1, description="unlabeled target split(s)")
+    eval: tuple[str, ...] = Field((), description="evaluation split(s); empty = the target split(s)")
+
+
+class SslSpec(_Spec):
+    train_split: str = "train"
+    eval_split: str = "test"
+    labeled_list: str = Field(..., description="list file of labeled sample ids (see `customkd-cache labels`)")
+    labeled_sha256: str = Field("", description="expected sha256 of the list file; empty = not checked")
+
+
+class StudentSpec(_Spec):
+    name: str = "mobilenetv3_large_100"
+    weights: str = Field("", description="local weights file for the student's init; empty = random init")
+    input_size: int = Field(224, ge=8)
+    in22k_head: bool = False
+
+
+class OptimSpec(_Spec):
+    epochs: int = Field(30, ge=1)
+    batch_size: int = Field(64, ge=2)
+    labeled_per_batch: float = Field(0.5, gt=0.0, le=1.0, description="labeled share of each stage-B batch")
+    lr: float = Field(0.05, gt=0.0)
+    momentum: float = Field(0.9, ge=0.0, lt=1.0)
+    weight_decay: float = Field(5e-4, ge=0.0)
+    schedule: Literal["cosine", "constant"] = "cosine"
+    warmup_epochs: int = Field(0, ge=0)
+    photometric: bool = Field(False, description="student-only colour jitter on top of the replayed view")
+
+
+class KdSpec(_Spec):
+    temperature: float = Field(4.0, gt=0.0)
+    weight: float = Field(1.0, ge=0.0)
+
+
+class DkdSpec(_Spec):
+    alpha: float = Field(1.0, ge=0.0)
+    beta: float = Field(8.0, ge=0.0)
+    temperature: float = Field(4.0, gt=0.0)
+    weight: float = Field(1.0, ge=0.0)
+    warmup_epochs: int = Field(1, ge=0)
+
+
+class CustomKDSpec(_Spec):
+    lambda_gen: float = Field(1.0, ge=0.0)
+    lambda_spec: float = Field(1.0, ge=0.0)
+    projector: Literal["linear", "mlp"] = "linear"
+    standardize: bool = True
+    head_learns_in_stage_a: bool = False
+    stage_a_epochs: int = Field(1, ge=0, description="customization epochs per cycle (1:1 with stage B)")
+    stage_b_epochs: int = Field(1, ge=1)
+    stage_a_lr: float = Field(0.01, gt=0.0)
+    fitnet_weight: float = Field(1.0, ge=0.0, description="weight of the fitnet baseline's MSE")
+
+
+class ProbeSpec(_Spec):
+    epochs: int = Field(100, ge=1)
+    lr: float = Field(1e-3, gt=0.0)
+    weight_decay: float = Field(1e-4, ge=0.0)
+    batch_size: int = Field(256, ge=1)
+
+
+class TrainRunSpec(RunSpec):
+    eval_every: int = Field(1, ge=1)
+    features_in_ram: bool = Field(True, description="hold each split's features in RAM (else stream blocks)")
+
+
+class TrainSpec(_Spec):
+    """Stage two: train a student from a cache (or an online teacher) with one method."""
+
+    method: Method = "customkd"
+    protocol: Literal["uda", "ssl"]
+    seed: int = 0
+    teacher_mode: Literal["cache", "online"] = "cache"
+    dataset: DatasetSpec
+    cache: CacheRef
+    uda: Union[UdaSpec, None] = None
+    ssl: Union[SslSpec, None] = None
+    student: StudentSpec = StudentSpec()
+    optim: OptimSpec = OptimSpec()
+    kd: KdSpec = KdSpec()
+    dkd: DkdSpec = DkdSpec()
+    customkd: CustomKDSpec = CustomKDSpec()
+    probe: ProbeSpec = ProbeSpec()
+    run: TrainRunSpec = TrainRunSpec()
+
+    @model_validator(mode="after")
+    def _protocol_section(self) -> TrainSpec:
+        if self.protocol == "uda" and self.uda is None:
+            raise ValueError("protocol = 'uda' needs a [uda] section with source and target splits")
+        if self.protocol == "ssl" and self.ssl is None:
+            raise ValueError("protocol = 'ssl' needs an [ssl] section with labeled_list")
+        if not self.cache.spec and not self.cache.store:
+            raise ValueError("[cache] needs spec = 'path/to/cache_spec.toml' or store = 'path/to/store'")
+        return self
+
+
+# --- loading -----------------------------------------------------------------------------------
+
+SpecT = TypeVar("SpecT", CacheSpec, TrainSpec)
+
+
+def data_root() -> Path:
+    return Path(os.environ.get("CUSTOMKD_DATA_ROOT", "data"))
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("CUSTOMKD_CACHE_ROOT", "caches"))
+
+
+def data_path(path: str) -> Path:
+    """A data path from a spec: absolute as is, relative against ``CUSTOMKD_DATA_ROOT``."""
+    p = Path(path).expanduser()
+    return p if p.is_absolute() else data_root() / p
+
+
+def spec_relative_path(path: str, spec_file: Path | None) -> Path:
+    """A non-data path from a spec: absolute as is, relative against the spec file's directory."""
+    p = Path(path).expanduser()
+    if p.is_absolute() or spec_file is None:
+        return p
+    return spec_file.parent / p
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """``"a.b=value"`` -> (["a", "b"], value); the value is parsed as TOML, else kept as a string."""
+    key, sep, raw = item.partition("=")
+    if not sep or not key.strip():
+        raise SpecError(f"--set {item!r}: expected KEY=VALUE, e.g. --set run.batch_size=64")
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return [k.strip() for k in key.split(".")], value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """A copy of ``data`` with each ``--set`` applied (creates missing tables)."""
+    import copy
+
+    out = copy.deepcopy(data)
+    for item in overrides:
+        keys, value = parse_override(item)
+        node = out
+        for k in keys[:-1]:
+            child = node.setdefault(k, {})
+            if not isinstance(child, dict):
+                raise SpecError(f"--set {item!r}: '{k}' is a value, not a table")
+            node = child
+        node[keys[-1]] = value
+    return out
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise SpecError(f"{path}: spec file not found (give the path of a .toml spec)")
+    try:
+        with path.open("rb") as f:
+            return tomllib.load(f)
+    except tomllib.TOMLDecodeError as e:
+        raise SpecError(f"{path}: not valid TOML: {e}") from None
+
+
+def spec_kind(data: dict[str, Any]) -> Literal["cache", "train"]:
+    """A train spec has ``protocol`` (or ``method``/``student``); a cache spec has ``teacher``."""
+    return "train" if {"protocol", "method", "student"} & data.keys() else "cache"
+
+
+def validate(model: type[SpecT], data: dict[str, Any], source: str) -> SpecT:
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        raise SpecError(_one_line(e, model, source)) from None
+
+
+def load_cache_spec(path: Path | str, overrides: list[str] | tuple[str, ...] = ()) -> CacheSpec:
+    path = Path(path)
+    return validate(CacheSpec, apply_overrides(read_toml(path), overrides), str(path))
+
+
+def load_train_spec(path: Path | str, overrides: list[str] | tuple[str, ...] = ()) -> TrainSpec:
+    path = Path(path)
+    return validate(TrainSpec, apply_overrides(read_toml(path), overrides), str(path))
+
+
+def load_any_spec(path: Path | str, overrides: list[str] | tuple[str, ...] = ()) -> CacheSpec | TrainSpec:
+    path = Path(path)
+    data = apply_overrides(read_toml(path), overrides)
+    model: type[CacheSpec] | type[TrainSpec] = TrainSpec if spec_kind(data) == "train" else CacheSpec
+    return validate(model, data, str(path))
+
+
+def to_dict(spec: BaseModel) -> dict[str, Any]:
+    """The resolved spec as plain JSON-able data (tuples become lists)."""
+    return spec.model_dump(mode="json")
+
+
+# --- error messages ----------------------------------------------------------------------------
+
+
+def _one_line(err: ValidationError, model: type[BaseModel], source: str) -> str:
+    first = err.errors()[0]
+    loc = [str(p) for p in first["loc"]]
+    field = ".".join(loc) or "(top level)"
+    if first["type"] == "extra_forbidden":
+        valid = _valid_keys(model, loc[:-1])
+        msg = f"unknown key '{loc[-1]}'{closest(loc[-1], valid)}; valid keys here: {', '.join(valid)}"
+    elif first["type"] == "missing":
+        msg = "required field is missing"
+    else:
+        msg = first["msg"].removeprefix("Value error, ")
+        if "input" in first and first["type"] not in ("value_error",) and not isinstance(first["input"], dict):
+            msg += f" (got {first['input']!r})"
+    more = len(err.errors()) - 1
+    tail = f" [and {more} more error{'s' if more > 1 else ''}]" if more else ""
+    return f"{source}: {field}: {msg}{tail}"
+
+
+def _valid_keys(model: type[BaseModel], path: list[str]) -> list[str]:
+    """The field names of the (sub)model at ``path``."""
+    current: Any = model
+    for key in path:
+        field = current.model_fields.get(key) if hasattr(current, "model_fields") else None
+        if field is None:
+            return []
+        current = _model_of(field.annotation)
+        if current is None:
+            return []
+    return list(current.model_fields) if hasattr(current, "model_fields") else []
+
+
+def _model_of(annotation: Any) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()):
+        found = _model_of(arg)
+        if found is not None:
+            return found
+    return None
