@@ -87,7 +87,12 @@ class TeacherSpec(_Spec):
     name: str = Field(..., min_length=1)
     pretrained: str = Field("", description="open_clip pretrained tag, e.g. laion2b_s32b_b82k")
     weights: str = Field(
-        "hub", description="'hub' (Hugging Face cache / open_clip tag), 'random' (explicit), or a file"
+        "hub",
+        description="'hub' (Hugging Face cache / open_clip tag), 'random' (explicit), a file, "
+        "or 'package:PKG/REL/PATH' (a file shipped inside an installed Python package)",
+    )
+    weights_keys: Literal["by_name", "by_order"] = Field(
+        "by_name", description="match state-dict keys by name, or by position when only names differ"
     )
     input_size: int = Field(224, ge=8)
     feature: FeatureKind = "cls"
@@ -158,7 +163,8 @@ class SslSpec(_Spec):
 
 class StudentSpec(_Spec):
     name: str = "mobilenetv3_large_100"
-    weights: str = Field("", description="local weights file for the student's init; empty = random init")
+    weights: str = Field("", description="local weights file (or 'package:...') for the init; empty = random")
+    weights_keys: Literal["by_name", "by_order"] = "by_name"
     input_size: int = Field(224, ge=8)
     in22k_head: bool = False
 
