@@ -57,6 +57,113 @@ def check(
     typer.echo(json.dumps(specs.to_dict(spec), indent=2))
 
 
+@app.command()
+def cache(
+    spec: SpecOpt,
+    set_: SetOpt = None,
+    shard: Annotated[
+        Optional[str], typer.Option(help="this job's share of the units, I/N (e.g. a Slurm array task)")
+    ] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="print the plan; compute nothing")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bar")] = False,
+) -> None:
+    """Stage one: run the teacher over every view of the dataset and write the feature store."""
+    from . import extract
+
+    cspec = specs.load_cache_spec(spec, set_ or [])
+    part = extract.Shard.parse(shard) if shard else extract.Shard.from_env()
+    if dry_run:
+        plan = extract.plan_cache(cspec, spec_path=spec, shard=part)
+        typer.echo(f"store        {plan.path}")
+        typer.echo(f"fingerprint  {plan.fingerprint}")
+        typer.echo(f"exists       {plan.path.exists()}")
+        typer.echo(f"units        {len(plan.units)} for shard {part.index}/{part.count}")
+        typer.echo(f"samples      {plan.identity['dataset']['num_samples']}")
+        typer.echo(f"views x dim  {cspec.views.num_views} x {plan.teacher.feature_dim} ({cspec.store.dtype})")
+        typer.echo(f"est. size    {plan.estimated_bytes() / 2**20:.1f} MiB (uncompressed)")
+        return
+    res = extract.run_cache(cspec, spec_path=spec, shard=part, progress=not quiet)
+    state = "complete" if res.complete else "partial (other shards still running)"
+    typer.echo(
+        f"{res.path}: {state}; computed {res.units_computed} units, skipped {res.units_skipped} done; "
+        f"{res.images} images in {res.seconds:.1f} s"
+    )
+
+
+def _store_path(store: Path) -> Path:
+    if not store.exists() and not store.is_absolute() and (specs.cache_root() / store).exists():
+        return specs.cache_root() / store
+    return store
+
+
+@app.command()
+def info(
+    store: Annotated[Path, typer.Argument(help="store path (or a name under CUSTOMKD_CACHE_ROOT)")],
+    as_json: JsonOpt = False,
+) -> None:
+    """Describe a feature store: completeness, samples per split, views, teacher, fingerprint."""
+    from .store import open_store
+
+    data = open_store(_store_path(store)).info()
+    if as_json:
+        _emit(data, True)
+        return
+    for key in ("path", "complete", "fingerprint", "num_samples", "num_views", "feature_dim", "dtype"):
+        typer.echo(f"{key:12s} {data.get(key)}")
+    teacher = data.get("teacher") or {}
+    typer.echo(f"{'teacher':12s} {teacher.get('source')}:{teacher.get('name')} ({teacher.get('feature')})")
+
+
+@app.command(name="ls")
+def ls_(
+    root: Annotated[Optional[Path], typer.Argument(help="cache root (default: CUSTOMKD_CACHE_ROOT)")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """List the feature stores under a cache root."""
+    from .store import list_stores
+
+    entries = list_stores(root or specs.cache_root())
+    if as_json:
+        _emit(entries, True)
+        return
+    for e in entries:
+        done = "complete" if e["complete"] else "partial"
+        typer.echo(f"{e['path']}  {e['dataset']}  {e['teacher']}  {done}  {e['size_bytes'] / 2**20:.1f} MiB")
+
+
+@app.command()
+def verify(store: Annotated[Path, typer.Argument(help="store path (or a name under CUSTOMKD_CACHE_ROOT)")]) -> None:
+    """Check a store: every unit present, shapes, finite values, checksums. Exit 1 if damaged."""
+    from .store import open_store
+
+    problems = open_store(_store_path(store)).verify()
+    for p in problems:
+        typer.echo(f"{store}: {p}", err=True)
+    if problems:
+        raise typer.Exit(1)
+    typer.echo(f"{store}: ok")
+
+
+@app.command()
+def labels(
+    spec: SpecOpt,
+    out: Annotated[Path, typer.Option(help="list file to write (one sample id per line)")],
+    per_class: Annotated[int, typer.Option(help="labels per class")] = 4,
+    seed: Annotated[int, typer.Option(help="seed of the draw")] = 0,
+    split: Annotated[str, typer.Option(help="split to draw from")] = "train",
+    set_: SetOpt = None,
+) -> None:
+    """Draw an SSL labeled subset (N per class, seeded) from a spec's dataset and write it to a list file."""
+    from .data import open_dataset, write_labeled_list
+
+    data = specs.read_toml(spec)
+    model = specs.TrainSpec if specs.spec_kind(data) == "train" else specs.CacheSpec
+    parsed = specs.validate(model, specs.apply_overrides(data, set_ or []), str(spec))
+    manifest = open_dataset(parsed.dataset).manifest
+    digest = write_labeled_list(manifest, split, per_class=per_class, seed=seed, out=out)
+    typer.echo(f"{out}: {per_class} per class from {split}, seed {seed}; sha256 {digest}")
+
+
 def main() -> None:
     """Entry point: run the app, turning user errors into one line on stderr and exit 2."""
     try:

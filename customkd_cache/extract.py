@@ -1,0 +1,376 @@
+"""Stage one: run a teacher once over a dataset's views and write a fingerprinted feature store.
+
+The work unit is a whole store chunk (``store.unit_rows`` contiguous rows of one split). A process
+claims a unit, computes all its rows and views, writes them in one go and only then marks the unit
+done, so a kill at any moment followed by a rerun gives the bytes of an uninterrupted run. Several
+processes (``torchrun`` ranks, ``--shard I/N`` jobs, or simply two runs of the same spec) share one
+store: units are split between shards, and claims keep two processes off the same unit.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import socket
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+from torch.utils.data import Dataset as TorchDataset
+
+from . import __version__, claims
+from .data import Dataset, open_dataset
+from .errors import SpecError, StoreError
+from .fingerprint import cache_identity, dataset_identity, fingerprint, request_key
+from .specs import CacheSpec, cache_root, to_dict
+from .store import FeatureStore, SplitInit, create_or_open_store, store_name
+from .teachers import Teacher, create_teacher, fidelity_cosine, resolve_device
+from .views import render_view, sample_views, to_tensor
+
+POLL_S = 0.5
+
+
+@dataclass(frozen=True)
+class Shard:
+    """This process's share of the units: every unit whose global index % count == index."""
+
+    index: int = 0
+    count: int = 1
+
+    @classmethod
+    def parse(cls, text: str) -> Shard:
+        """``"I/N"`` with 0 <= I < N."""
+        try:
+            i, n = (int(p) for p in text.split("/"))
+        except ValueError:
+            raise SpecError(f"--shard {text!r}: expected I/N, e.g. --shard 0/4") from None
+        if not 0 <= i < n:
+            raise SpecError(f"--shard {text!r}: need 0 <= I < N")
+        return cls(i, n)
+
+    @classmethod
+    def from_env(cls) -> Shard:
+        """The ``torchrun`` rank and world size, or the single shard."""
+        return cls(int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1")))
+
+
+@dataclass
+class CachePlan:
+    """Everything resolved before any feature is computed."""
+
+    spec: CacheSpec
+    dataset: Dataset
+    teacher: Teacher
+    identity: dict[str, Any]
+    fingerprint: str
+    request_key: str
+    path: Path
+    units: list[tuple[str, int]] = field(default_factory=list)
+
+    def estimated_bytes(self) -> int:
+        itemsize = np.dtype(self.spec.store.dtype).itemsize
+        n = sum(len(s.samples) for s in self.dataset.manifest.splits)
+        return n * self.spec.views.num_views * (self.teacher.feature_dim * itemsize + 4 * 4 + 1)
+
+
+@dataclass
+class CacheResult:
+    path: Path
+    fingerprint: str
+    units_computed: int
+    units_skipped: int
+    complete: bool
+    images: int
+    seconds: float
+
+
+def plan_cache(spec: CacheSpec, *, spec_path: Path | None, shard: Shard) -> CachePlan:
+    """Open the dataset, build the teacher, compute the fingerprint and list this shard's units."""
+    dataset = open_dataset(spec.dataset)
+    manifest = dataset.manifest
+    teacher = create_teacher(spec.teacher, spec_dir=spec_path.parent if spec_path else None, device="cpu")
+    splits = {s.name: len(s.samples) for s in manifest.splits}
+    identity = cache_identity(
+        spec=spec,
+        dataset=dataset_identity(kind=spec.dataset.kind, manifest_digest=manifest.digest(), splits=splits),
+        teacher=teacher.identity(),
+    )
+    fp = fingerprint(identity)
+    path = cache_root() / store_name(dataset=spec.dataset.kind, teacher=spec.teacher.name, fingerprint=fp)
+    units = [
+        (name, u)
+        for name, n in splits.items()
+        for u in range((n + spec.store.unit_rows - 1) // spec.store.unit_rows)
+    ]
+    mine = [unit for i, unit in enumerate(units) if i % shard.count == shard.index]
+    rkey = request_key(spec=spec, manifest_digest=manifest.digest())
+    return CachePlan(spec, dataset, teacher, identity, fp, rkey, path, mine)
+
+
+def open_plan_store(plan: CachePlan) -> FeatureStore:
+    """Create the store (race-safe) or open the existing one with the same fingerprint."""
+    manifest = plan.dataset.manifest
+    inits = {
+        s.name: SplitInit(ids=[x.id for x in s.samples], labels=np.array([x.label for x in s.samples], np.int64))
+        for s in manifest.splits
+    }
+    extra: dict[str, Any] = {
+        "request_key": plan.request_key,
+        "classes": list(manifest.classes),
+        "dataset_kind": plan.spec.dataset.kind,
+    }
+    if plan.spec.teacher.precision != "fp32":
+        extra["bf16_cosine_to_fp32"] = _precision_fidelity(plan)
+    return create_or_open_store(
+        plan.path,
+        fingerprint=plan.fingerprint,
+        identity=plan.identity,
+        provenance=provenance(plan.spec),
+        splits=inits,
+        num_views=plan.spec.views.num_views,
+        feature_dim=plan.teacher.feature_dim,
+        dtype=plan.spec.store.dtype,
+        unit_rows=plan.spec.store.unit_rows,
+        compressor=plan.spec.store.compressor,
+        extra_attrs=extra,
+    )
+
+
+def provenance(spec: CacheSpec) -> dict[str, Any]:
+    """Resolved spec, library versions, host and time: recorded, never hashed."""
+    import numcodecs
+    import timm
+    import zarr
+
+    versions = {
+        "customkd_cache": __version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "timm": timm.__version__,
+        "zarr": zarr.__version__,
+        "numcodecs": numcodecs.__version__,
+        "numpy": np.__version__,
+    }
+    try:
+        import open_clip
+
+        versions["open_clip"] = open_clip.__version__
+    except ImportError:  # open_clip is optional for timm-only caches
+        pass
+    return {
+        "spec": to_dict(spec),
+        "versions": versions,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "host": socket.gethostname(),
+        "argv": sys.argv,
+    }
+
+
+def _precision_fidelity(plan: CachePlan) -> float:
+    """Mean cosine between this teacher's features and an fp32 copy's, on up to 8 eval views."""
+    split = plan.dataset.manifest.splits[0]
+    rows = range(min(8, len(split.samples)))
+    x = torch.stack([_render_row(plan, split.name, i)[0][0] for i in rows])
+    return fidelity_cosine(plan.teacher, x)
+
+
+# --- the work loop -----------------------------------------------------------------------------
+
+
+class _RowViews(TorchDataset):
+    """Item ``(split, row)`` -> every view of that image, rendered for the teacher."""
+
+    def __init__(self, plan: CachePlan) -> None:
+        self.dataset = plan.dataset
+        self.views = plan.spec.views
+        self.pre = plan.teacher.preprocess
+
+    def __len__(self) -> int:  # indices come from the batch sampler, never from range(len)
+        return 0
+
+    def __getitem__(self, key: tuple[str, int]) -> tuple[str, int, torch.Tensor, np.ndarray, np.ndarray]:
+        split, row = key
+        img = self.dataset.load_image(split, row)
+        boxes, flips = sample_views(self.views, sample_index=row, width=img.width, height=img.height)
+        pixels = torch.stack(
+            [
+                to_tensor(
+                    render_view(img, boxes[v], bool(flips[v]), size=self.pre.input_size,
+                                interpolation=self.pre.interpolation),
+                    mean=self.pre.mean,
+                    std=self.pre.std,
+                )
+                for v in range(len(boxes))
+            ]
+        )
+        return split, row, pixels, boxes, flips
+
+
+def _render_row(plan: CachePlan, split: str, row: int) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
+    _, _, pixels, boxes, flips = _RowViews(plan)[(split, row)]
+    return pixels, boxes, flips
+
+
+class _UnitBatches:
+    """Batch sampler that claims units lazily and yields each unit's rows in batches.
+
+    It runs in the main process (DataLoader iterates the batch sampler there), so a claim is taken
+    just before the unit's rows are handed to the workers. Units claimed by live processes are
+    waited for (their claim may go stale after a kill, and is then taken over).
+    """
+
+    def __init__(self, store: FeatureStore, units: list[tuple[str, int]], batch: int, lease_s: float) -> None:
+        self.store, self.units, self.batch, self.lease_s = store, units, batch, lease_s
+        self.held: dict[tuple[str, int], claims.Claim] = {}
+        self.skipped = 0
+
+    def __iter__(self) -> Iterator[list[tuple[str, int]]]:
+        pending = [u for u in self.units if not self._done(u)]
+        self.skipped = len(self.units) - len(pending)
+        while pending:
+            progressed = False
+            for unit in list(pending):
+                if self._done(unit):
+                    pending.remove(unit)
+                    continue
+                claim = claims.try_claim(self.store.claim_dir(unit[0]), f"unit-{unit[1]:06d}", lease_s=self.lease_s)
+                if claim is None:
+                    continue
+                if self._done(unit):  # finished by another process between our check and our claim
+                    claim.release()
+                    pending.remove(unit)
+                    continue
+                self.held[unit] = claim
+                pending.remove(unit)
+                progressed = True
+                rows = self.store.units(unit[0])[unit[1]]
+                for start in range(rows.start, rows.stop, self.batch):
+                    yield [(unit[0], r) for r in range(start, min(start + self.batch, rows.stop))]
+            if pending and not progressed:
+                time.sleep(POLL_S)
+
+    def _done(self, unit: tuple[str, int]) -> bool:
+        return bool(self.store.done_units(unit[0])[unit[1]])
+
+    def release(self, unit: tuple[str, int]) -> None:
+        claim = self.held.pop(unit, None)
+        if claim is not None:
+            claim.release()
+
+    def release_all(self) -> None:
+        for unit in list(self.held):
+            self.release(unit)
+
+
+def _collate(items: list[tuple[str, int, torch.Tensor, np.ndarray, np.ndarray]]) -> list[Any]:
+    return items
+
+
+class _UnitBuffer:
+    """Collects a unit's rows (in order) until the unit is whole."""
+
+    def __init__(self, store: FeatureStore, split: str, unit: int) -> None:
+        self.rows = store.units(split)[unit]
+        self.features: list[np.ndarray] = []
+        self.boxes: list[np.ndarray] = []
+        self.flips: list[np.ndarray] = []
+
+    def add(self, features: np.ndarray, boxes: np.ndarray, flips: np.ndarray) -> None:
+        self.features.append(features)
+        self.boxes.append(boxes)
+        self.flips.append(flips)
+
+    def full(self) -> bool:
+        return sum(len(f) for f in self.features) == len(self.rows)
+
+
+def extract_batch(teacher: Teacher, pixels: torch.Tensor, *, batch_size: int, device: torch.device) -> np.ndarray:
+    """Teacher features for ``pixels`` (R, V, 3, S, S) -> (R, V, D) float32, ``batch_size`` views a pass."""
+    r, v = pixels.shape[:2]
+    flat = pixels.reshape(r * v, *pixels.shape[2:])
+    out = [teacher.features(flat[i : i + batch_size].to(device)).float().cpu() for i in range(0, len(flat), batch_size)]
+    return torch.cat(out).reshape(r, v, -1).numpy()
+
+
+def run_cache(
+    spec: CacheSpec,
+    *,
+    spec_path: Path | None,
+    shard: Shard,
+    lease_s: float = 600.0,
+    progress: bool = True,
+) -> CacheResult:
+    """Compute this shard's missing units and write them; finalize every split that is whole."""
+    t0 = time.perf_counter()
+    plan = plan_cache(spec, spec_path=spec_path, shard=shard)
+    device = resolve_device(spec.run.device)
+    plan.teacher = plan.teacher.to(device)
+    if spec.run.threads:
+        torch.set_num_threads(spec.run.threads)
+    store = open_plan_store(plan)
+    views = spec.views.num_views
+    rows_per_batch = max(1, spec.run.batch_size // views)
+    sampler = _UnitBatches(store, plan.units, rows_per_batch, lease_s)
+    loader = DataLoader(
+        _RowViews(plan),
+        batch_sampler=sampler,
+        num_workers=spec.run.num_workers,
+        collate_fn=_collate,
+        persistent_workers=False,
+    )
+    total = sum(len(store.units(s)[u]) for s, u in plan.units if not store.done_units(s)[u])
+    bar = _progress(total, enabled=progress)
+    buffers: dict[tuple[str, int], _UnitBuffer] = {}
+    computed = images = 0
+    try:
+        for items in loader:
+            split, first = items[0][0], items[0][1]
+            unit = (split, first // store.unit_rows)
+            buf = buffers.setdefault(unit, _UnitBuffer(store, *unit))
+            pixels = torch.stack([it[2] for it in items])
+            feats = extract_batch(plan.teacher, pixels, batch_size=spec.run.batch_size, device=device)
+            buf.add(feats, np.stack([it[3] for it in items]), np.stack([it[4] for it in items]))
+            images += len(items)
+            bar.update(len(items))
+            if buf.full():
+                store.write_unit(
+                    split,
+                    unit[1],
+                    features=np.concatenate(buf.features),
+                    boxes=np.concatenate(buf.boxes),
+                    flips=np.concatenate(buf.flips),
+                )
+                sampler.release(unit)
+                del buffers[unit]
+                computed += 1
+    finally:
+        sampler.release_all()
+        bar.close()
+    complete = all([store.finalize_split(s) for s in store.split_names])
+    if not complete and shard.count == 1:
+        raise StoreError(f"{store.path}: some units are still missing after the run; rerun to finish them")
+    return CacheResult(store.path, plan.fingerprint, computed, sampler.skipped, complete, images,
+                       time.perf_counter() - t0)
+
+
+class _NoBar:
+    def update(self, n: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _progress(total: int, *, enabled: bool) -> Any:
+    if not enabled:
+        return _NoBar()
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="img", desc="cache", dynamic_ncols=True, file=sys.stderr, smoothing=0.1)
