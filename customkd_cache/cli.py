@@ -90,6 +90,29 @@ def cache(
     )
 
 
+@app.command()
+def train(
+    spec: SpecOpt,
+    out: Annotated[Path, typer.Option(help="run directory (metrics, results, checkpoints)")],
+    set_: SetOpt = None,
+    resume: Annotated[bool, typer.Option("--resume", help="continue the run in --out from its last epoch")] = False,
+) -> None:
+    """Stage two: train the student (CustomKD or a baseline) from the feature cache."""
+    from .train import run_train
+
+    tspec = specs.load_train_spec(spec, set_ or [])
+    res = run_train(tspec, spec_path=spec, out=out, resume=resume)
+    typer.echo(
+        f"{out}: {res['method']} student {_pct(res['student_accuracy'])} "
+        f"(best {_pct(res['best_student_accuracy'])} at epoch {res['best_epoch']}), "
+        f"teacher probe {_pct(res['teacher_accuracy'])}"
+    )
+
+
+def _pct(x: float | None) -> str:
+    return "n/a" if x is None else f"{100 * x:.2f}%"
+
+
 def _store_path(store: Path) -> Path:
     if not store.exists() and not store.is_absolute() and (specs.cache_root() / store).exists():
         return specs.cache_root() / store

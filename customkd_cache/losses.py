@@ -1,0 +1,257 @@
+"""Losses of CustomKD and of the baselines it is compared with (METHOD.md).
+
+Pure functions on tensors: no module state is changed except where a docstring says so. Every loss
+returns a 0-dim float32 tensor and computes in float32 whatever dtype its inputs arrive in (float16
+cached features, bfloat16 activations under autocast), because softmax, log and squared differences
+lose too much in half precision.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import TypeVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .errors import SpecError, closest
+from .specs import METHODS, CustomKDSpec, DkdSpec, KdSpec
+
+_T = TypeVar("_T")
+
+
+def cross_entropy(logits: Tensor, target: Tensor) -> Tensor:
+    """Mean softmax cross-entropy: ``logits`` (B, C) any float dtype, ``target`` (B,) int64 class ids."""
+    return F.cross_entropy(logits.float(), target)
+
+
+def kd_loss(student_logits: Tensor, teacher_logits: Tensor, *, temperature: float) -> Tensor:
+    """Soft-target KD, Hinton, Vinyals & Dean 2015 ("Distilling the Knowledge in a Neural Network").
+
+    ``T^2 * KL(softmax(t / T) || softmax(s / T))``, summed over classes and averaged over the batch
+    (as mdistiller's ``kd_loss``). The ``T^2`` factor keeps gradient magnitudes comparable across
+    temperatures. Both logits (B, C); no gradient flows into ``teacher_logits``.
+    """
+    t = temperature
+    log_p_s = F.log_softmax(student_logits.float() / t, dim=1)
+    p_t = F.softmax(teacher_logits.detach().float() / t, dim=1)
+    return F.kl_div(log_p_s, p_t, reduction="batchmean") * t**2
+
+
+def dkd_loss(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    target: Tensor,
+    *,
+    alpha: float,
+    beta: float,
+    temperature: float,
+) -> Tensor:
+    """Decoupled KD, Zhao et al., CVPR 2022, as in the official mdistiller ``dkd_loss``.
+
+    TCKD: KL between the teacher's and student's binary distributions (target mass, non-target
+    mass) of ``softmax(logits / T)``. NCKD: KL between the distributions over the non-target
+    classes, obtained by subtracting 1000 from the target logit before the softmax (so the target
+    class gets zero mass). Each is multiplied by ``T^2`` and averaged over the batch; returns
+    ``alpha * TCKD + beta * NCKD``. Logits (B, C), ``target`` (B,) int64; no gradient flows into
+    ``teacher_logits``. The ramp-up over the first epochs (mdistiller's ``warmup``) is the caller's
+    factor, see ``stage_b_loss(dkd_ramp=...)``.
+    """
+    t = temperature
+    s = student_logits.float() / t
+    te = teacher_logits.detach().float() / t
+    gt = F.one_hot(target.reshape(-1), s.shape[1]).to(s.dtype)
+    batch = s.shape[0]
+
+    p_s, p_t = F.softmax(s, dim=1), F.softmax(te, dim=1)
+    # The non-target mass is summed (not 1 - p_target) exactly as the reference does.
+    b_s = torch.stack([(p_s * gt).sum(1), (p_s * (1 - gt)).sum(1)], dim=1)
+    b_t = torch.stack([(p_t * gt).sum(1), (p_t * (1 - gt)).sum(1)], dim=1)
+    tckd = F.kl_div(torch.log(b_s), b_t, reduction="sum") * t**2 / batch
+
+    log_q_s = F.log_softmax(s - 1000.0 * gt, dim=1)
+    q_t = F.softmax(te - 1000.0 * gt, dim=1)
+    nckd = F.kl_div(log_q_s, q_t, reduction="sum") * t**2 / batch
+    return alpha * tckd + beta * nckd
+
+
+def feature_mse(pred: Tensor, target: Tensor) -> Tensor:
+    """Mean squared error averaged over the batch and every feature dimension; shapes must match."""
+    return F.mse_loss(pred.float(), target.float())
+
+
+def standardize(f: Tensor, mean: Tensor, std: Tensor, eps: float = 1e-6) -> Tensor:
+    """``(f - mean) / (std + eps)`` in float32: ``f`` (..., D) any float dtype, ``mean``/``std`` (D,).
+
+    ``eps`` keeps constant feature dimensions (std 0) finite.
+    """
+    return (f.float() - mean.float()) / (std.float() + eps)
+
+
+def customization_loss(
+    head: nn.Module,
+    customizer: nn.Module,
+    f_t: Tensor,
+    target: Tensor,
+    *,
+    head_learns: bool = False,
+) -> Tensor:
+    """Stage A of CustomKD (METHOD.md): ``CE(H_s(P_t(f_t)), y)`` over labeled rows.
+
+    ``f_t`` (B, d_t) teacher features (standardized by the caller when the spec says so), ``target``
+    (B,) int64. ``head`` is the student's classifier ``H_s`` (d_s -> C), ``customizer`` is ``P_t``
+    (d_t -> d_s). With ``head_learns=False`` (the paper's setting,
+    ``customkd.head_learns_in_stage_a``) the head runs on detached parameters, so only the
+    customizer receives gradients whatever the head's ``requires_grad`` flags are; the head's
+    buffers are used as they are.
+    """
+    z = customizer(f_t.float())
+    if head_learns:
+        logits = head(z)
+    else:
+        frozen = {name: p.detach() for name, p in head.named_parameters()}
+        logits = torch.func.functional_call(head, frozen, (z,), strict=False)
+    return cross_entropy(logits, target)
+
+
+@dataclass
+class StageBTerms:
+    """The stage-B loss of one batch.
+
+    ``total`` (0-dim float32) carries the graph: call ``backward`` on it. The other fields are the
+    *unweighted* terms, detached 0-dim float32 tensors (kept as tensors so logging them does not force
+    a device sync every step), 0 where the method does not use them:
+    ``total = ce + w_gen * gen + lambda_spec * spec + kd.weight * kd + dkd.weight * dkd_ramp * dkd``,
+    with ``w_gen = customkd.lambda_gen`` for the CustomKD methods and ``customkd.fitnet_weight`` for
+    ``fitnet``.
+    """
+
+    total: Tensor
+    ce: Tensor
+    gen: Tensor
+    spec: Tensor
+    kd: Tensor
+    dkd: Tensor
+
+
+# Which distillation terms each method adds to the labeled CE.
+_METHOD_TERMS: dict[str, frozenset[str]] = {
+    "student_only": frozenset(),
+    "kd": frozenset({"kd"}),
+    "fitnet": frozenset({"gen"}),
+    "dkd": frozenset({"dkd"}),
+    "customkd": frozenset({"gen", "spec"}),
+    "customkd+kd": frozenset({"gen", "spec", "kd"}),
+    "customkd+dkd": frozenset({"gen", "spec", "dkd"}),
+}
+assert set(_METHOD_TERMS) == set(METHODS), "every method in specs.METHODS needs its terms here"
+
+
+def stage_b_loss(
+    *,
+    method: str,
+    logits: Tensor,
+    f_s: Tensor,
+    f_t: Tensor,
+    labeled_mask: Tensor,
+    target: Tensor,
+    student_projector: nn.Module | None,
+    customizer: nn.Module | None,
+    teacher_logits: Tensor | None,
+    kd: KdSpec,
+    dkd: DkdSpec,
+    ck: CustomKDSpec,
+    dkd_ramp: float = 1.0,
+) -> StageBTerms:
+    """Stage B of CustomKD and the baselines (METHOD.md), on a batch mixing labeled and unlabeled rows.
+
+    Inputs: ``logits`` (B, C) = ``H_s(f_s)``; ``f_s`` (B, d_s) the student's pre-logits feature;
+    ``f_t`` (B, d_t) the cached teacher feature of the same view (standardized by the caller when
+    ``ck.standardize``); ``labeled_mask`` (B,) bool; ``target`` (B,) int64, read on labeled rows only
+    (unlabeled rows may hold anything, e.g. -1); ``teacher_logits`` (B, C) from the teacher probe.
+
+    Terms (see ``StageBTerms`` for how they add up):
+    - ``ce``: cross-entropy on the labeled rows; 0 (still attached to the graph) when there are none.
+    - ``gen`` (customkd*, fitnet): ``MSE(P_s(f_s), f_t)`` over all rows.
+    - ``spec`` (customkd*): ``MSE(f_s, stopgrad(P_t(f_t)))`` over all rows. ``P_t`` runs under
+      ``no_grad`` and in eval mode (its previous mode is restored), so stage B never changes the
+      customizer, not even BatchNorm running statistics.
+    - ``kd`` (kd, customkd+kd): ``kd_loss`` against ``teacher_logits`` on all rows.
+    - ``dkd`` (dkd, customkd+dkd): ``dkd_loss`` on all rows. DKD needs a target class per row: the
+      label on labeled rows and the teacher probe's argmax on unlabeled rows (its pseudo-label), so
+      unlabeled rows get the same decoupling the teacher itself would imply. ``dkd_ramp`` in [0, 1]
+      is mdistiller's warm-up factor ``min(epoch / warmup, 1)``, applied by the caller's schedule.
+
+    Raises ``SpecError`` for an unknown method and ``ValueError`` when a module or the teacher logits
+    the method needs are missing (a caller bug, not a user input).
+    """
+    if method not in _METHOD_TERMS:
+        raise SpecError(f"method: unknown '{method}'{closest(method, METHODS)}; valid: {', '.join(METHODS)}")
+    terms = _METHOD_TERMS[method]
+    zero = logits.new_zeros((), dtype=torch.float32)
+    ce = _labeled_ce(logits, target, labeled_mask)
+    total = ce
+    gen = spec = kd_term = dkd_term = zero
+
+    if "gen" in terms:
+        gen = feature_mse(_required(student_projector, "student_projector", method)(f_s), f_t)
+        total = total + (ck.fitnet_weight if method == "fitnet" else ck.lambda_gen) * gen
+    if "spec" in terms:
+        p_t = _required(customizer, "customizer", method)
+        with _eval_mode(p_t), torch.no_grad():
+            customized = p_t(f_t.float())
+        spec = feature_mse(f_s, customized)
+        total = total + ck.lambda_spec * spec
+    if "kd" in terms:
+        t_logits = _required(teacher_logits, "teacher_logits", method)
+        kd_term = kd_loss(logits, t_logits, temperature=kd.temperature)
+        total = total + kd.weight * kd_term
+    if "dkd" in terms:
+        t_logits = _required(teacher_logits, "teacher_logits", method)
+        dkd_target = torch.where(labeled_mask, target, t_logits.argmax(dim=1))
+        dkd_term = dkd_loss(
+            logits, t_logits, dkd_target, alpha=dkd.alpha, beta=dkd.beta, temperature=dkd.temperature
+        )
+        total = total + dkd.weight * dkd_ramp * dkd_term
+
+    return StageBTerms(
+        total=total,
+        ce=ce.detach(),
+        gen=gen.detach(),
+        spec=spec.detach(),
+        kd=kd_term.detach(),
+        dkd=dkd_term.detach(),
+    )
+
+
+def _labeled_ce(logits: Tensor, target: Tensor, labeled_mask: Tensor) -> Tensor:
+    """CE over the rows where ``labeled_mask`` is True; an attached zero when none is labeled.
+
+    The zero is ``0 * logits.sum()`` rather than a constant so that ``backward`` still works for
+    ``student_only`` on an all-unlabeled batch and every student parameter still gets a (zero)
+    gradient, which DDP requires.
+    """
+    if not bool(labeled_mask.any()):
+        return logits.float().sum() * 0.0
+    return cross_entropy(logits[labeled_mask], target[labeled_mask])
+
+
+def _required(value: _T | None, name: str, method: str) -> _T:
+    if value is None:
+        raise ValueError(f"stage_b_loss(method='{method}') needs {name}, got None")
+    return value
+
+
+@contextmanager
+def _eval_mode(module: nn.Module) -> Iterator[None]:
+    """Run ``module`` in eval mode and restore each submodule's previous mode afterwards."""
+    modes = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training

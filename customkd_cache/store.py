@@ -1,0 +1,819 @@
+"""Feature stores: one Zarr v3 group per (dataset, teacher, fingerprint), written in whole work units.
+
+A store is a directory ``NAME.zarr`` (see ``store_name``). Its root attributes are written once, when
+the store is created, and never again, so concurrent writers never race on ``zarr.json``:
+``format_version``, ``fingerprint``, ``identity`` (what was hashed into the fingerprint),
+``provenance``, ``splits``, ``num_views``, ``feature_dim``, ``dtype``, ``unit_rows``, ``compressor``
+and any ``extra_attrs``. Each split is a subgroup holding, with ``N`` samples, ``V`` views, ``D``
+feature dims and ``U = ceil(N / unit_rows)`` work units:
+
+- ``features`` (N, V, D) ``dtype``, chunks (unit_rows, V, D): one chunk file per work unit.
+- ``boxes`` (N, V, 4) float32 normalized x0, y0, x1, y1; ``flips`` (N, V) uint8; chunked like features.
+- ``ids`` (N,) UTF-8 strings and ``labels`` (N,) int64, written in full at creation.
+- ``done`` (U,) uint8, one uncompressed file per unit: a unit is done only if its marker reads 1.
+- ``unit_sum``, ``unit_sumsq`` (U, D) float64 and ``unit_sha256`` (U, 32) uint8: per-unit sums over
+  rows and views of the features as stored, and the sha256 of the unit's stored bytes (C order).
+- ``mean``, ``std`` (D,) float32 over the N * V stored rows, then the ``stats_done`` (1,) marker.
+
+Writers own whole units (two processes writing parts of one chunk lose rows), write a unit's data
+first and its ``done`` marker last, and every file is written by rename, so a kill at any moment
+leaves the unit not done and a rerun gives the same bytes. Readers read whole chunks. Claims that
+keep two writers off one unit live in ``<store>/.claims/<split>/`` (see ``claims.py``).
+
+This module is the only one that imports zarr.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import re
+import shutil
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+from zarr.codecs import ZstdCodec
+from zarr.storage import LocalStore
+
+from .errors import NonFiniteFeatureError, StoreError, closest
+
+FORMAT_VERSION = 1
+DTYPES: tuple[str, ...] = ("float16", "float32")
+COMPRESSORS: tuple[str, ...] = ("zstd", "none")
+ZSTD_LEVEL = 3
+CLAIMS_DIR = ".claims"
+_BASE_ATTRS = (
+    "format_version",
+    "fingerprint",
+    "identity",
+    "provenance",
+    "splits",
+    "num_views",
+    "feature_dim",
+    "dtype",
+    "unit_rows",
+    "compressor",
+)
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+_SHOW_IDS = 5  # sample ids named in an error message; the count says how many more
+
+
+@dataclass(frozen=True)
+class SplitInit:
+    """What creating a split needs: the sample ids and labels from the dataset manifest, in order."""
+
+    ids: Sequence[str]
+    labels: np.ndarray  # (N,) int64
+
+
+# --- naming, creating, opening, listing ---------------------------------------------------------
+
+
+def store_name(*, dataset: str, teacher: str, fingerprint: str) -> str:
+    """``"<dataset>__<teacher>__<first 12 hex of fingerprint>.zarr"``, characters outside
+    ``[A-Za-z0-9._-]`` replaced by ``_``.
+
+    Raises ValueError when the fingerprint is not hex (at least 12 digits) or a name sanitizes to
+    nothing: a store is never named by a random or empty key.
+    """
+    if not re.fullmatch(r"[0-9a-f]{12,}", fingerprint):
+        raise ValueError(f"fingerprint must be lowercase sha256 hex, got {fingerprint!r}")
+    parts = [_UNSAFE.sub("_", s).strip("._") for s in (dataset, teacher)]
+    if not all(parts):
+        raise ValueError(f"dataset and teacher names must not be empty, got {dataset!r}, {teacher!r}")
+    return f"{parts[0]}__{parts[1]}__{fingerprint[:12]}.zarr"
+
+
+def create_or_open_store(
+    path: Path,
+    *,
+    fingerprint: str,
+    identity: Mapping[str, Any],
+    provenance: Mapping[str, Any],
+    splits: Mapping[str, SplitInit],
+    num_views: int,
+    feature_dim: int,
+    dtype: str,
+    unit_rows: int,
+    compressor: str,
+    extra_attrs: Mapping[str, Any] | None = None,
+) -> FeatureStore:
+    """Create the store at ``path``, or open the one already there, writable.
+
+    Race-safe: the whole store (attributes, ids, labels, empty markers) is built in a temporary
+    directory beside ``path`` and renamed into place, so concurrent callers all end up with the one
+    store that won the rename. An existing store must carry ``fingerprint`` and the same splits,
+    sample counts, views, feature dim and dtype.
+
+    Raises:
+        ValueError: bad arguments (sizes < 1, unknown dtype/compressor, ids and labels of different
+            lengths, attributes that are not JSON, split names with '/' or a leading '.').
+        StoreError: ``path`` exists but is not a store, or is a store with another fingerprint or
+            layout (it is never reused), or cannot be written.
+    """
+    path = Path(path)
+    attrs = _root_attrs(
+        fingerprint=fingerprint,
+        identity=identity,
+        provenance=provenance,
+        splits=splits,
+        num_views=num_views,
+        feature_dim=feature_dim,
+        dtype=dtype,
+        unit_rows=unit_rows,
+        compressor=compressor,
+        extra_attrs=extra_attrs,
+    )
+    if not os.path.lexists(path):
+        _build_and_rename(path, attrs, splits)
+    store = open_store(path, fingerprint=fingerprint, writable=True)
+    store._check_layout(attrs, {name: len(init.ids) for name, init in splits.items()})
+    return store
+
+
+def open_store(path: Path, *, fingerprint: str | None = None, writable: bool = False) -> FeatureStore:
+    """Open an existing store; read-only unless ``writable`` (works on a read-only directory).
+
+    Raises:
+        StoreError: the path is missing, is not a customkd-cache store, was written in another
+            format version, or carries a fingerprint other than ``fingerprint``.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise StoreError(f"{path}: no feature store here; build it with `customkd-cache cache --spec FILE`")
+    if not (path / "zarr.json").is_file():
+        raise StoreError(
+            f"{path}: not a feature store (no zarr.json); give the path of a NAME.zarr directory"
+        )
+    try:
+        group = zarr.open_group(
+            LocalStore(path, read_only=not writable), mode="r+" if writable else "r", zarr_format=3
+        )
+        attrs = group.attrs.asdict()
+    except Exception as e:  # zarr raises several types for a malformed or foreign hierarchy
+        raise StoreError(f"{path}: not a readable Zarr v3 group ({type(e).__name__}: {e})") from None
+    missing = [key for key in _BASE_ATTRS if key not in attrs]
+    if missing:
+        raise StoreError(f"{path}: not a customkd-cache store (attributes {missing} missing)")
+    if attrs["format_version"] != FORMAT_VERSION:
+        raise StoreError(
+            f"{path}: store format {attrs['format_version']}, this customkd-cache reads format "
+            f"{FORMAT_VERSION}; rebuild the store with `customkd-cache cache` or use a matching version"
+        )
+    if fingerprint is not None and attrs["fingerprint"] != fingerprint:
+        raise StoreError(
+            f"{path}: store fingerprint {attrs['fingerprint']} differs from the spec's {fingerprint}; "
+            "it was built from another spec and is never reused: remove it or point at the right store"
+        )
+    return FeatureStore(path, group, attrs, writable=writable)
+
+
+def list_stores(root: Path) -> list[dict[str, Any]]:
+    """One entry per store directly under ``root`` (``*.zarr`` directories), sorted by name.
+
+    Entry keys: ``path``, ``dataset``, ``teacher`` (name), ``splits``, ``complete``, ``size_bytes``,
+    ``fingerprint``. Temporary build directories (dot-named) and directories that are not stores are
+    skipped. Raises StoreError when ``root`` is not a directory.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise StoreError(
+            f"{root}: cache root not found; pass an existing directory or set CUSTOMKD_CACHE_ROOT"
+        )
+    entries = []
+    for child in sorted(root.iterdir()):
+        if child.name.startswith(".") or child.suffix != ".zarr" or not child.is_dir():
+            continue
+        try:
+            store = open_store(child)
+        except StoreError:
+            continue
+        entries.append(
+            {
+                "path": str(child),
+                "dataset": store.dataset_name(),
+                "teacher": store.teacher_name(),
+                "splits": list(store.split_names),
+                "complete": store.complete(),
+                "size_bytes": store.size_bytes(),
+                "fingerprint": store.fingerprint,
+            }
+        )
+    return entries
+
+
+# --- the store ---------------------------------------------------------------------------------
+
+
+class FeatureStore:
+    """An opened store. Get one from ``create_or_open_store`` or ``open_store``.
+
+    Unknown split names raise StoreError naming the valid ones. Reads of features, boxes and
+    statistics refuse (StoreError) units that are not done, so a reader never sees unwritten rows.
+    """
+
+    def __init__(self, path: Path, group: zarr.Group, attrs: dict[str, Any], *, writable: bool) -> None:
+        self.path = path
+        self.attrs = attrs
+        self.writable = writable
+        self.fingerprint: str = attrs["fingerprint"]
+        self.split_names: tuple[str, ...] = tuple(attrs["splits"])
+        self.num_views: int = int(attrs["num_views"])
+        self.feature_dim: int = int(attrs["feature_dim"])
+        self.unit_rows: int = int(attrs["unit_rows"])
+        self.dtype = np.dtype(attrs["dtype"]).newbyteorder("<")
+        self._group = group
+        self._arrays: dict[tuple[str, str], zarr.Array] = {}
+        self._ids: dict[str, tuple[str, ...]] = {}
+
+    def __repr__(self) -> str:
+        splits = list(self.split_names)
+        return f"FeatureStore({str(self.path)!r}, splits={splits}, fingerprint={self.fingerprint[:12]})"
+
+    # --- geometry
+
+    def num_samples(self, split: str) -> int:
+        return int(self._array(split, "features").shape[0])
+
+    def num_units(self, split: str) -> int:
+        return -(-self.num_samples(split) // self.unit_rows)
+
+    def units(self, split: str) -> list[range]:
+        """Contiguous row ranges, one per work unit (== one chunk); the last may be short."""
+        n, u = self.num_samples(split), self.unit_rows
+        return [range(start, min(start + u, n)) for start in range(0, n, u)]
+
+    def claim_dir(self, split: str) -> Path:
+        """Where claims on this split's units live: ``<store>/.claims/<split>`` (not a zarr node)."""
+        self._check_split(split)
+        return self.path / CLAIMS_DIR / split
+
+    # --- writing
+
+    def done_units(self, split: str) -> np.ndarray:
+        """(num_units,) bool: which units are done. An unreadable or partial marker counts as not done."""
+        done = self._array(split, "done")
+        try:
+            return np.asarray(done[:]) == 1
+        except Exception:  # one damaged marker fails the whole read; fall back to one read per unit
+            return np.array([self._unit_done(split, k) for k in range(done.shape[0])], dtype=bool)
+
+    def write_unit(
+        self, split: str, unit: int, *, features: np.ndarray, boxes: np.ndarray, flips: np.ndarray
+    ) -> None:
+        """Write one whole work unit, then mark it done.
+
+        Args:
+            features: (n, V, D) float, n == len(units(split)[unit]); stored cast to the store dtype.
+            boxes: (n, V, 4) float32 normalized crop boxes. flips: (n, V) bool.
+
+        Everything is checked before anything is written. A failure midway leaves the unit not done;
+        rewriting a done unit first clears its marker and the split's stats marker.
+
+        Raises:
+            ValueError: wrong shapes (expected vs got), non-float features, non-finite boxes.
+            NonFiniteFeatureError: NaN/Inf features, or values the store dtype cannot hold (float16
+                overflow); the message names the split and the first sample ids.
+            StoreError: the store was opened read-only or its directory cannot be written.
+        """
+        rows = self._unit_range(split, unit)
+        n, v, d = len(rows), self.num_views, self.feature_dim
+        features = _shaped(features, (n, v, d), "features")
+        boxes = _shaped(boxes, (n, v, 4), "boxes").astype("<f4")
+        flips = _shaped(flips, (n, v), "flips").astype(bool).astype(np.uint8)
+        if features.dtype.kind != "f":
+            raise ValueError(f"features must be floating point, got dtype {features.dtype}")
+        if not np.isfinite(boxes).all():
+            raise ValueError(f"split '{split}' unit {unit}: crop boxes contain NaN/Inf")
+        self._check_finite(
+            split,
+            unit,
+            features,
+            what="the teacher produced NaN/Inf features",
+            fix="check those images or run the teacher with teacher.precision = 'fp32'",
+        )
+        with np.errstate(over="ignore"):  # overflow is reported below with the sample ids
+            stored = np.ascontiguousarray(features, dtype=self.dtype)
+        self._check_finite(
+            split,
+            unit,
+            stored,
+            what=f"features exceed the {self.dtype.name} range",
+            fix="set store.dtype = 'float32' in the cache spec",
+        )
+        total, total_sq = _unit_sums(stored)
+        digest = np.frombuffer(hashlib.sha256(stored.tobytes()).digest(), dtype=np.uint8)
+        self._require_writable()
+        try:
+            if self._unit_done(split, unit):
+                self._array(split, "done")[unit] = 0
+                self._array(split, "stats_done")[0] = 0
+            self._array(split, "features")[rows.start : rows.stop] = stored
+            self._array(split, "boxes")[rows.start : rows.stop] = boxes
+            self._array(split, "flips")[rows.start : rows.stop] = flips
+            self._array(split, "unit_sum")[unit] = total
+            self._array(split, "unit_sumsq")[unit] = total_sq
+            self._array(split, "unit_sha256")[unit] = digest
+            self._array(split, "done")[unit] = 1
+        except PermissionError as e:
+            raise StoreError(
+                f"{self.path}: cannot write ({e.strerror}); use a cache root you can write"
+            ) from None
+
+    def finalize_split(self, split: str) -> bool:
+        """Write mean/std (then the stats marker) once every unit is done; return whether the split
+        is complete. Idempotent; two processes finalizing at once write identical bytes.
+
+        Raises StoreError when the stats need writing but the store was opened read-only.
+        """
+        if not self.done_units(split).all():
+            return False
+        if self._marker(split, "stats_done"):
+            return True
+        self._require_writable()
+        total, total_sq, count = self.raw_sums(split)
+        mean = total / count
+        # population variance from exact-order float64 sums; clamp the rounding below zero
+        var = np.maximum(total_sq / count - mean * mean, 0.0)
+        self._array(split, "mean")[:] = mean.astype(np.float32)
+        self._array(split, "std")[:] = np.sqrt(var).astype(np.float32)
+        self._array(split, "stats_done")[0] = 1
+        return True
+
+    # --- status
+
+    def split_complete(self, split: str) -> bool:
+        """Every unit done and mean/std written."""
+        return bool(self.done_units(split).all()) and self._marker(split, "stats_done")
+
+    def complete(self) -> bool:
+        return all(self.split_complete(split) for split in self.split_names)
+
+    # --- reading
+
+    def ids(self, split: str) -> tuple[str, ...]:
+        """(N,) sample ids in dataset order."""
+        if split not in self._ids:
+            self._ids[split] = tuple(str(s) for s in np.asarray(self._array(split, "ids")[:]).tolist())
+        return self._ids[split]
+
+    def labels(self, split: str) -> np.ndarray:
+        """(N,) int64 labels in dataset order."""
+        return np.asarray(self._array(split, "labels")[:], dtype=np.int64)
+
+    def read_unit(self, split: str, unit: int) -> np.ndarray:
+        """(n, V, D) stored dtype: one work unit, one chunk read. StoreError if the unit is not done."""
+        rows = self._unit_range(split, unit)
+        return self.read_rows(split, rows.start, rows.stop)
+
+    def read_rows(self, split: str, start: int, stop: int) -> np.ndarray:
+        """(stop - start, V, D) stored dtype: contiguous rows; read whole units for speed.
+
+        Raises ValueError for a range outside [0, N], StoreError if a spanned unit is not done.
+        """
+        n = self.num_samples(split)
+        if not 0 <= start <= stop <= n:
+            raise ValueError(f"rows [{start}, {stop}) outside split '{split}' of {n} samples")
+        first, last = start // self.unit_rows, -(-stop // self.unit_rows)
+        self._require_done(split, range(first, last))
+        return np.asarray(self._array(split, "features")[start:stop])
+
+    def read_split(self, split: str) -> np.ndarray:
+        """(N, V, D) stored dtype: the whole split. StoreError if any unit is not done."""
+        self._require_done(split, range(self.num_units(split)))
+        return np.asarray(self._array(split, "features")[:])
+
+    def read_boxes(self, split: str) -> tuple[np.ndarray, np.ndarray]:
+        """(N, V, 4) float32 boxes and (N, V) bool flips. StoreError if any unit is not done."""
+        self._require_done(split, range(self.num_units(split)))
+        boxes = np.asarray(self._array(split, "boxes")[:], dtype=np.float32)
+        return boxes, np.asarray(self._array(split, "flips")[:]).astype(bool)
+
+    def stats(self, split: str) -> tuple[np.ndarray, np.ndarray]:
+        """(D,) float32 mean and population std over the N * V stored rows.
+
+        Raises StoreError when the split has not been finalized.
+        """
+        if not self._marker(split, "stats_done"):
+            done = self.done_units(split)
+            raise StoreError(
+                f"{self.path}: split '{split}' has no mean/std yet ({int(done.sum())}/{done.size} units "
+                "done); finish it by rerunning `customkd-cache cache` (it resumes)"
+            )
+        mean = np.asarray(self._array(split, "mean")[:], dtype=np.float32)
+        return mean, np.asarray(self._array(split, "std")[:], dtype=np.float32)
+
+    def raw_sums(self, split: str) -> tuple[np.ndarray, np.ndarray, int]:
+        """(D,) float64 sum and sum of squares over all stored rows and views, and their count N * V,
+        summed unit by unit in unit order (deterministic; add several splits' sums to combine them).
+
+        Raises StoreError if any unit is not done.
+        """
+        self._require_done(split, range(self.num_units(split)))
+        # reduce along axis 0 of a C-order array: a plain row-by-row running sum, so the result does
+        # not depend on SIMD width or on the order units were written in
+        total = np.add.reduce(np.asarray(self._array(split, "unit_sum")[:], dtype=np.float64), axis=0)
+        total_sq = np.add.reduce(np.asarray(self._array(split, "unit_sumsq")[:], dtype=np.float64), axis=0)
+        return total, total_sq, self.num_samples(split) * self.num_views
+
+    # --- reporting
+
+    def size_bytes(self) -> int:
+        """Bytes of every file under the store directory."""
+        total = 0
+        for folder, _dirs, files in os.walk(self.path):
+            for name in files:
+                # a writer's temporary file may be renamed away meanwhile
+                with contextlib.suppress(FileNotFoundError):
+                    total += os.lstat(os.path.join(folder, name)).st_size
+        return total
+
+    def dataset_name(self) -> str:
+        """The dataset's name from ``identity["dataset"]`` (its ``name`` or ``kind``), else from the
+        store's directory name."""
+        return _name_of(self.attrs["identity"].get("dataset"), ("name", "kind")) or self._name_part(0)
+
+    def teacher_name(self) -> str:
+        """The teacher's name from ``identity["teacher"]``, else from the store's directory name."""
+        return _name_of(self.attrs["identity"].get("teacher"), ("name",)) or self._name_part(1)
+
+    def info(self) -> dict[str, Any]:
+        """A JSON-able summary: path, complete, num_samples (total and per split), num_views,
+        fingerprint, feature_dim, dtype, unit_rows, compressor, teacher (the identity's teacher entry
+        plus feature_dim), dataset, splits (per split: num_samples, num_units, units_done, complete),
+        provenance (its flat entries), size_bytes."""
+        splits = {}
+        for split in self.split_names:
+            done = self.done_units(split)
+            splits[split] = {
+                "num_samples": self.num_samples(split),
+                "num_units": int(done.size),
+                "units_done": int(done.sum()),
+                "complete": bool(done.all()) and self._marker(split, "stats_done"),
+            }
+        identity = self.attrs["identity"]
+        teacher = identity.get("teacher")
+        teacher = {**teacher, "feature_dim": self.feature_dim} if isinstance(teacher, dict) else teacher
+        num_samples = {"total": sum(s["num_samples"] for s in splits.values())}
+        num_samples.update({name: s["num_samples"] for name, s in splits.items()})
+        return {
+            "path": str(self.path),
+            "complete": all(s["complete"] for s in splits.values()),
+            "num_samples": num_samples,
+            "num_views": self.num_views,
+            "fingerprint": self.fingerprint,
+            "feature_dim": self.feature_dim,
+            "dtype": self.dtype.name,
+            "unit_rows": self.unit_rows,
+            "compressor": self.attrs["compressor"],
+            "teacher": teacher if teacher is not None else self.teacher_name(),
+            "dataset": identity.get("dataset", self.dataset_name()),
+            "splits": splits,
+            "provenance": _flat_entries(self.attrs["provenance"]),
+            "size_bytes": self.size_bytes(),
+        }
+
+    def verify(self) -> list[str]:
+        """Problems found, one line each; ``[]`` when healthy. Reads every done unit.
+
+        Checks: array shapes and dtypes, units not done (their indices), unreadable chunks, NaN/Inf
+        rows, each unit's stored bytes against its sha256 and sums, stats missing on a split whose
+        units are all done.
+        """
+        problems: list[str] = []
+        for split in self.split_names:
+            problems += self._verify_split(split)
+        return problems
+
+    # --- internals
+
+    def _verify_split(self, split: str) -> list[str]:
+        shape_problems = self._verify_shapes(split)
+        if shape_problems:
+            return shape_problems
+        problems = []
+        done = self.done_units(split)
+        missing = np.flatnonzero(~done).tolist()
+        if missing:
+            shown = ", ".join(map(str, missing[:20])) + (
+                f", ... ({len(missing)} in all)" if len(missing) > 20 else ""
+            )
+            problems.append(f"split '{split}': {len(missing)} of {done.size} units not done: [{shown}]")
+        for unit in np.flatnonzero(done).tolist():
+            problems += self._verify_unit(split, unit)
+        if not missing and not self._marker(split, "stats_done"):
+            problems.append(
+                f"split '{split}': every unit is done but mean/std are missing (rerun cache to finalize)"
+            )
+        return problems
+
+    def _verify_shapes(self, split: str) -> list[str]:
+        n, u, v, d = self.num_samples(split), self.num_units(split), self.num_views, self.feature_dim
+        expected = {
+            "features": ((n, v, d), self.dtype),
+            "boxes": ((n, v, 4), np.dtype("float32")),
+            "flips": ((n, v), np.dtype("uint8")),
+            "ids": ((n,), None),
+            "labels": ((n,), np.dtype("int64")),
+            "done": ((u,), np.dtype("uint8")),
+            "unit_sum": ((u, d), np.dtype("float64")),
+            "unit_sumsq": ((u, d), np.dtype("float64")),
+            "unit_sha256": ((u, 32), np.dtype("uint8")),
+            "mean": ((d,), np.dtype("float32")),
+            "std": ((d,), np.dtype("float32")),
+            "stats_done": ((1,), np.dtype("uint8")),
+        }
+        problems = []
+        for name, (shape, dtype) in expected.items():
+            try:
+                arr = self._array(split, name)
+            except StoreError:
+                problems.append(f"split '{split}': array '{name}' is missing")
+                continue
+            if tuple(arr.shape) != shape or (dtype is not None and np.dtype(arr.dtype) != dtype):
+                problems.append(
+                    f"split '{split}': array '{name}' is {tuple(arr.shape)} {arr.dtype}, "
+                    f"expected {shape} {dtype}"
+                )
+        return problems
+
+    def _verify_unit(self, split: str, unit: int) -> list[str]:
+        rows = self._unit_range(split, unit)
+        where = f"split '{split}' unit {unit} (rows {rows.start}-{rows.stop - 1})"
+        try:
+            stored = np.ascontiguousarray(
+                self._array(split, "features")[rows.start : rows.stop], dtype=self.dtype
+            )
+            digest = bytes(np.asarray(self._array(split, "unit_sha256")[unit], dtype=np.uint8))
+            total = np.asarray(self._array(split, "unit_sum")[unit], dtype=np.float64)
+            total_sq = np.asarray(self._array(split, "unit_sumsq")[unit], dtype=np.float64)
+        except Exception as e:  # a damaged chunk fails to decode with codec-specific errors
+            return [
+                f"{where}: unreadable ({type(e).__name__}: {e}); "
+                f"delete {self._chunk_file(split, unit)} and rerun"
+            ]
+        bad = np.flatnonzero(~np.isfinite(stored).reshape(len(rows), -1).all(axis=1))
+        if bad.size:
+            return [f"{where}: NaN/Inf in {bad.size} rows ({self._shown_ids(split, rows.start + bad)})"]
+        if hashlib.sha256(stored.tobytes()).digest() != digest:
+            return [
+                f"{where}: stored bytes do not match their sha256 (corrupt {self._chunk_file(split, unit)})"
+            ]
+        recomputed = _unit_sums(stored)
+        if not (np.array_equal(recomputed[0], total) and np.array_equal(recomputed[1], total_sq)):
+            return [f"{where}: unit_sum/unit_sumsq disagree with the stored features"]
+        return []
+
+    def _chunk_file(self, split: str, unit: int) -> Path:
+        return self.path / split / "features" / "c" / str(unit) / "0" / "0"
+
+    def _check_layout(self, attrs: Mapping[str, Any], num_samples: Mapping[str, int]) -> None:
+        """A store found at a create path must match what the caller would have created."""
+        keys = ("splits", "num_views", "feature_dim", "dtype")
+        ours = {key: self.attrs[key] for key in keys} | {
+            "num_samples": {s: self.num_samples(s) for s in self.split_names}
+        }
+        theirs = {key: attrs[key] for key in keys} | {"num_samples": dict(num_samples)}
+        if ours != theirs:
+            raise StoreError(
+                f"{self.path}: store has the right fingerprint but another layout "
+                f"({ours} vs asked {theirs}); remove it and rerun"
+            )
+
+    def _check_split(self, split: str) -> None:
+        if split not in self.split_names:
+            raise StoreError(
+                f"{self.path}: no split '{split}'{closest(split, self.split_names)}; "
+                f"splits: {', '.join(self.split_names)}"
+            )
+
+    def _array(self, split: str, name: str) -> zarr.Array:
+        key = (split, name)
+        if key not in self._arrays:
+            self._check_split(split)
+            try:
+                node = self._group[f"{split}/{name}"]
+            except KeyError:
+                raise StoreError(
+                    f"{self.path}: array '{split}/{name}' is missing; the store is damaged"
+                ) from None
+            if not isinstance(node, zarr.Array):
+                raise StoreError(f"{self.path}: '{split}/{name}' is not an array; the store is damaged")
+            self._arrays[key] = node
+        return self._arrays[key]
+
+    def _unit_range(self, split: str, unit: int) -> range:
+        units = self.units(split)
+        if not 0 <= unit < len(units):
+            raise ValueError(f"unit {unit} outside split '{split}', which has units 0..{len(units) - 1}")
+        return units[unit]
+
+    def _unit_done(self, split: str, unit: int) -> bool:
+        try:
+            return int(np.asarray(self._array(split, "done")[unit])) == 1
+        except StoreError:
+            raise
+        except Exception:  # a partial or damaged marker file
+            return False
+
+    def _marker(self, split: str, name: str) -> bool:
+        try:
+            return int(np.asarray(self._array(split, name)[0])) == 1
+        except StoreError:
+            raise
+        except Exception:  # a partial or damaged marker file
+            return False
+
+    def _require_done(self, split: str, units: range) -> None:
+        done = self.done_units(split)
+        missing = [k for k in units if not done[k]]
+        if missing:
+            raise StoreError(
+                f"{self.path}: split '{split}' has {len(missing)} unit(s) not done (first: {missing[0]}; "
+                f"{int(done.sum())}/{done.size} done); finish it by rerunning `customkd-cache cache`"
+            )
+
+    def _require_writable(self) -> None:
+        if not self.writable:
+            raise StoreError(f"{self.path}: opened read-only; open it with open_store(path, writable=True)")
+
+    def _check_finite(self, split: str, unit: int, x: np.ndarray, *, what: str, fix: str) -> None:
+        bad = np.flatnonzero(~np.isfinite(x).reshape(x.shape[0], -1).all(axis=1))
+        if bad.size:
+            start = self._unit_range(split, unit).start
+            raise NonFiniteFeatureError(
+                f"{self.path}: split '{split}' unit {unit}: {what} for {bad.size} sample(s) "
+                f"({self._shown_ids(split, start + bad)}); nothing was written; {fix}"
+            )
+
+    def _shown_ids(self, split: str, rows: np.ndarray) -> str:
+        ids = self.ids(split)
+        shown = ", ".join(repr(ids[int(i)]) for i in rows[:_SHOW_IDS])
+        return shown + (f", ... {rows.size - _SHOW_IDS} more" if rows.size > _SHOW_IDS else "")
+
+    def _name_part(self, index: int) -> str:
+        parts = self.path.name.removesuffix(".zarr").split("__")
+        return parts[index] if len(parts) == 3 else ""
+
+
+# --- helpers -----------------------------------------------------------------------------------
+
+
+def _root_attrs(
+    *,
+    fingerprint: str,
+    identity: Mapping[str, Any],
+    provenance: Mapping[str, Any],
+    splits: Mapping[str, SplitInit],
+    num_views: int,
+    feature_dim: int,
+    dtype: str,
+    unit_rows: int,
+    compressor: str,
+    extra_attrs: Mapping[str, Any] | None,
+) -> dict[str, Any]:
+    """Validated root attributes (plain JSON)."""
+    if not fingerprint:
+        raise ValueError("fingerprint must not be empty: a store is never named by a missing key")
+    for name, value in (("num_views", num_views), ("feature_dim", feature_dim), ("unit_rows", unit_rows)):
+        if int(value) < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
+    if compressor not in COMPRESSORS:
+        raise ValueError(f"compressor must be one of {COMPRESSORS}, got {compressor!r}")
+    if not splits:
+        raise ValueError("a store needs at least one split")
+    for name, init in splits.items():
+        _check_split_init(name, init)
+    extra = dict(extra_attrs or {})
+    clash = sorted(set(extra) & set(_BASE_ATTRS))
+    if clash:
+        raise ValueError(f"extra_attrs may not set {clash}")
+    attrs = {
+        "format_version": FORMAT_VERSION,
+        "fingerprint": fingerprint,
+        "identity": dict(identity),
+        "provenance": dict(provenance),
+        "splits": list(splits),
+        "num_views": int(num_views),
+        "feature_dim": int(feature_dim),
+        "dtype": dtype,
+        "unit_rows": int(unit_rows),
+        "compressor": compressor,
+        **extra,
+    }
+    try:
+        return dict(json.loads(json.dumps(attrs, allow_nan=False)))
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"store attributes must be plain JSON (no numpy values, NaN or Inf): {e}") from None
+
+
+def _check_split_init(name: str, init: SplitInit) -> None:
+    # '/' would nest groups, and zarr reserves '.'-leading and '__'-leading node names
+    if not name or "/" in name or name.startswith((".", "__")):
+        raise ValueError(f"split name {name!r} must be non-empty, without '/', not starting with '.' or '__'")
+    labels = np.asarray(init.labels)
+    if labels.shape != (len(init.ids),):
+        raise ValueError(f"split '{name}': labels shape {labels.shape} != ({len(init.ids)},) ids")
+    if len(init.ids) == 0:
+        raise ValueError(f"split '{name}' has no samples")
+    if labels.dtype.kind not in "iu":
+        raise ValueError(f"split '{name}': labels must be integers, got dtype {labels.dtype}")
+
+
+def _build_and_rename(path: Path, attrs: dict[str, Any], splits: Mapping[str, SplitInit]) -> None:
+    """Build the store in a temporary directory beside ``path`` and rename it into place.
+
+    Losing the rename to a concurrent creator is fine: the caller opens the winner's store.
+    """
+    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex}"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        root = zarr.create_group(LocalStore(tmp), zarr_format=3, attributes=attrs)
+        for name, init in splits.items():
+            _create_split(root.create_group(name), init, attrs)
+        try:
+            os.rename(tmp, path)
+        except OSError:
+            if not os.path.lexists(path):  # not a lost race but a real failure
+                raise
+    except OSError as e:
+        raise StoreError(
+            f"{path}: cannot create the store ({e.strerror or e}); use a cache root you can write"
+        ) from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _create_split(group: zarr.Group, init: SplitInit, attrs: Mapping[str, Any]) -> None:
+    n, v, d, u = len(init.ids), attrs["num_views"], attrs["feature_dim"], attrs["unit_rows"]
+    units = -(-n // u)
+    data: Any = [ZstdCodec(level=ZSTD_LEVEL, checksum=True)] if attrs["compressor"] == "zstd" else None
+    group.create_array(
+        "features", shape=(n, v, d), chunks=(u, v, d), dtype=attrs["dtype"], compressors=data, fill_value=0
+    )
+    group.create_array(
+        "boxes", shape=(n, v, 4), chunks=(u, v, 4), dtype="float32", compressors=data, fill_value=0
+    )
+    group.create_array("flips", shape=(n, v), chunks=(u, v), dtype="uint8", compressors=data, fill_value=0)
+    ids = group.create_array("ids", shape=(n,), chunks=(n,), dtype=str, compressors=data)
+    ids[:] = np.array([str(s) for s in init.ids], dtype=object)
+    labels = group.create_array(
+        "labels", shape=(n,), chunks=(n,), dtype="int64", compressors=data, fill_value=0
+    )
+    labels[:] = np.asarray(init.labels, dtype=np.int64)
+    # markers and per-unit records: one tiny uncompressed file per unit, owned by the unit's writer
+    group.create_array("done", shape=(units,), chunks=(1,), dtype="uint8", compressors=None, fill_value=0)
+    for name in ("unit_sum", "unit_sumsq"):
+        group.create_array(
+            name, shape=(units, d), chunks=(1, d), dtype="float64", compressors=None, fill_value=0
+        )
+    group.create_array(
+        "unit_sha256", shape=(units, 32), chunks=(1, 32), dtype="uint8", compressors=None, fill_value=0
+    )
+    for name in ("mean", "std"):
+        group.create_array(name, shape=(d,), chunks=(d,), dtype="float32", compressors=None, fill_value=0)
+    group.create_array("stats_done", shape=(1,), chunks=(1,), dtype="uint8", compressors=None, fill_value=0)
+
+
+def _shaped(x: np.ndarray, shape: tuple[int, ...], name: str) -> np.ndarray:
+    x = np.asarray(x)
+    if x.shape != shape:
+        raise ValueError(f"{name}: expected shape {shape}, got {x.shape}")
+    return x
+
+
+def _unit_sums(stored: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(D,) float64 sum and sum of squares over rows and views of one unit's stored features."""
+    x = stored.reshape(-1, stored.shape[-1]).astype(np.float64)
+    return np.add.reduce(x, axis=0), np.add.reduce(x * x, axis=0)
+
+
+def _name_of(entry: Any, keys: tuple[str, ...]) -> str:
+    if isinstance(entry, str):
+        return entry
+    if isinstance(entry, dict):
+        for key in keys:
+            if isinstance(entry.get(key), str) and entry[key]:
+                return str(entry[key])
+    return ""
+
+
+def _flat_entries(provenance: Mapping[str, Any]) -> dict[str, Any]:
+    """Scalars and flat dicts (e.g. library versions) of the provenance; the nested resolved spec is
+    left to ``attrs["provenance"]``."""
+    scalar = (str, int, float, bool, type(None))
+    return {
+        key: value
+        for key, value in provenance.items()
+        if isinstance(value, scalar)
+        or (isinstance(value, dict) and all(isinstance(x, scalar) for x in value.values()))
+    }
