@@ -97,23 +97,23 @@ def customization_loss(
     f_t: Tensor,
     target: Tensor,
     *,
-    head_learns: bool = False,
+    freeze_head: bool = False,
 ) -> Tensor:
     """Stage A of CustomKD (METHOD.md): ``CE(H_s(P_t(f_t)), y)`` over labeled rows.
 
     ``f_t`` (B, d_t) teacher features (standardized by the caller when the spec says so), ``target``
     (B,) int64. ``head`` is the student's classifier ``H_s`` (d_s -> C), ``customizer`` is ``P_t``
-    (d_t -> d_s). With ``head_learns=False`` (the paper's setting,
-    ``customkd.head_learns_in_stage_a``) the head runs on detached parameters, so only the
-    customizer receives gradients whatever the head's ``requires_grad`` flags are; the head's
-    buffers are used as they are.
+    (d_t -> d_s). Gradients reach the head's parameters only if their ``requires_grad`` is set; the
+    paper's setting keeps the head fixed (``customkd.head_learns_in_stage_a = false``): either clear
+    those flags or pass ``freeze_head=True``, which runs the head on detached parameters so only the
+    customizer receives gradients without touching the head's flags.
     """
     z = customizer(f_t.float())
-    if head_learns:
-        logits = head(z)
-    else:
+    if freeze_head:
         frozen = {name: p.detach() for name, p in head.named_parameters()}
         logits = torch.func.functional_call(head, frozen, (z,), strict=False)
+    else:
+        logits = head(z)
     return cross_entropy(logits, target)
 
 

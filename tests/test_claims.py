@@ -1,0 +1,113 @@
+"""Work-unit claims: exclusive while held, taken over when the holder died or its lease ran out."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from customkd_cache.claims import Claim, try_claim
+
+RACE_KEYS = 12
+
+
+def _write_claim(path: Path, *, host: str, pid: int, age_s: float = 0.0) -> None:
+    path.write_text(json.dumps({"host": host, "pid": pid, "time": time.time() - age_s}))
+    if age_s:
+        past = time.time() - age_s
+        os.utime(path, (past, past))
+
+
+def _dead_pid() -> int:
+    done = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, check=True
+    )
+    return int(done.stdout)
+
+
+def _steal_worker(dir: str, barrier: Any, results: Any) -> None:
+    won = []
+    for i in range(RACE_KEYS):
+        barrier.wait()
+        claim = try_claim(Path(dir), f"unit-{i}", lease_s=60.0)
+        won.append(claim is not None)
+    results.put(won)
+
+
+def test_a_held_claim_excludes_others(tmp_path: Path) -> None:
+    first = try_claim(tmp_path / "claims", "unit-3")
+    assert isinstance(first, Claim)
+    record = json.loads(first.path.read_text())
+    assert (record["host"], record["pid"]) == (socket.gethostname(), os.getpid())
+    assert try_claim(tmp_path / "claims", "unit-3") is None
+    assert try_claim(tmp_path / "claims", "unit-4") is not None
+    first.release()
+    again = try_claim(tmp_path / "claims", "unit-3")
+    assert again is not None
+    with again:
+        assert again.held()
+    assert not (tmp_path / "claims" / "unit-3.claim").exists()
+
+
+def test_a_dead_process_claim_is_taken_over(tmp_path: Path) -> None:
+    _write_claim(tmp_path / "unit-0.claim", host=socket.gethostname(), pid=_dead_pid())
+    claim = try_claim(tmp_path, "unit-0")
+    assert claim is not None and claim.held()
+    assert json.loads(claim.path.read_text())["pid"] == os.getpid()
+    assert [p.name for p in tmp_path.iterdir()] == ["unit-0.claim"]  # no tombstone left
+
+
+def test_a_live_claim_on_another_host_is_respected(tmp_path: Path) -> None:
+    _write_claim(tmp_path / "unit-0.claim", host="elsewhere", pid=_dead_pid())
+    assert try_claim(tmp_path, "unit-0") is None
+
+
+def test_an_expired_lease_is_taken_over_and_refresh_renews_it(tmp_path: Path) -> None:
+    _write_claim(tmp_path / "unit-0.claim", host="elsewhere", pid=1, age_s=120.0)
+    claim = try_claim(tmp_path, "unit-0", lease_s=60.0)
+    assert claim is not None
+    past = time.time() - 120.0
+    os.utime(claim.path, (past, past))
+    claim.refresh()
+    assert try_claim(tmp_path, "unit-0", lease_s=60.0) is None
+
+
+def test_a_taken_over_claim_is_not_released_by_its_old_holder(tmp_path: Path) -> None:
+    old = try_claim(tmp_path, "unit-0")
+    assert old is not None
+    past = time.time() - 120.0
+    os.utime(old.path, (past, past))
+    new = try_claim(tmp_path, "unit-0", lease_s=60.0)
+    assert new is not None and not old.held()
+    old.release()
+    assert new.held()
+
+
+def test_bad_keys_are_refused(tmp_path: Path) -> None:
+    for key in ("../x", ".hidden", "a/b", ""):
+        with pytest.raises(ValueError):
+            try_claim(tmp_path, key)
+
+
+def test_two_processes_stealing_one_stale_claim(tmp_path: Path) -> None:
+    for i in range(RACE_KEYS):
+        _write_claim(tmp_path / f"unit-{i}.claim", host="elsewhere", pid=1, age_s=120.0)
+    ctx = multiprocessing.get_context("spawn")
+    barrier, results = ctx.Barrier(2), ctx.Queue()
+    procs = [ctx.Process(target=_steal_worker, args=(str(tmp_path), barrier, results)) for _ in range(2)]
+    for p in procs:
+        p.start()
+    won = [results.get(timeout=60) for _ in procs]
+    for p in procs:
+        p.join(60)
+    assert [p.exitcode for p in procs] == [0, 0]
+    assert [a + b for a, b in zip(*won, strict=True)] == [1] * RACE_KEYS
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(f"unit-{i}.claim" for i in range(RACE_KEYS))

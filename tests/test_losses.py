@@ -1,0 +1,350 @@
+"""Golden values for the losses: hand-derived numbers and independent numpy re-implementations."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from customkd_cache.errors import SpecError
+from customkd_cache.losses import (
+    StageBTerms,
+    cross_entropy,
+    customization_loss,
+    dkd_loss,
+    feature_mse,
+    kd_loss,
+    stage_b_loss,
+    standardize,
+)
+from customkd_cache.specs import METHODS, CustomKDSpec, DkdSpec, KdSpec
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread() -> Iterator[None]:
+    # Tiny tensors: one intra-op thread is fastest, and on a shared 2-core machine two OpenMP
+    # threads competing with other processes made each forward pass ~100x slower.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# --- independent numpy references (float64) -----------------------------------------------------
+
+
+def np_softmax(z: np.ndarray) -> np.ndarray:
+    e = np.exp(z - z.max(axis=1, keepdims=True))
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def np_kl_rows(p: np.ndarray, q: np.ndarray) -> np.ndarray:
+    """KL(p || q) per row."""
+    return (p * (np.log(p) - np.log(q))).sum(axis=1)
+
+
+def np_kd(s: np.ndarray, t: np.ndarray, temp: float) -> float:
+    return float(np_kl_rows(np_softmax(t / temp), np_softmax(s / temp)).mean() * temp**2)
+
+
+def np_ce(logits: np.ndarray, y: np.ndarray) -> float:
+    p = np_softmax(logits)
+    return float(-np.log(p[np.arange(len(y)), y]).mean())
+
+
+def np_dkd(s: np.ndarray, t: np.ndarray, y: np.ndarray, alpha: float, beta: float, temp: float) -> float:
+    """DKD from its definition: binary (target, rest) KL plus KL of the renormalized non-target parts."""
+    ps, pt = np_softmax(s / temp), np_softmax(t / temp)
+    rows = np.arange(len(y))
+    bs = np.stack([ps[rows, y], 1 - ps[rows, y]], axis=1)
+    bt = np.stack([pt[rows, y], 1 - pt[rows, y]], axis=1)
+    tckd = np_kl_rows(bt, bs).mean() * temp**2
+    other = np.ones_like(ps, dtype=bool)
+    other[rows, y] = False
+    qs = ps[other].reshape(len(y), -1)
+    qt = pt[other].reshape(len(y), -1)
+    qs, qt = qs / qs.sum(1, keepdims=True), qt / qt.sum(1, keepdims=True)
+    nckd = np_kl_rows(qt, qs).mean() * temp**2
+    return float(alpha * tckd + beta * nckd)
+
+
+def np_mse(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(((a.detach().double().numpy() - b.detach().double().numpy()) ** 2).mean())
+
+
+def t32(x: list[list[float]] | np.ndarray) -> torch.Tensor:
+    return torch.tensor(x, dtype=torch.float32)
+
+
+# --- the pure losses ----------------------------------------------------------------------------
+
+
+class TestPureLosses:
+    def test_cross_entropy_hand_value(self) -> None:
+        # row 0: uniform over 2 -> ln 2; row 1: p(class 1) = 1/4 -> ln 4; mean = 1.5 ln 2
+        logits = t32([[0.0, 0.0], [math.log(3.0), 0.0]])
+        assert cross_entropy(logits, torch.tensor([0, 1])).item() == pytest.approx(
+            1.5 * math.log(2), abs=1e-6
+        )
+
+    def test_kd_identical_logits_is_zero(self) -> None:
+        z = torch.randn(4, 7, generator=torch.Generator().manual_seed(0))
+        assert kd_loss(z, z.clone(), temperature=4.0).item() == pytest.approx(0.0, abs=1e-6)
+
+    def test_kd_hand_value_at_t1(self) -> None:
+        # teacher (3/4, 1/4), student uniform: KL = 3/4 ln(3/2) + 1/4 ln(1/2)
+        s, t = t32([[0.0, 0.0]]), t32([[math.log(3.0), 0.0]])
+        expected = 0.75 * math.log(1.5) + 0.25 * math.log(0.5)
+        assert kd_loss(s, t, temperature=1.0).item() == pytest.approx(expected, abs=1e-6)
+
+    @pytest.mark.parametrize("temp", [1.0, 4.0])
+    def test_kd_matches_numpy(self, temp: float) -> None:
+        rng = np.random.default_rng(1)
+        s, t = rng.normal(size=(5, 6)) * 3, rng.normal(size=(5, 6)) * 3
+        got = kd_loss(t32(s), t32(t), temperature=temp).item()
+        assert got == pytest.approx(np_kd(s, t, temp), rel=1e-5)
+
+    def test_kd_no_gradient_into_teacher(self) -> None:
+        s = torch.randn(3, 4, requires_grad=True)
+        t = torch.randn(3, 4, requires_grad=True)
+        kd_loss(s, t, temperature=2.0).backward()
+        assert s.grad is not None and t.grad is None
+
+    @pytest.mark.parametrize(("alpha", "beta", "temp"), [(1.0, 8.0, 4.0), (0.5, 2.0, 1.0)])
+    def test_dkd_matches_numpy(self, alpha: float, beta: float, temp: float) -> None:
+        rng = np.random.default_rng(2)
+        s, t = rng.normal(size=(6, 5)) * 2, rng.normal(size=(6, 5)) * 2
+        y = rng.integers(0, 5, size=6)
+        got = dkd_loss(t32(s), t32(t), torch.from_numpy(y), alpha=alpha, beta=beta, temperature=temp).item()
+        assert got == pytest.approx(np_dkd(s, t, y, alpha, beta, temp), rel=1e-4)
+
+    def test_dkd_recovers_kd(self) -> None:
+        # DKD paper, Eq. 7: KD = TCKD + (1 - p_t^target) * NCKD, per sample.
+        rng = np.random.default_rng(3)
+        s, t = rng.normal(size=(1, 6)), rng.normal(size=(1, 6))
+        temp, y = 2.0, np.array([4])
+        pt_target = float(np_softmax(t / temp)[0, 4])
+        dkd = dkd_loss(t32(s), t32(t), torch.from_numpy(y), alpha=1.0, beta=1.0 - pt_target, temperature=temp)
+        assert dkd.item() == pytest.approx(np_kd(s, t, temp), rel=1e-4)
+
+    def test_dkd_identical_logits_is_zero(self) -> None:
+        z = torch.randn(4, 5, generator=torch.Generator().manual_seed(4))
+        y = torch.tensor([0, 1, 2, 3])
+        assert dkd_loss(z, z.clone(), y, alpha=1.0, beta=8.0, temperature=4.0).item() == pytest.approx(
+            0, abs=1e-5
+        )
+
+    def test_feature_mse_hand_value(self) -> None:
+        pred = t32([[1.0, 2.0], [3.0, 4.0]])
+        assert feature_mse(pred, torch.zeros(2, 2, dtype=torch.float16)).item() == pytest.approx(7.5)
+
+    def test_standardize_hand_value(self) -> None:
+        f = torch.tensor([[1.0, 2.0], [3.0, 6.0]], dtype=torch.float16)
+        out = standardize(f, t32([[2.0, 4.0]])[0], t32([[1.0, 2.0]])[0], eps=0.0)
+        assert out.dtype == torch.float32
+        assert torch.equal(out, t32([[-1.0, -1.0], [1.0, 1.0]]))
+
+    def test_standardize_constant_dimension_stays_finite(self) -> None:
+        out = standardize(torch.ones(3, 2), torch.ones(2), torch.zeros(2))
+        assert torch.isfinite(out).all()
+
+
+# --- stage A --------------------------------------------------------------------------------------
+
+
+class TestCustomizationLoss:
+    def _modules(self) -> tuple[nn.Linear, nn.Linear, torch.Tensor, torch.Tensor]:
+        torch.manual_seed(0)
+        head, customizer = nn.Linear(4, 3), nn.Linear(6, 4)
+        return head, customizer, torch.randn(5, 6), torch.tensor([0, 1, 2, 1, 0])
+
+    def test_value_is_ce_of_head_of_customized(self) -> None:
+        head, customizer, f_t, y = self._modules()
+        logits = head(customizer(f_t)).detach().double().numpy()
+        assert customization_loss(head, customizer, f_t, y).item() == pytest.approx(
+            np_ce(logits, y.numpy()), rel=1e-5
+        )
+
+    def test_frozen_head_gets_no_grad(self) -> None:
+        head, customizer, f_t, y = self._modules()
+        head.requires_grad_(False)
+        customization_loss(head, customizer, f_t, y).backward()
+        assert head.weight.grad is None and head.bias.grad is None
+        assert customizer.weight.grad is not None and customizer.weight.grad.abs().sum() > 0
+
+    def test_freeze_head_detaches_without_touching_flags(self) -> None:
+        head, customizer, f_t, y = self._modules()
+        customization_loss(head, customizer, f_t, y, freeze_head=True).backward()
+        assert head.weight.requires_grad and head.weight.grad is None
+        assert customizer.weight.grad is not None
+
+    def test_learning_head_gets_grad(self) -> None:
+        head, customizer, f_t, y = self._modules()
+        customization_loss(head, customizer, f_t, y).backward()
+        assert head.weight.grad is not None and customizer.weight.grad is not None
+
+
+# --- stage B --------------------------------------------------------------------------------------
+
+B, C, D_S, D_T = 6, 5, 4, 3
+KD = KdSpec(temperature=2.0, weight=0.7)
+DKD = DkdSpec(alpha=1.5, beta=3.0, temperature=3.0, weight=0.3)
+CK = CustomKDSpec(lambda_gen=0.5, lambda_spec=2.0, fitnet_weight=3.0)
+RAMP = 0.5
+
+
+class Batch:
+    """A fixed stage-B batch: 3 labeled rows, 3 unlabeled rows (label -1), linear projectors."""
+
+    def __init__(self, customizer: nn.Module | None = None) -> None:
+        torch.manual_seed(0)
+        self.f_s = torch.randn(B, D_S, requires_grad=True)
+        self.head = nn.Linear(D_S, C)
+        self.logits = self.head(self.f_s)
+        self.f_t = torch.randn(B, D_T)
+        self.mask = torch.tensor([True, True, True, False, False, False])
+        self.target = torch.tensor([2, 0, 4, -1, -1, -1])
+        self.student_projector = nn.Linear(D_S, D_T)
+        self.customizer = customizer if customizer is not None else nn.Linear(D_T, D_S)
+        self.teacher_logits = torch.randn(B, C) * 2
+
+    def loss(self, method: str, **overrides: object) -> StageBTerms:
+        kwargs: dict[str, object] = dict(
+            method=method,
+            logits=self.logits,
+            f_s=self.f_s,
+            f_t=self.f_t,
+            labeled_mask=self.mask,
+            target=self.target,
+            student_projector=self.student_projector,
+            customizer=self.customizer,
+            teacher_logits=self.teacher_logits,
+            kd=KD,
+            dkd=DKD,
+            ck=CK,
+            dkd_ramp=RAMP,
+        )
+        kwargs.update(overrides)
+        return stage_b_loss(**kwargs)  # type: ignore[arg-type]
+
+    def np_logits(self) -> np.ndarray:
+        return self.logits.detach().double().numpy()
+
+
+USED = {
+    "student_only": set(),
+    "kd": {"kd"},
+    "fitnet": {"gen"},
+    "dkd": {"dkd"},
+    "customkd": {"gen", "spec"},
+    "customkd+kd": {"gen", "spec", "kd"},
+    "customkd+dkd": {"gen", "spec", "dkd"},
+}
+
+
+class TestStageBLoss:
+    def test_every_method_is_covered(self) -> None:
+        assert set(USED) == set(METHODS)
+
+    @pytest.mark.parametrize("method", sorted(USED))
+    def test_terms_and_weighted_sum(self, method: str) -> None:
+        batch = Batch()
+        terms = batch.loss(method)
+        for name in ("gen", "spec", "kd", "dkd"):
+            assert (getattr(terms, name).item() != 0.0) == (name in USED[method]), name
+        w_gen = CK.fitnet_weight if method == "fitnet" else CK.lambda_gen
+        expected = (
+            terms.ce
+            + w_gen * terms.gen
+            + CK.lambda_spec * terms.spec
+            + KD.weight * terms.kd
+            + DKD.weight * RAMP * terms.dkd
+        )
+        assert terms.total.item() == pytest.approx(expected.item(), rel=1e-6)
+        assert terms.total.requires_grad
+        assert not any(getattr(terms, n).requires_grad for n in ("ce", "gen", "spec", "kd", "dkd"))
+
+    def test_term_values_match_numpy(self) -> None:
+        batch = Batch()
+        terms = batch.loss("customkd+kd")
+        z = batch.np_logits()
+        assert terms.ce.item() == pytest.approx(np_ce(z[:3], batch.target[:3].numpy()), rel=1e-5)
+        assert terms.gen.item() == pytest.approx(
+            np_mse(batch.student_projector(batch.f_s), batch.f_t), rel=1e-5
+        )
+        assert terms.spec.item() == pytest.approx(np_mse(batch.f_s, batch.customizer(batch.f_t)), rel=1e-5)
+        kd_all_rows = np_kd(z, batch.teacher_logits.double().numpy(), KD.temperature)
+        assert terms.kd.item() == pytest.approx(kd_all_rows, rel=1e-5)
+
+    def test_dkd_uses_labels_then_teacher_argmax(self) -> None:
+        batch = Batch()
+        t = batch.teacher_logits.double().numpy()
+        y = np.concatenate([batch.target[:3].numpy(), t[3:].argmax(1)])
+        expected = np_dkd(batch.np_logits(), t, y, DKD.alpha, DKD.beta, DKD.temperature)
+        assert batch.loss("dkd").dkd.item() == pytest.approx(expected, rel=1e-4)
+
+    def test_no_labeled_rows_gives_zero_ce_and_backward_works(self) -> None:
+        batch = Batch()
+        terms = batch.loss("student_only", labeled_mask=torch.zeros(B, dtype=torch.bool))
+        assert terms.ce.item() == 0.0 and terms.total.item() == 0.0
+        terms.total.backward()
+        assert batch.head.weight.grad is not None and batch.head.weight.grad.abs().sum() == 0
+
+    def test_customizer_is_a_stop_gradient_target(self) -> None:
+        customizer = nn.Sequential(nn.Linear(D_T, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, D_S))
+        batch = Batch(customizer)
+        customizer.train()
+        stats = customizer[1].running_mean.clone()  # type: ignore[index]
+        terms = batch.loss("customkd+dkd")
+        terms.total.backward()
+        assert all(p.grad is None for p in customizer.parameters())
+        assert batch.f_s.grad is not None and batch.student_projector.weight.grad is not None
+        assert torch.equal(customizer[1].running_mean, stats)  # type: ignore[index]
+        assert customizer.training and customizer[1].training
+
+    def test_missing_inputs_and_unknown_method(self) -> None:
+        batch = Batch()
+        with pytest.raises(ValueError, match="student_projector"):
+            batch.loss("fitnet", student_projector=None)
+        with pytest.raises(ValueError, match="teacher_logits"):
+            batch.loss("kd", teacher_logits=None)
+        with pytest.raises(SpecError, match="customkd"):
+            batch.loss("customdk")
+
+    def test_sgd_steps_reduce_the_loss(self) -> None:
+        torch.manual_seed(0)
+        encoder = nn.Sequential(nn.Linear(10, 16), nn.ReLU(), nn.Linear(16, D_S))
+        head, projector, customizer = nn.Linear(D_S, C), nn.Linear(D_S, D_T), nn.Linear(D_T, D_S)
+        x, f_t, teacher_logits = torch.randn(32, 10), torch.randn(32, D_T), torch.randn(32, C)
+        mask = torch.arange(32) < 16
+        target = torch.where(mask, torch.randint(0, C, (32,)), -1)
+        params = [*encoder.parameters(), *head.parameters(), *projector.parameters()]
+        opt = torch.optim.SGD(params, lr=0.05, momentum=0.9)
+
+        def step() -> float:
+            f_s = encoder(x)
+            terms = stage_b_loss(
+                method="customkd+dkd",
+                logits=head(f_s),
+                f_s=f_s,
+                f_t=f_t,
+                labeled_mask=mask,
+                target=target,
+                student_projector=projector,
+                customizer=customizer,
+                teacher_logits=teacher_logits,
+                kd=KD,
+                dkd=DKD,
+                ck=CK,
+            )
+            opt.zero_grad()
+            terms.total.backward()
+            opt.step()
+            return terms.total.item()
+
+        losses = [step() for _ in range(30)]
+        assert losses[-1] < 0.8 * losses[0]
