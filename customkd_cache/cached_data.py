@@ -15,6 +15,7 @@ process that uses it, so DataLoader workers never share a store handle with thei
 from __future__ import annotations
 
 import functools
+import multiprocessing
 import os
 import random
 from collections import OrderedDict
@@ -121,6 +122,14 @@ class FeatureSource:
         """This process's handle on the store (opened on first use)."""
         return self._store.get()
 
+    def preload(self, splits: Sequence[str]) -> None:
+        """In RAM mode, read ``splits`` now. Call it in the parent before a DataLoader starts: forked
+        workers then share these arrays copy-on-write instead of each reading its own copy.
+        Streaming mode has nothing to preload."""
+        if self.in_ram:
+            for split in splits:
+                self._split_array(split)
+
     def get(self, split: str, row: int, view: int) -> np.ndarray:
         """The feature of ``view`` of ``row``: ``(D,)`` float32."""
         return self.get_many(split, np.array([row]), np.array([view]))[0]
@@ -139,11 +148,15 @@ class FeatureSource:
 
     def _gather(self, split: str, rows: np.ndarray, views: np.ndarray | None) -> np.ndarray:
         """Stored-dtype features of ``rows`` (and ``views``, else all views), in the order asked."""
-        n = self.store.num_samples(split)
+        # In RAM mode the loaded array answers alone, so a forked worker of a parent that preloaded
+        # its splits never opens the store.
+        data = self._split_array(split) if self.in_ram else None
+        n = len(data) if data is not None else self.store.num_samples(split)
         if len(rows) and (rows.min() < 0 or rows.max() >= n):
-            raise IndexError(f"{self.store_path}: split '{split}' has rows 0..{n - 1}; asked for {rows.tolist()}")
-        if self.in_ram:
-            data = self._split_array(split)
+            raise IndexError(
+                f"{self.store_path}: split '{split}' has rows 0..{n - 1}; asked for {rows.tolist()}"
+            )
+        if data is not None:
             return data[rows] if views is None else data[rows, views]
         return self._gather_units(split, rows, views)
 
@@ -160,9 +173,13 @@ class FeatureSource:
             if out is None:
                 out = np.empty((len(rows), *part.shape[1:]), part.dtype)
             out[at] = part
-        if out is None:
-            shape = (0, self.store.feature_dim) if views is not None else (0, self.store.num_views, self.store.feature_dim)
-            return np.empty(shape, np.float32)
+        if out is None:  # no rows asked
+            tail = (
+                (self.store.feature_dim,)
+                if views is not None
+                else (self.store.num_views, self.store.feature_dim)
+            )
+            return np.empty((0, *tail), self.store.dtype)
         return out
 
     def _split_array(self, split: str) -> np.ndarray:
@@ -319,7 +336,7 @@ def epoch_items(
     flat = [r for b in batches for r in b]
     if len(views) != len(flat):
         raise ValueError(f"{len(views)} views for {len(flat)} rows")
-    items = [(r, int(v)) for r, v in zip(flat, views)]
+    items = [(r, int(v)) for r, v in zip(flat, views, strict=True)]
     index_batches, start = [], 0
     for b in batches:
         index_batches.append(list(range(start, start + len(b))))
@@ -378,7 +395,9 @@ class ReplayDataset(TorchDataset):
         seed: int = 0,
     ) -> None:
         if teacher_size is not None and (teacher_mean is None or teacher_std is None):
-            raise ValueError("teacher_size needs teacher_mean and teacher_std (from the teacher's preprocessing)")
+            raise ValueError(
+                "teacher_size needs teacher_mean and teacher_std (from the teacher's preprocessing)"
+            )
         self.dataset = dataset
         self.store_path = _to_path(store_path)
         self.features = features
@@ -409,6 +428,11 @@ class ReplayDataset(TorchDataset):
         state["_views"] = {}
         return state
 
+    def preload(self, splits: Sequence[str]) -> None:
+        """Read the boxes, flips and labels of ``splits`` now, so forked workers inherit them."""
+        for split in splits:
+            self._split_views(split)
+
     def set_items(self, items: Sequence[tuple[Row, int]], epoch: int) -> None:
         """Replace the item list (e.g. one epoch's plan); ``epoch`` seeds the photometric jitter.
 
@@ -418,7 +442,9 @@ class ReplayDataset(TorchDataset):
         try:
             splits = [self._split_index[r.split] for r, _ in items]
         except KeyError as e:
-            raise ValueError(f"split {e.args[0]!r} is not in the dataset (splits: {', '.join(self.split_names)})") from None
+            raise ValueError(
+                f"split {e.args[0]!r} is not in the dataset (splits: {', '.join(self.split_names)})"
+            ) from None
         self._splits = np.asarray(splits, np.int16)
         self._rows = np.asarray([r.row for r, _ in items], np.int64)
         self._view_of = np.asarray([v for _, v in items], np.int16)
@@ -449,7 +475,8 @@ class ReplayDataset(TorchDataset):
             item["feature"] = torch.from_numpy(self.features.get(split, row, view))
         if self.teacher_size is not None:
             assert self.teacher_mean is not None and self.teacher_std is not None  # checked in __init__
-            teacher = render_view(img, box, flip, size=self.teacher_size, interpolation=self.teacher_interpolation)
+            size, interp = self.teacher_size, self.teacher_interpolation
+            teacher = render_view(img, box, flip, size=size, interpolation=interp)
             item["teacher_pixels"] = to_tensor(teacher, mean=self.teacher_mean, std=self.teacher_std)
         return item
 
@@ -470,7 +497,9 @@ class ReplayDataset(TorchDataset):
         """Brightness, contrast and saturation each scaled by a factor in [1 - JITTER, 1 + JITTER]."""
         rng = np.random.default_rng([self.seed, self.epoch, split_index, row, 13])
         factors = rng.uniform(1.0 - JITTER, 1.0 + JITTER, size=3)
-        for enhance, f in zip((ImageEnhance.Brightness, ImageEnhance.Contrast, ImageEnhance.Color), factors):
+        for enhance, f in zip(
+            (ImageEnhance.Brightness, ImageEnhance.Contrast, ImageEnhance.Color), factors, strict=True
+        ):
             img = enhance(img).enhance(float(f))
         return img
 
@@ -513,12 +542,40 @@ def make_loader(
     if num_workers > 0:
         worker_args = {
             "worker_init_fn": functools.partial(_seed_worker, seed=seed),
-            "multiprocessing_context": "fork",
+            "multiprocessing_context": _start_method(),
             "persistent_workers": False,
         }
     generator = torch.Generator().manual_seed(seed)
     if batches is not None:
-        return DataLoader(ds, batch_sampler=batches, num_workers=num_workers, generator=generator,
-                          pin_memory=pin_memory, **worker_args)
-    return DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=num_workers, generator=generator,
-                      pin_memory=pin_memory, **worker_args)
+        return DataLoader(
+            ds,
+            batch_sampler=batches,
+            num_workers=num_workers,
+            generator=generator,
+            pin_memory=pin_memory,
+            **worker_args,
+        )
+    return DataLoader(
+        ds,
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=num_workers,
+        generator=generator,
+        pin_memory=pin_memory,
+        **worker_args,
+    )
+
+
+def _start_method() -> str:
+    """``"fork"`` where the platform has it, else ``"spawn"``.
+
+    Measured here (2 cores; the parent had run 2-thread torch ops and zarr reads first): with fork
+    two workers deliver the first batch in about 0.5 s, with spawn or forkserver in 6-7.5 s, since
+    each worker imports torch again; workers restart every epoch (``set_items``), so that cost would
+    recur. Fork is safe for this data path: zarr 3.1 resets its IO loop in a forked child
+    (``os.register_at_fork``), stores are opened per process (pid check), workers run torch on one
+    thread and never touch the parent's OpenMP pool or CUDA, and splits the parent preloaded are
+    shared copy-on-write instead of copied into every worker. Python 3.14 defaults to forkserver on
+    Linux, hence the explicit choice.
+    """
+    return "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"

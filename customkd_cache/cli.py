@@ -179,9 +179,7 @@ def labels(
     """Draw an SSL labeled subset (N per class, seeded) from a spec's dataset and write it to a list file."""
     from .data import open_dataset, write_labeled_list
 
-    data = specs.read_toml(spec)
-    model = specs.TrainSpec if specs.spec_kind(data) == "train" else specs.CacheSpec
-    parsed = specs.validate(model, specs.apply_overrides(data, set_ or []), str(spec))
+    parsed = specs.load_any_spec(spec, set_ or [])
     manifest = open_dataset(parsed.dataset).manifest
     digest = write_labeled_list(manifest, split, per_class=per_class, seed=seed, out=out)
     typer.echo(f"{out}: {per_class} per class from {split}, seed {seed}; sha256 {digest}")

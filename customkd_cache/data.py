@@ -459,7 +459,8 @@ def _scan_images(root: Path, rel: str) -> list[tuple[str, int]]:
             for e in it:
                 if _is_hidden(e.name):
                     continue
-                if e.is_dir():
+                # Linked sub-folders are not followed: a link to a parent would never end.
+                if e.is_dir(follow_symlinks=False):
                     stack.append(f"{prefix}/{e.name}")
                 elif os.path.splitext(e.name)[1].lower() in IMAGE_EXTENSIONS and e.is_file():
                     found.append((_checked_id(f"{prefix}/{e.name}", root), e.stat().st_size))
@@ -495,11 +496,11 @@ def _class_folder_split(name: str, root: Path, rel: str, classes: Sequence[str])
 
 def _list_officehome(spec: DatasetSpec, root: Path) -> _Listing:
     present = [d for d in OFFICEHOME_DOMAINS if (root / d).is_dir()]
-    selected = _select_splits(spec, root, OFFICEHOME_DOMAINS, present or ["Real_World"])
-    # Some copies of OfficeHome name the folder "Real World"; using it silently would change the ids.
+    # Some copies of OfficeHome name the folder "Real World"; skipping it silently would drop a domain.
     wanted = not spec.splits or "Real_World" in spec.splits
     if wanted and "Real_World" not in present and (root / "Real World").is_dir():
         raise DatasetError(f"{root / 'Real World'}: rename this folder to 'Real_World' (the split name)")
+    selected = _select_splits(spec, root, OFFICEHOME_DOMAINS, present)
     splits = []
     for domain in selected:
         folder = root / domain

@@ -257,7 +257,7 @@ class _UnitBatches:
                 time.sleep(POLL_S)
 
     def _done(self, unit: tuple[str, int]) -> bool:
-        return bool(self.store.done_units(unit[0])[unit[1]])
+        return self.store.unit_done(*unit)
 
     def release(self, unit: tuple[str, int]) -> None:
         claim = self.held.pop(unit, None)

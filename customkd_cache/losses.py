@@ -228,15 +228,16 @@ def stage_b_loss(
 
 
 def _labeled_ce(logits: Tensor, target: Tensor, labeled_mask: Tensor) -> Tensor:
-    """CE over the rows where ``labeled_mask`` is True; an attached zero when none is labeled.
+    """Mean CE over the rows where ``labeled_mask`` is True; an attached zero when none is labeled.
 
-    The zero is ``0 * logits.sum()`` rather than a constant so that ``backward`` still works for
-    ``student_only`` on an all-unlabeled batch and every student parameter still gets a (zero)
-    gradient, which DDP requires.
+    Unlabeled rows are dropped through ``ignore_index`` rather than boolean indexing, so no
+    host-device sync is needed; with no labeled row the sum is an attached 0, so ``backward`` still
+    works (``student_only`` on an all-unlabeled batch) and every student parameter still gets a
+    (zero) gradient, which DDP requires.
     """
-    if not bool(labeled_mask.any()):
-        return logits.float().sum() * 0.0
-    return cross_entropy(logits[labeled_mask], target[labeled_mask])
+    ignored = torch.full_like(target, -100)
+    summed = F.cross_entropy(logits.float(), torch.where(labeled_mask, target, ignored), reduction="sum")
+    return summed / labeled_mask.sum().clamp(min=1)
 
 
 def _required(value: _T | None, name: str, method: str) -> _T:

@@ -35,9 +35,13 @@ class Probe:
 
     @torch.no_grad()
     def logits(self, f_t: Tensor) -> Tensor:
-        """Logits (B, C) float32 for features ``f_t`` (B, D) of any float dtype; no autograd graph."""
-        w = self.linear.weight
-        return self.linear(standardize(f_t.to(w.device), self.mean.to(w.device), self.std.to(w.device)))
+        """Logits (B, C) float32 for features ``f_t`` (B, D) of any float dtype; no autograd graph.
+
+        Computed on the probe's device (move it once with ``to``) and returned on ``f_t``'s device.
+        """
+        device = self.linear.weight.device
+        out = self.linear(standardize(f_t.to(device), self.mean.to(device), self.std.to(device)))
+        return out.to(f_t.device)
 
     def to(self, device: torch.device | str) -> Probe:
         """A copy on ``device`` (e.g. the student's GPU); the original stays where it is."""
@@ -68,8 +72,10 @@ def train_probe(
     Returns the probe on the CPU, in eval mode.
     """
     _check_inputs(features, labels, num_classes)
-    if mean is None or std is None:
-        mean, std = features.float().mean(dim=0), features.float().std(dim=0, correction=0)
+    if mean is None:
+        mean = features.float().mean(dim=0)
+    if std is None:
+        std = features.float().std(dim=0, correction=0)
     x = standardize(features, mean, std).to(device)
     y = labels.to(device=device, dtype=torch.long)
     linear = nn.Linear(x.shape[1], num_classes, device=device)

@@ -207,7 +207,7 @@ class CustomKDSpec(_Spec):
 
 
 class ProbeSpec(_Spec):
-    epochs: int = Field(100, ge=1)
+    epochs: int = Field(50, ge=1)
     lr: float = Field(1e-3, gt=0.0)
     weight_decay: float = Field(1e-4, ge=0.0)
     batch_size: int = Field(256, ge=1)
@@ -339,8 +339,9 @@ def load_train_spec(path: Path | str, overrides: list[str] | tuple[str, ...] = (
 def load_any_spec(path: Path | str, overrides: list[str] | tuple[str, ...] = ()) -> CacheSpec | TrainSpec:
     path = Path(path)
     data = apply_overrides(read_toml(path), overrides)
-    model: type[CacheSpec] | type[TrainSpec] = TrainSpec if spec_kind(data) == "train" else CacheSpec
-    return validate(model, data, str(path))
+    if spec_kind(data) == "train":
+        return validate(TrainSpec, data, str(path))
+    return validate(CacheSpec, data, str(path))
 
 
 def to_dict(spec: BaseModel) -> dict[str, Any]:

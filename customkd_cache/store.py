@@ -42,9 +42,9 @@ import zarr
 from zarr.codecs import ZstdCodec
 from zarr.storage import LocalStore
 
+from . import FORMAT_VERSION
 from .errors import NonFiniteFeatureError, StoreError, closest
 
-FORMAT_VERSION = 1
 DTYPES: tuple[str, ...] = ("float16", "float32")
 COMPRESSORS: tuple[str, ...] = ("zstd", "none")
 ZSTD_LEVEL = 3
@@ -204,6 +204,7 @@ def list_stores(root: Path) -> list[dict[str, Any]]:
                 "complete": store.complete(),
                 "size_bytes": store.size_bytes(),
                 "fingerprint": store.fingerprint,
+                "request_key": store.attrs.get("request_key"),
             }
         )
     return entries
@@ -263,7 +264,7 @@ class FeatureStore:
         try:
             return np.asarray(done[:]) == 1
         except Exception:  # one damaged marker fails the whole read; fall back to one read per unit
-            return np.array([self._unit_done(split, k) for k in range(done.shape[0])], dtype=bool)
+            return np.array([self.unit_done(split, k) for k in range(done.shape[0])], dtype=bool)
 
     def write_unit(
         self, split: str, unit: int, *, features: np.ndarray, boxes: np.ndarray, flips: np.ndarray
@@ -312,7 +313,7 @@ class FeatureStore:
         digest = np.frombuffer(hashlib.sha256(stored.tobytes()).digest(), dtype=np.uint8)
         self._require_writable()
         try:
-            if self._unit_done(split, unit):
+            if self.unit_done(split, unit):
                 self._array(split, "done")[unit] = 0
                 self._array(split, "stats_done")[0] = 0
             self._array(split, "features")[rows.start : rows.stop] = stored
@@ -615,7 +616,8 @@ class FeatureStore:
             raise ValueError(f"unit {unit} outside split '{split}', which has units 0..{len(units) - 1}")
         return units[unit]
 
-    def _unit_done(self, split: str, unit: int) -> bool:
+    def unit_done(self, split: str, unit: int) -> bool:
+        """Whether one unit's marker reads 1 (a damaged marker counts as not done)."""
         try:
             return int(np.asarray(self._array(split, "done")[unit])) == 1
         except StoreError:

@@ -82,7 +82,8 @@ class Teacher:
     initialized state dict (names, dtypes, shapes and bytes, in order). ``weights_source`` is where
     the weights came from: a file path, ``hf-hub:<repo>/<file>``, ``url-cache:<url>`` or
     ``random-init(seed=N)``; it is provenance, not identity (the same bytes elsewhere are the same
-    teacher).
+    teacher). ``forward_fn(module, x)`` computes the feature kind; ``feature_dim`` was measured
+    with one forward pass at build time.
     """
 
     spec: TeacherSpec
@@ -91,9 +92,9 @@ class Teacher:
     feature_dim: int
     weights_digest: str
     weights_source: str
+    forward_fn: ForwardFn = field(repr=False)
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     spec_dir: Path | None = field(default=None, repr=False)
-    _forward: ForwardFn = field(default=lambda m, x: m(x), repr=False)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -116,7 +117,7 @@ class Teacher:
             "feature_dim": self.feature_dim,
         }
 
-    def to(self, device: torch.device) -> Teacher:
+    def to(self, device: torch.device | str) -> Teacher:
         """Move the module to ``device`` (in place) and return this teacher."""
         self.module.to(device)
         self.device = torch.device(device)
@@ -130,7 +131,7 @@ class Teacher:
         features are returned as float32.
         """
         x = x.to(device=self.device, dtype=self.dtype, non_blocking=True)
-        return self._forward(self.module, x).float()
+        return self.forward_fn(self.module, x).float()
 
 
 def create_teacher(
@@ -156,7 +157,7 @@ def create_teacher(
     digest = _file_digest(path) if path is not None else state_digest(module)
     if spec.precision == "bf16":
         module.to(torch.bfloat16)
-    teacher = Teacher(spec, module, preprocess, 0, digest, source, spec_dir=spec_dir, _forward=forward)
+    teacher = Teacher(spec, module, preprocess, 0, digest, source, forward, spec_dir=spec_dir)
     teacher.to(target)
     teacher.feature_dim = _probe_feature_dim(teacher)
     return teacher
@@ -444,7 +445,7 @@ def _check_timm_name(name: str) -> None:
     if not timm.is_model(arch):
         raise TeacherError(
             f"teacher.name = {name!r}: not a timm model{closest(arch, timm.list_models())}; "
-            "list names with timm.list_models('*dinov2*')"
+            f"list names with timm.list_models('*{arch.split('_')[0]}*')"
         )
     if tag:
         try:
@@ -593,7 +594,9 @@ def _build_open_clip(spec: TeacherSpec, path: Path | None) -> tuple[torch.nn.Mod
     """The full CLIP model (its weights file describes both towers); features use the image tower.
 
     A pretrained tag supplies its preprocessing and QuickGELU setting even when the weights come
-    from a file, as open_clip does when it loads the tag itself.
+    from a file, as open_clip does when it loads the tag itself. The image tower is built for
+    ``spec.input_size`` (open_clip resizes a checkpoint's position embedding on load), so a model
+    native to another size, e.g. ViT-L-14-336, runs at 336 only with ``teacher.input_size = 336``.
     """
     import open_clip
 

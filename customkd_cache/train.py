@@ -486,7 +486,7 @@ def evaluate(run: Run) -> dict[str, Any]:
 def teacher_accuracy(run: Run) -> tuple[float, dict[str, float]]:
     """The probe's accuracy on each evaluation split's view-0 features."""
     per_split: dict[str, float] = {}
-    correct = total = 0
+    correct, total = 0.0, 0
     for split in run.protocol.eval_splits:
         n = run.store.num_samples(split)
         rows = np.arange(n)
@@ -500,7 +500,7 @@ def teacher_accuracy(run: Run) -> tuple[float, dict[str, float]]:
 
 
 def summarize(run: Run, state: TrainState) -> dict[str, Any]:
-    last = next((m for m in reversed(state.history) if "student_accuracy" in m), {})
+    last: dict[str, Any] = next((m for m in reversed(state.history) if "student_accuracy" in m), {})
     t_acc, t_split = teacher_accuracy(run)
     return {
         "method": run.spec.method,

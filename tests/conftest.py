@@ -13,8 +13,8 @@ import pytest
 from customkd_cache import fakedata
 from customkd_cache.specs import DatasetSpec
 
-# Sizes of the session datasets, so tests can check counts without repeating the numbers.
-FAKE_SIZES = {
+# Split sizes and class counts of the ``fake_specs`` datasets (see the ``fake_sizes`` fixture).
+_SIZES = {
     "officehome": {"Art": 65, "Clipart": 65, "Product": 65, "Real_World": 65},
     "domainnet": {"clipart_train": 10, "clipart_test": 5, "sketch_train": 10, "sketch_test": 5},
     "cifar100": {"train": 500, "test": 100},
@@ -24,7 +24,7 @@ FAKE_SIZES = {
     "image_folder": {"all": 6},
     "list_file": {"train": 6},
 }
-FAKE_NUM_CLASSES = {
+_NUM_CLASSES = {
     "officehome": 65,
     "domainnet": 5,
     "cifar100": 100,
@@ -53,7 +53,7 @@ def officehome_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def fake_specs(tmp_path_factory: pytest.TempPathFactory, officehome_root: Path) -> dict[str, DatasetSpec]:
-    """A ``DatasetSpec`` (absolute root) for a tiny dataset of every kind, sized as in ``FAKE_SIZES``."""
+    """A ``DatasetSpec`` (absolute root) for a tiny dataset of every kind, sized as ``fake_sizes`` says."""
     base = tmp_path_factory.mktemp("datasets")
     lists = fakedata.write_list_file(base / "listed", name="train", num_classes=3, per_class=2)
     specs = {
@@ -67,18 +67,34 @@ def fake_specs(tmp_path_factory: pytest.TempPathFactory, officehome_root: Path) 
         ),
         "cifar10": DatasetSpec(kind="cifar10", root=str(fakedata.write_cifar10(base / "cifar10"))),
         "imagenet": DatasetSpec(kind="imagenet", root=str(fakedata.write_imagenet(base / "imagenet"))),
-        "fashion_mnist": DatasetSpec(kind="fashion_mnist", root=str(fakedata.write_fashion_mnist(base / "fmnist"))),
-        "image_folder": DatasetSpec(kind="image_folder", root=str(fakedata.write_image_folder(base / "folder"))),
+        "fashion_mnist": DatasetSpec(
+            kind="fashion_mnist", root=str(fakedata.write_fashion_mnist(base / "fmnist"))
+        ),
+        "image_folder": DatasetSpec(
+            kind="image_folder", root=str(fakedata.write_image_folder(base / "folder"))
+        ),
         "list_file": DatasetSpec(kind="list_file", root=str(lists.parent), lists=(str(lists),)),
     }
-    assert set(specs) == set(FAKE_SIZES)
+    assert set(specs) == set(_SIZES)
     return specs
 
 
 @pytest.fixture(scope="session")
+def fake_sizes() -> dict[str, tuple[int, dict[str, int]]]:
+    """For each kind in ``fake_specs``: (number of classes, {split name: samples}) in manifest order."""
+    return {kind: (_NUM_CLASSES[kind], dict(splits)) for kind, splits in _SIZES.items()}
+
+
+@pytest.fixture(scope="session")
 def awkward_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """An image folder with every awkward file: odd modes, odd names, upper-case extensions, a truncated JPEG."""
+    """An image folder with every awkward file: odd modes and names, upper-case suffixes, a truncated JPEG."""
     root = tmp_path_factory.mktemp("awkward") / "images"
     return fakedata.write_image_folder(
-        root, classes=("a", "b"), per_class=2, unicode_names=True, upper_ext=True, odd_modes=True, truncated=True
+        root,
+        classes=("a", "b"),
+        per_class=2,
+        unicode_names=True,
+        upper_ext=True,
+        odd_modes=True,
+        truncated=True,
     )

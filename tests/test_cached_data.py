@@ -15,7 +15,7 @@ import stat
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import pytest
@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from customkd_cache import fakedata
 from customkd_cache.cached_data import (
     FeatureSource,
     ReplayDataset,
@@ -35,15 +36,24 @@ from customkd_cache.cached_data import (
     stage_b_batches,
 )
 from customkd_cache.data import Dataset, open_dataset
-from customkd_cache.specs import DatasetSpec, ViewsSpec
+from customkd_cache.specs import CacheSpec, DatasetSpec, ViewsSpec
 from customkd_cache.store import SplitInit, create_or_open_store, open_store
 from customkd_cache.views import render_view, sample_views, to_tensor
 
 SPLITS = {"src": 10, "tgt": 7}
-VIEWS = ViewsSpec(num_views=4, seed=3)
+VIEWS = ViewsSpec.model_validate({"num_views": 4, "seed": 3})
 UNIT_ROWS = 4
-TEACHER = {"size": 32, "mean": (0.5, 0.4, 0.3), "std": (0.2, 0.25, 0.3), "interpolation": "bicubic"}
-STUDENT = {"size": 16, "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225), "interpolation": "bilinear"}
+
+
+class Pre(NamedTuple):
+    size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    interpolation: str
+
+
+TEACHER = Pre(32, (0.5, 0.4, 0.3), (0.2, 0.25, 0.3), "bicubic")
+STUDENT = Pre(16, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), "bilinear")
 FEATURE_DIM = 3 * 2 * 2 + 1  # 2x2 average-pooled teacher pixels, and one constant dimension
 
 
@@ -62,8 +72,8 @@ def _image(split_index: int, index: int) -> Image.Image:
 
 
 def _teacher_pixels(img: Image.Image, box: np.ndarray, flip: bool) -> torch.Tensor:
-    view = render_view(img, box, flip, size=TEACHER["size"], interpolation=TEACHER["interpolation"])
-    return to_tensor(view, mean=TEACHER["mean"], std=TEACHER["std"])
+    view = render_view(img, box, flip, size=TEACHER.size, interpolation=TEACHER.interpolation)
+    return to_tensor(view, mean=TEACHER.mean, std=TEACHER.std)
 
 
 def _feature_of(pixels: torch.Tensor) -> np.ndarray:
@@ -82,15 +92,13 @@ def _write_dataset(root: Path) -> Dataset:
             lines.append(f"{split}/{i:03d}.png {i % 3}")
         (root / f"{split}.txt").write_text("\n".join(lines) + "\n")
         lists.append(str(root / f"{split}.txt"))
-    return open_dataset(DatasetSpec(kind="list_file", root=str(root), lists=tuple(lists)))
+    return open_dataset(DatasetSpec.model_validate({"kind": "list_file", "root": str(root), "lists": lists}))
 
 
 def _write_store(path: Path, dataset: Dataset) -> Path:
     """Stage one in miniature: every view drawn by ``sample_views``, rendered for the teacher, its
     feature computed and written with its box and flip, one whole unit at a time."""
-    inits = {
-        s.name: SplitInit(ids=s.ids(), labels=s.labels()) for s in dataset.manifest.splits
-    }
+    inits = {s.name: SplitInit(ids=s.ids(), labels=s.labels()) for s in dataset.manifest.splits}
     store = create_or_open_store(
         path,
         fingerprint="ab" * 32,
@@ -113,7 +121,9 @@ def _write_store(path: Path, dataset: Dataset) -> Path:
                 feats.append(_feature_of(pixels))
                 boxes.append(b)
                 flips.append(f)
-            store.write_unit(split, unit, features=np.stack(feats), boxes=np.stack(boxes), flips=np.stack(flips))
+            store.write_unit(
+                split, unit, features=np.stack(feats), boxes=np.stack(boxes), flips=np.stack(flips)
+            )
         assert store.finalize_split(split)
     return path
 
@@ -130,16 +140,21 @@ def _replay(dataset: Dataset, store_path: Path, features: FeatureSource | None, 
         dataset=dataset,
         store_path=store_path,
         features=features,
-        student_size=STUDENT["size"],
-        student_mean=STUDENT["mean"],
-        student_std=STUDENT["std"],
-        interpolation=STUDENT["interpolation"],
+        student_size=STUDENT.size,
+        student_mean=STUDENT.mean,
+        student_std=STUDENT.std,
+        interpolation=STUDENT.interpolation,
         **kw,
     )
 
 
 def _all_items() -> list[tuple[Row, int]]:
-    return [(Row(s, r, s == "src"), v) for s, n in SPLITS.items() for r in range(n) for v in range(VIEWS.num_views)]
+    return [
+        (Row(s, r, s == "src"), v)
+        for s, n in SPLITS.items()
+        for r in range(n)
+        for v in range(VIEWS.num_views)
+    ]
 
 
 def _rows(split: str, n: int, labeled: bool) -> list[Row]:
@@ -150,11 +165,19 @@ def _rows(split: str, n: int, labeled: bool) -> list[Row]:
 
 
 class TestReplay:
-    def test_teacher_rendering_of_stored_view_reproduces_stage_one_pixels(self, cached: tuple[Dataset, Path]) -> None:
+    def test_teacher_rendering_of_stored_view_reproduces_stage_one_pixels(
+        self, cached: tuple[Dataset, Path]
+    ) -> None:
         dataset, path = cached
-        ds = _replay(dataset, path, FeatureSource(path, in_ram=True, standardize=None),
-                     teacher_size=TEACHER["size"], teacher_mean=TEACHER["mean"], teacher_std=TEACHER["std"],
-                     teacher_interpolation=TEACHER["interpolation"])
+        ds = _replay(
+            dataset,
+            path,
+            FeatureSource(path, in_ram=True, standardize=None),
+            teacher_size=TEACHER.size,
+            teacher_mean=TEACHER.mean,
+            teacher_std=TEACHER.std,
+            teacher_interpolation=TEACHER.interpolation,
+        )
         ds.set_items(_all_items(), epoch=0)
         for k, (row, view) in enumerate(_all_items()):
             item = ds[k]
@@ -165,7 +188,11 @@ class TestReplay:
             # the cached feature is the one computed from exactly these pixels
             expected = _feature_of(stage_one[None])[0].astype(np.float16).astype(np.float32)
             np.testing.assert_array_equal(item["feature"].numpy(), expected)
-            assert (item["row"], item["view"], ds.split_names[item["split_index"]]) == (row.row, view, row.split)
+            assert (item["row"], item["view"], ds.split_names[item["split_index"]]) == (
+                row.row,
+                view,
+                row.split,
+            )
 
     def test_boxes_come_from_the_store(self, cached: tuple[Dataset, Path]) -> None:
         dataset, path = cached
@@ -180,8 +207,15 @@ class TestReplay:
 
     def test_student_view_is_the_same_crop_at_its_own_size(self, cached: tuple[Dataset, Path]) -> None:
         dataset, path = cached
-        ds = _replay(dataset, path, None, teacher_size=TEACHER["size"], teacher_mean=STUDENT["mean"],
-                     teacher_std=STUDENT["std"], teacher_interpolation=STUDENT["interpolation"])
+        ds = _replay(
+            dataset,
+            path,
+            None,
+            teacher_size=TEACHER.size,
+            teacher_mean=STUDENT.mean,
+            teacher_std=STUDENT.std,
+            teacher_interpolation=STUDENT.interpolation,
+        )
         ds.set_items(_all_items(), epoch=0)
         store = open_store(path)
         errors_same, errors_other = [], []
@@ -190,22 +224,30 @@ class TestReplay:
             boxes, flips = store.read_boxes(row.split)
             img = dataset.load_image(row.split, row.row)
             exact = to_tensor(
-                render_view(img, boxes[row.row, view], bool(flips[row.row, view]), size=STUDENT["size"],
-                            interpolation=STUDENT["interpolation"]),
-                mean=STUDENT["mean"], std=STUDENT["std"],
+                render_view(
+                    img,
+                    boxes[row.row, view],
+                    bool(flips[row.row, view]),
+                    size=STUDENT.size,
+                    interpolation=STUDENT.interpolation,
+                ),
+                mean=STUDENT.mean,
+                std=STUDENT.std,
             )
             assert torch.equal(item["pixels"], exact)
             # the teacher-size rendering, downsampled to the student's size, shows the same content
-            down = F.avg_pool2d(item["teacher_pixels"][None], TEACHER["size"] // STUDENT["size"])[0]
+            down = F.avg_pool2d(item["teacher_pixels"][None], TEACHER.size // STUDENT.size)[0]
             errors_same.append(float((down - item["pixels"]).abs().mean()))
             other = ds[k - 1 if view else k + 1]["teacher_pixels"]
             errors_other.append(float((F.avg_pool2d(other[None], 2)[0] - item["pixels"]).abs().mean()))
         assert max(errors_same) < 0.05
         assert min(errors_other) > 3 * max(errors_same)
 
-    def test_photometric_jitter_touches_only_student_pixels_and_is_seeded(self, cached: tuple[Dataset, Path]) -> None:
+    def test_photometric_jitter_touches_only_student_pixels_and_is_seeded(
+        self, cached: tuple[Dataset, Path]
+    ) -> None:
         dataset, path = cached
-        teacher = {"teacher_size": 24, "teacher_mean": TEACHER["mean"], "teacher_std": TEACHER["std"]}
+        teacher = {"teacher_size": 24, "teacher_mean": TEACHER.mean, "teacher_std": TEACHER.std}
         plain = _replay(dataset, path, None, **teacher)
         jit = _replay(dataset, path, None, photometric=True, seed=5, **teacher)
         items = _all_items()[:8]
@@ -231,6 +273,66 @@ class TestReplay:
             ds.set_items([(Row("nope", 0, True), 0)], epoch=0)
 
 
+class TestStageOne:
+    """Against the real stage one: ``run_cache`` with a tiny random ``test_vit`` teacher."""
+
+    @pytest.fixture(scope="class")
+    def extracted(self, tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, Path]:
+        from customkd_cache.extract import Shard, _RowViews, plan_cache, run_cache
+
+        base = tmp_path_factory.mktemp("stage_one")
+        root = fakedata.write_domainnet(base / "domainnet", num_classes=3, per_class_train=2, size=(40, 30))
+        spec = CacheSpec.model_validate(
+            {
+                "dataset": {
+                    "kind": "domainnet",
+                    "root": str(root),
+                    "splits": ["clipart_train", "sketch_train"],
+                },
+                "teacher": {"name": "test_vit", "weights": "random", "input_size": 32},
+                "views": {"num_views": 3, "seed": 1},
+                "store": {"unit_rows": 4},
+                "run": {"batch_size": 8, "num_workers": 0, "device": "cpu"},
+            }
+        )
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("CUSTOMKD_CACHE_ROOT", str(base / "caches"))
+            result = run_cache(spec, spec_path=None, shard=Shard(), progress=False)
+            plan = plan_cache(spec, spec_path=None, shard=Shard())
+        assert result.complete
+        return (plan, _RowViews(plan)), result.path
+
+    def test_replay_gives_stage_one_pixels_and_features(self, extracted: tuple[Any, Path]) -> None:
+        (plan, row_views), path = extracted
+        pre = plan.teacher.preprocess
+        features = FeatureSource(path, in_ram=False, standardize=None)
+        ds = _replay(
+            plan.dataset,
+            path,
+            features,
+            teacher_size=pre.input_size,
+            teacher_mean=pre.mean,
+            teacher_std=pre.std,
+            teacher_interpolation=pre.interpolation,
+        )
+        store = open_store(path)
+        items = [
+            (Row(s, r, True), v)
+            for s in store.split_names
+            for r in range(store.num_samples(s))
+            for v in range(store.num_views)
+        ]
+        ds.set_items(items, epoch=0)
+        for k, (row, view) in enumerate(items):
+            item = ds[k]
+            _, _, pixels, boxes, flips = row_views[(row.split, row.row)]
+            assert torch.equal(item["teacher_pixels"], pixels[view])
+            # the stored feature is the teacher's output on exactly the replayed pixels
+            again = plan.teacher.features(item["teacher_pixels"][None])[0].numpy()
+            np.testing.assert_allclose(item["feature"].numpy(), again, rtol=2e-3, atol=2e-3)
+            np.testing.assert_array_equal(store.read_boxes(row.split)[0][row.row], boxes)
+
+
 # --- features ------------------------------------------------------------------------------------
 
 
@@ -245,7 +347,9 @@ class TestFeatureSource:
             for split, n in SPLITS.items():
                 rows = rng.integers(0, n, 25)
                 views = rng.integers(0, VIEWS.num_views, 25)
-                np.testing.assert_array_equal(ram.get_many(split, rows, views), streamed.get_many(split, rows, views))
+                np.testing.assert_array_equal(
+                    ram.get_many(split, rows, views), streamed.get_many(split, rows, views)
+                )
                 np.testing.assert_array_equal(ram.all_views(split, rows), streamed.all_views(split, rows))
                 got = streamed.get(split, int(rows[0]), int(views[0]))
                 assert got.shape == (FEATURE_DIM,) and got.dtype == np.float32
@@ -276,7 +380,9 @@ class TestFeatureSource:
     def test_standardization_matches_numpy(self, cached: tuple[Dataset, Path]) -> None:
         _, path = cached
         store = open_store(path)
-        every = np.concatenate([store.read_split(s).astype(np.float64).reshape(-1, FEATURE_DIM) for s in SPLITS])
+        every = np.concatenate(
+            [store.read_split(s).astype(np.float64).reshape(-1, FEATURE_DIM) for s in SPLITS]
+        )
         mean, std = combined_stats(store, list(SPLITS))
         assert mean.dtype == std.dtype == np.float32 and mean.shape == std.shape == (FEATURE_DIM,)
         np.testing.assert_allclose(mean, every.mean(0), rtol=1e-6, atol=1e-6)
@@ -285,7 +391,9 @@ class TestFeatureSource:
         source = FeatureSource(path, in_ram=True, standardize=(mean, std))
         got = source.all_views("tgt", np.arange(SPLITS["tgt"]))
         raw = store.read_split("tgt").astype(np.float32)
-        np.testing.assert_allclose(got[..., :-1], (raw[..., :-1] - mean[:-1]) / std[:-1], rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(
+            got[..., :-1], (raw[..., :-1] - mean[:-1]) / std[:-1], rtol=1e-6, atol=1e-6
+        )
         np.testing.assert_array_equal(got[..., -1], 0.0)  # a constant dimension is centred, not divided by 0
         single = combined_stats(store, ["src"])
         np.testing.assert_allclose(single[0], store.stats("src")[0], rtol=1e-6)
@@ -326,8 +434,9 @@ class TestStageBBatches:
     unlabeled = _rows("tgt", 101, False)
 
     def plan(self, **kw: Any) -> list[list[Row]]:
-        args: dict[str, Any] = dict(labeled=self.labeled, unlabeled=self.unlabeled, batch_size=8,
-                                    labeled_share=0.25, seed=0, epoch=0)
+        args: dict[str, Any] = dict(
+            labeled=self.labeled, unlabeled=self.unlabeled, batch_size=8, labeled_share=0.25, seed=0, epoch=0
+        )
         return stage_b_batches(**(args | kw))
 
     @pytest.mark.parametrize("block_rows", [None, 8])
@@ -375,7 +484,9 @@ class TestStageBBatches:
         first_units = [blocked[i][-1].row // block for i in range(0, len(blocked), 10)]
         assert first_units != sorted(first_units)
         # and rows are shuffled within a window: a block's rows in a batch are rarely in store order
-        runs = [[r.row for r in b if not r.labeled and r.row // block == u] for b in blocked for u in range(125)]
+        runs = [
+            [r.row for r in b if not r.labeled and r.row // block == u] for b in blocked for u in range(125)
+        ]
         ascending = [bool(np.all(np.diff(run) > 0)) for run in runs if len(run) >= 4]
         assert len(ascending) > 50 and np.mean(ascending) < 0.2
 
@@ -398,15 +509,22 @@ def _collect(loader: Any) -> list[dict[str, Any]]:
 
 def _assert_same_batches(a: list[dict[str, Any]], b: list[dict[str, Any]]) -> None:
     assert len(a) == len(b)
-    for x, y in zip(a, b):
+    for x, y in zip(a, b, strict=True):
         assert x.keys() == y.keys()
         for key in x:
             assert torch.equal(x[key], y[key]), key
 
 
 def _plan_items() -> tuple[list[tuple[Row, int]], list[list[int]]]:
-    batches = stage_b_batches(labeled=_rows("src", SPLITS["src"], True), unlabeled=_rows("tgt", SPLITS["tgt"], False),
-                              batch_size=4, labeled_share=0.5, seed=0, epoch=2, block_rows=UNIT_ROWS)
+    batches = stage_b_batches(
+        labeled=_rows("src", SPLITS["src"], True),
+        unlabeled=_rows("tgt", SPLITS["tgt"], False),
+        batch_size=4,
+        labeled_share=0.5,
+        seed=0,
+        epoch=2,
+        block_rows=UNIT_ROWS,
+    )
     rows = [r for b in batches for r in b]
     return epoch_items(batches, draw_views(seed=0, epoch=2, rows=rows, num_views=VIEWS.num_views))
 
@@ -414,23 +532,30 @@ def _plan_items() -> tuple[list[tuple[Row, int]], list[list[int]]]:
 class TestLoader:
     def test_two_workers_give_the_same_batches_as_none(self, cached: tuple[Dataset, Path]) -> None:
         dataset, path = cached
-        ds = _replay(dataset, path, FeatureSource(path, in_ram=False, standardize=None), photometric=True, seed=3)
+        ds = _replay(
+            dataset, path, FeatureSource(path, in_ram=False, standardize=None), photometric=True, seed=3
+        )
         items, batches = _plan_items()
         ds.set_items(items, epoch=2)
         inline = _collect(make_loader(ds, batch_size=None, batches=batches, num_workers=0, seed=1))
         assert ds._store._store is not None  # noqa: SLF001 - this process read boxes itself
-        fresh = _replay(dataset, path, FeatureSource(path, in_ram=False, standardize=None), photometric=True, seed=3)
+        fresh = _replay(
+            dataset, path, FeatureSource(path, in_ram=False, standardize=None), photometric=True, seed=3
+        )
         fresh.set_items(items, epoch=2)
         workers = _collect(make_loader(fresh, batch_size=None, batches=batches, num_workers=2, seed=1))
         _assert_same_batches(inline, workers)
         # the workers opened the store themselves: the parent never did
         assert fresh._store._store is None and fresh.features is not None  # noqa: SLF001
         assert fresh.features._store._store is None  # noqa: SLF001
-        assert inline[0]["pixels"].shape == (4, 3, STUDENT["size"], STUDENT["size"])
+        assert inline[0]["pixels"].shape == (4, 3, STUDENT.size, STUDENT.size)
         assert inline[0]["feature"].shape == (4, FEATURE_DIM) and inline[0]["feature"].dtype == torch.float32
         assert inline[0]["label"].dtype == torch.int64 and inline[0]["labeled"].dtype == torch.bool
-        flat = [(ds.split_names[s], r, v) for b in inline for s, r, v in
-                zip(b["split_index"].tolist(), b["row"].tolist(), b["view"].tolist())]
+        flat = [
+            (ds.split_names[s], r, v)
+            for b in inline
+            for s, r, v in zip(b["split_index"].tolist(), b["row"].tolist(), b["view"].tolist(), strict=True)
+        ]
         assert flat == [(row.split, row.row, v) for row, v in items]
 
     def test_sequential_batches_for_evaluation(self, cached: tuple[Dataset, Path]) -> None:
@@ -442,6 +567,36 @@ class TestLoader:
         assert torch.cat([b["row"] for b in batches]).tolist() == list(range(SPLITS["src"]))
         with pytest.raises(ValueError, match="exactly one"):
             make_loader(ds, batch_size=4, batches=[[0]], num_workers=0, seed=0)
+
+    def test_workers_share_what_the_parent_preloaded(
+        self, cached: tuple[Dataset, Path], tmp_path: Path
+    ) -> None:
+        dataset, path = cached
+        items, batches = _plan_items()
+        expected = _replay(dataset, path, FeatureSource(path, in_ram=True, standardize=None))
+        expected.set_items(items, epoch=2)
+        want = _collect(make_loader(expected, batch_size=None, batches=batches, num_workers=0, seed=0))
+        copy = tmp_path / "gone.zarr"
+        shutil.copytree(path, copy)
+        features = FeatureSource(copy, in_ram=True, standardize=None)
+        ds = _replay(dataset, copy, features)
+        features.preload(list(SPLITS))
+        ds.preload(list(SPLITS))
+        shutil.rmtree(copy)  # forked workers must not need the store any more
+        ds.set_items(items, epoch=2)
+        _assert_same_batches(
+            want, _collect(make_loader(ds, batch_size=None, batches=batches, num_workers=2, seed=0))
+        )
+
+    def test_pickled_dataset_gives_the_same_items(self, cached: tuple[Dataset, Path]) -> None:
+        dataset, path = cached
+        ds = _replay(dataset, path, FeatureSource(path, in_ram=True, standardize=None), photometric=True)
+        ds.set_items(_all_items(), epoch=4)
+        first = ds[5]
+        copy = pickle.loads(pickle.dumps(ds))  # what a spawn worker receives
+        assert not copy._views and not copy.features._splits  # noqa: SLF001 - the loaded data stayed behind
+        again = copy[5]
+        assert all(torch.equal(torch.as_tensor(first[k]), torch.as_tensor(again[k])) for k in first)
 
 
 @pytest.fixture
@@ -460,7 +615,9 @@ def read_only_store(cached: tuple[Dataset, Path], tmp_path: Path) -> Iterator[Pa
 
 
 def _tree(path: Path) -> dict[str, tuple[int, int]]:
-    return {str(p.relative_to(path)): (p.stat().st_size, p.stat().st_mtime_ns) for p in [path, *path.rglob("*")]}
+    return {
+        str(p.relative_to(path)): (p.stat().st_size, p.stat().st_mtime_ns) for p in [path, *path.rglob("*")]
+    }
 
 
 def test_works_from_a_read_only_store(cached: tuple[Dataset, Path], read_only_store: Path) -> None:
