@@ -49,10 +49,6 @@ DEFAULT_CACHE_UNITS = 2 * WINDOW_BLOCKS + 2
 JITTER = 0.4
 
 
-def _to_path(path: Path | str) -> Path:
-    return Path(path)
-
-
 class _LazyStore:
     """A store path that opens the store on first use in each process.
 
@@ -98,7 +94,7 @@ class FeatureSource:
     ) -> None:
         if cache_units < 1:
             raise ValueError(f"cache_units must be >= 1, got {cache_units}")
-        self.store_path = _to_path(store_path)
+        self.store_path = Path(store_path)
         self.in_ram = in_ram
         self.cache_units = cache_units
         self._store = _LazyStore(self.store_path)
@@ -317,7 +313,7 @@ def _epoch_order(
     blocks: dict[tuple[str, int], list[int]] = {}
     for i, r in enumerate(rows):
         blocks.setdefault((r.split, r.row // block_rows), []).append(i)
-    keys = sorted(blocks)  # the caller's row order must not change the plan
+    keys = sorted(blocks)  # a fixed key order, so the rng alone decides the block order
     shuffled = [keys[i] for i in rng.permutation(len(keys))]
     parts = []
     for w in range(0, len(shuffled), window_blocks):
@@ -399,7 +395,7 @@ class ReplayDataset(TorchDataset):
                 "teacher_size needs teacher_mean and teacher_std (from the teacher's preprocessing)"
             )
         self.dataset = dataset
-        self.store_path = _to_path(store_path)
+        self.store_path = Path(store_path)
         self.features = features
         self.student_size = student_size
         self.student_mean = tuple(float(x) for x in student_mean)

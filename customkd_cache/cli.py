@@ -190,5 +190,14 @@ def main() -> None:
     try:
         app()
     except CustomKDError as e:
-        typer.echo(f"customkd-cache: error: {e}", err=True)
+        typer.echo(f"customkd-cache: error: {_one_line(e)}", err=True)
         sys.exit(2)
+
+
+def _one_line(e: CustomKDError) -> str:
+    """The error's own message; one re-raised from a DataLoader worker carries a traceback first."""
+    text = str(e).strip()
+    if "Traceback" not in text:
+        return text
+    last = text.splitlines()[-1]
+    return last.split(": ", 1)[1] if last.startswith(("customkd_cache.errors.", type(e).__name__)) else last

@@ -110,7 +110,7 @@ class TeacherSpec(_Spec):
 
 class ViewsSpec(_Spec):
     num_views: int = Field(8, ge=1, description="views per image; view 0 is the evaluation view")
-    seed: int = 0
+    seed: int = Field(0, ge=0)
     scale: tuple[float, float] = (0.08, 1.0)
     ratio: tuple[float, float] = (3.0 / 4.0, 4.0 / 3.0)
     hflip: bool = True

@@ -459,7 +459,6 @@ class TestStageBBatches:
         assert self.plan() == self.plan()
         assert self.plan() != self.plan(epoch=1)
         assert self.plan() != self.plan(seed=1)
-        assert self.plan(unlabeled=list(reversed(self.unlabeled)), block_rows=8) != []
 
     def test_labeled_only(self) -> None:
         batches = self.plan(unlabeled=[])

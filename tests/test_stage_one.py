@@ -1,0 +1,238 @@
+"""Stage one (`customkd-cache cache`) contracts, through the real CLI in subprocesses.
+
+Nothing is lost: a SIGKILL at any moment followed by a rerun gives the arrays of an uninterrupted
+run; two runs of one spec started together both finish with one complete, identical store; shards
+(``--shard I/N`` and ``torchrun`` ranks) split whole units between processes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+
+from customkd_cache import fakedata
+
+REPO = Path(__file__).resolve().parents[1]
+SMOKE = REPO / "cache_specs" / "smoke" / "officehome.toml"
+ARRAYS = ("features", "boxes", "flips", "ids", "labels", "unit_sum", "unit_sumsq", "unit_sha256", "mean", "std")
+
+
+def cli(*args: str, env: dict[str, str], check: bool = True, timeout: float = 180) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run(
+        [sys.executable, "-m", "customkd_cache", *args], env=env, capture_output=True, text=True, timeout=timeout
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}\nstdout: {proc.stdout}\nstderr: {proc.stderr}")
+    return proc
+
+
+def popen(*args: str, env: dict[str, str]) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "customkd_cache", *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+@pytest.fixture(scope="module")
+def oh_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """OfficeHome layout, 65 classes x 1 image x 4 domains (260 images)."""
+    return fakedata.write_officehome(tmp_path_factory.mktemp("oh") / "OfficeHome")
+
+
+def env_for(cache_root: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(CUSTOMKD_CACHE_ROOT=str(cache_root), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    env.pop("RANK", None)
+    env.pop("WORLD_SIZE", None)
+    return env
+
+
+def smoke_args(root: Path, *extra: str) -> list[str]:
+    # 16-row units: many units, so kills land between and inside them
+    return ["cache", "--spec", str(SMOKE), "--set", f"dataset.root={root}", "--set", "store.unit_rows=16", "-q", *extra]
+
+
+def only_store(cache_root: Path) -> Path:
+    stores = [p for p in cache_root.iterdir() if p.suffix == ".zarr" and not p.name.startswith(".")]
+    assert len(stores) == 1, stores
+    return stores[0]
+
+
+def arrays(store: Path) -> dict[str, np.ndarray]:
+    group = zarr.open_group(store, mode="r")
+    out = {}
+    for split in group.attrs["splits"]:
+        for name in ARRAYS:
+            out[f"{split}/{name}"] = np.asarray(group[split][name][...])
+    return out
+
+
+def assert_same_arrays(a: Path, b: Path) -> None:
+    x, y = arrays(a), arrays(b)
+    assert x.keys() == y.keys()
+    for key in x:
+        assert x[key].dtype == y[key].dtype, key
+        assert np.array_equal(x[key], y[key]), key
+
+
+def chunk_bytes(store: Path) -> dict[str, bytes]:
+    """Every chunk file of the feature arrays, by relative path."""
+    return {
+        str(p.relative_to(store)): p.read_bytes()
+        for p in sorted(store.rglob("*"))
+        if p.is_file() and "/c/" in str(p) and "/features/" in str(p)
+    }
+
+
+@pytest.fixture(scope="module")
+def reference(oh_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An uninterrupted run."""
+    root = tmp_path_factory.mktemp("ref")
+    cli(*smoke_args(oh_root), env=env_for(root))
+    return only_store(root)
+
+
+class TestStore:
+    def test_complete_v3_group_with_info_and_ls(self, reference: Path) -> None:
+        group = zarr.open_group(reference, mode="r")
+        assert group.metadata.zarr_format == 3
+        env = env_for(reference.parent)
+        info = json.loads(cli("info", "--json", str(reference), env=env).stdout)
+        assert info["complete"] is True
+        assert info["num_samples"]["total"] == 260 and info["num_samples"]["Art"] == 65
+        assert info["num_views"] == 3
+        assert info["teacher"]["name"] == "test_vit" and info["teacher"]["source"] == "timm"
+        assert info["teacher"]["feature_dim"] == 64 and len(info["teacher"]["weights_digest"]) == 64
+        assert info["fingerprint"] in reference.name or reference.name.split("__")[-1][:-5] in info["fingerprint"]
+        listed = json.loads(cli("ls", "--json", str(reference.parent), env=env).stdout)
+        assert [e["path"] for e in listed] == [str(reference)] and listed[0]["complete"] is True
+        assert cli("verify", str(reference), env=env).returncode == 0
+        features = group["Art"]["features"]
+        assert features.shape == (65, 3, 64) and features.dtype == np.float16
+
+    def test_rerun_is_a_no_op(self, reference: Path, oh_root: Path) -> None:
+        before = chunk_bytes(reference)
+        out = cli(*smoke_args(oh_root), env=env_for(reference.parent)).stdout
+        assert "computed 0 units" in out
+        assert chunk_bytes(reference) == before
+
+    def test_verify_names_damage(self, reference: Path, tmp_path: Path) -> None:
+        copy = tmp_path / reference.name
+        shutil.copytree(reference, copy)
+        chunk = next(p for p in sorted((copy / "Art" / "features").rglob("*")) if p.is_file() and p.name != "zarr.json")
+        data = bytearray(chunk.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        chunk.write_bytes(bytes(data))
+        proc = cli("verify", str(copy), env=env_for(tmp_path), check=False)
+        assert proc.returncode == 1
+        assert "Art" in proc.stderr
+
+
+class TestNothingLost:
+    def test_sigkill_then_rerun_gives_identical_bytes(
+        self, oh_root: Path, reference: Path, tmp_path: Path
+    ) -> None:
+        env = env_for(tmp_path)
+        rng = random.Random(1234)
+        kills = 0
+        for _ in range(3):
+            proc = popen(*smoke_args(oh_root), env=env)
+            time.sleep(rng.uniform(3.5, 6.0))  # start-up takes ~3 s; kill during the work
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGKILL)
+                kills += 1
+            proc.communicate()
+        cli(*smoke_args(oh_root), env=env)
+        store = only_store(tmp_path)
+        assert kills >= 1
+        assert_same_arrays(store, reference)
+        assert chunk_bytes(store) == chunk_bytes(reference)
+
+    def test_two_runs_started_together_share_the_work(
+        self, oh_root: Path, reference: Path, tmp_path: Path
+    ) -> None:
+        env = env_for(tmp_path)
+        procs = [popen(*smoke_args(oh_root), env=env) for _ in range(2)]
+        outs = [p.communicate(timeout=300) for p in procs]
+        assert [p.returncode for p in procs] == [0, 0], outs
+        computed = [int(o[0].split("computed ")[1].split(" units")[0]) for o in outs]
+        total_units = 4 * 5  # 65 rows per split in 16-row units
+        assert sum(computed) <= total_units + 2, computed  # at most one unit in flight per process twice
+        assert sum(computed) >= total_units
+        assert_same_arrays(only_store(tmp_path), reference)
+
+
+class TestShards:
+    def test_shard_jobs_fill_one_store(self, oh_root: Path, reference: Path, tmp_path: Path) -> None:
+        env = env_for(tmp_path)
+        first = cli(*smoke_args(oh_root, "--shard", "0/2"), env=env).stdout
+        assert "partial" in first
+        second = cli(*smoke_args(oh_root, "--shard", "1/2"), env=env).stdout
+        assert "complete" in second
+        assert_same_arrays(only_store(tmp_path), reference)
+
+    def test_torchrun_ranks_split_units(self, oh_root: Path, reference: Path, tmp_path: Path) -> None:
+        torchrun = Path(sys.executable).parent / "torchrun"
+        if not torchrun.exists():
+            pytest.skip("torchrun not installed beside this python")
+        env = env_for(tmp_path)
+        proc = subprocess.run(
+            [str(torchrun), "--standalone", "--nproc-per-node=2", "-m", "customkd_cache", *smoke_args(oh_root)],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert_same_arrays(only_store(tmp_path), reference)
+
+    def test_bad_shard_is_a_usage_error(self, oh_root: Path, tmp_path: Path) -> None:
+        proc = cli(*smoke_args(oh_root, "--shard", "2/2"), env=env_for(tmp_path), check=False)
+        assert proc.returncode == 2
+        assert "--shard" in proc.stderr and "Traceback" not in proc.stderr
+
+
+class TestBadInput:
+    def test_missing_root(self, tmp_path: Path) -> None:
+        proc = cli(*smoke_args(tmp_path / "nope"), env=env_for(tmp_path), check=False)
+        assert proc.returncode == 2
+        assert str(tmp_path / "nope") in proc.stderr
+        assert len(proc.stderr.strip().splitlines()) == 1
+
+    def test_corrupt_image_names_the_file(self, tmp_path: Path) -> None:
+        root = fakedata.write_officehome(tmp_path / "oh", truncated=True)
+        proc = cli(*smoke_args(root), env=env_for(tmp_path / "c"), check=False)
+        assert proc.returncode == 2, proc.stderr
+        assert "skip_list" in proc.stderr
+        assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+    def test_unknown_teacher(self, oh_root: Path, tmp_path: Path) -> None:
+        proc = cli(*smoke_args(oh_root, "--set", "teacher.name=vit_smal_patch14_dinov2"), env=env_for(tmp_path),
+                   check=False)
+        assert proc.returncode == 2
+        assert "vit_small_patch14_dinov2" in proc.stderr
+
+    def test_missing_weights_offline_fails_fast(self, oh_root: Path, tmp_path: Path) -> None:
+        t0 = time.perf_counter()
+        proc = cli(
+            *smoke_args(oh_root, "--set", "teacher.weights=hub", "--set", "teacher.name=vit_small_patch14_dinov2.lvd142m"),
+            env=env_for(tmp_path) | {"HF_HOME": str(tmp_path / "hf")},
+            check=False,
+        )
+        assert proc.returncode == 2
+        assert "vit_small_patch14_dinov2" in proc.stderr
+        assert time.perf_counter() - t0 < 30
