@@ -88,7 +88,8 @@ class CacheResult:
     units_skipped: int
     complete: bool
     images: int
-    seconds: float
+    seconds: float  # the whole call, planning included
+    work_seconds: float  # decoding, teacher passes and writes only
 
 
 def plan_cache(spec: CacheSpec, *, spec_path: Path | None, shard: Shard) -> CachePlan:
@@ -184,7 +185,7 @@ def _precision_fidelity(plan: CachePlan) -> float:
 # --- the work loop -----------------------------------------------------------------------------
 
 
-class _RowViews(TorchDataset):
+class RowViews(TorchDataset):
     """Item ``(split, row)`` -> every view of that image, rendered for the teacher."""
 
     def __init__(self, plan: CachePlan) -> None:
@@ -214,7 +215,7 @@ class _RowViews(TorchDataset):
 
 
 def _render_row(plan: CachePlan, split: str, row: int) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
-    _, _, pixels, boxes, flips = _RowViews(plan)[(split, row)]
+    _, _, pixels, boxes, flips = RowViews(plan)[(split, row)]
     return pixels, boxes, flips
 
 
@@ -269,7 +270,7 @@ class _UnitBatches:
             self.release(unit)
 
 
-def _collate(items: list[tuple[str, int, torch.Tensor, np.ndarray, np.ndarray]]) -> list[Any]:
+def collate_rows(items: list[tuple[str, int, torch.Tensor, np.ndarray, np.ndarray]]) -> list[Any]:
     return items
 
 
@@ -319,14 +320,15 @@ def run_cache(
     rows_per_batch = max(1, spec.run.batch_size // views)
     sampler = _UnitBatches(store, plan.units, rows_per_batch, lease_s)
     loader = DataLoader(
-        _RowViews(plan),
+        RowViews(plan),
         batch_sampler=sampler,
         num_workers=spec.run.num_workers,
-        collate_fn=_collate,
+        collate_fn=collate_rows,
         persistent_workers=False,
     )
     total = sum(len(store.units(s)[u]) for s, u in plan.units if not store.done_units(s)[u])
     bar = _progress(total, enabled=progress)
+    t_work = time.perf_counter()
     buffers: dict[tuple[str, int], _UnitBuffer] = {}
     computed = images = 0
     try:
@@ -354,10 +356,12 @@ def run_cache(
         sampler.release_all()
         bar.close()
     complete = all([store.finalize_split(s) for s in store.split_names])
+    work = time.perf_counter() - t_work
     if not complete and shard.count == 1:
         raise StoreError(f"{store.path}: some units are still missing after the run; rerun to finish them")
-    return CacheResult(store.path, plan.fingerprint, computed, sampler.skipped, complete, images,
-                       time.perf_counter() - t0)
+    return CacheResult(
+        store.path, plan.fingerprint, computed, sampler.skipped, complete, images, time.perf_counter() - t0, work
+    )
 
 
 class _NoBar:
