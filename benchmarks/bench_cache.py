@@ -42,13 +42,17 @@ def baseline_seconds(spec: CacheSpec, plan: extract.CachePlan) -> float:
     per = max(1, spec.run.batch_size // spec.views.num_views)
     batches = [rows[i : i + per] for i in range(0, len(rows), per)]
     loader = DataLoader(
-        extract.RowViews(plan), batch_sampler=batches, num_workers=spec.run.num_workers,
+        extract.RowViews(plan),
+        batch_sampler=batches,
+        num_workers=spec.run.num_workers,
         collate_fn=extract.collate_rows,
     )
     t0 = time.perf_counter()
     for items in loader:
         pixels = torch.stack([it[2] for it in items])
-        extract.extract_batch(plan.teacher, pixels, batch_size=spec.run.batch_size, device=torch.device("cpu"))
+        extract.extract_batch(
+            plan.teacher, pixels, batch_size=spec.run.batch_size, device=torch.device("cpu")
+        )
     return time.perf_counter() - t0
 
 
@@ -88,12 +92,18 @@ def main() -> None:
     d = plan.teacher.feature_dim
     print(f"machine: {os.cpu_count()} CPUs, torch {torch.__version__}, threads {torch.get_num_threads()}")
     print(f"teacher {args.teacher} (random init) at {args.size}px, D={d}; {n} images x {args.views} views")
-    print(f"baseline (decode + forward, no writes): {n / b:8.2f} img/s   runs: {[round(x, 2) for x in base]} s")
-    print(f"stage one (claims + writes + stats):     {n / c:8.2f} img/s   runs: {[round(x, 2) for x in full]} s")
+    print(
+        f"baseline (decode + forward, no writes): {n / b:8.2f} img/s   runs: {[round(x, 2) for x in base]} s"
+    )
+    print(
+        f"stage one (claims + writes + stats):     {n / c:8.2f} img/s   runs: {[round(x, 2) for x in full]} s"
+    )
     print(f"throughput ratio stage-one / baseline:  {b / c:.3f}   (goal >= 0.95)")
     per_view = stored / (n * args.views)
-    print(f"stored feature bytes per (image, view): {per_view:.1f}  vs fp16 floor 2*D = {2 * d}  "
-          f"(ratio {per_view / (2 * d):.3f})")
+    print(
+        f"stored feature bytes per (image, view): {per_view:.1f}  vs fp16 floor 2*D = {2 * d}  "
+        f"(ratio {per_view / (2 * d):.3f})"
+    )
 
 
 if __name__ == "__main__":

@@ -95,7 +95,9 @@ def train(
     spec: SpecOpt,
     out: Annotated[Path, typer.Option(help="run directory (metrics, results, checkpoints)")],
     set_: SetOpt = None,
-    resume: Annotated[bool, typer.Option("--resume", help="continue the run in --out from its last epoch")] = False,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="continue the run in --out from its last epoch")
+    ] = False,
 ) -> None:
     """Stage two: train the student (CustomKD or a baseline) from the feature cache."""
     from .train import run_train
@@ -155,7 +157,9 @@ def ls_(
 
 
 @app.command()
-def verify(store: Annotated[Path, typer.Argument(help="store path (or a name under CUSTOMKD_CACHE_ROOT)")]) -> None:
+def verify(
+    store: Annotated[Path, typer.Argument(help="store path (or a name under CUSTOMKD_CACHE_ROOT)")],
+) -> None:
     """Check a store: every unit present, shapes, finite values, checksums. Exit 1 if damaged."""
     from .store import open_store
 

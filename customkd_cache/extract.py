@@ -119,7 +119,9 @@ def open_plan_store(plan: CachePlan) -> FeatureStore:
     """Create the store (race-safe) or open the existing one with the same fingerprint."""
     manifest = plan.dataset.manifest
     inits = {
-        s.name: SplitInit(ids=[x.id for x in s.samples], labels=np.array([x.label for x in s.samples], np.int64))
+        s.name: SplitInit(
+            ids=[x.id for x in s.samples], labels=np.array([x.label for x in s.samples], np.int64)
+        )
         for s in manifest.splits
     }
     extra: dict[str, Any] = {
@@ -203,8 +205,13 @@ class RowViews(TorchDataset):
         pixels = torch.stack(
             [
                 to_tensor(
-                    render_view(img, boxes[v], bool(flips[v]), size=self.pre.input_size,
-                                interpolation=self.pre.interpolation),
+                    render_view(
+                        img,
+                        boxes[v],
+                        bool(flips[v]),
+                        size=self.pre.input_size,
+                        interpolation=self.pre.interpolation,
+                    ),
                     mean=self.pre.mean,
                     std=self.pre.std,
                 )
@@ -241,7 +248,9 @@ class _UnitBatches:
                 if self._done(unit):
                     pending.remove(unit)
                     continue
-                claim = claims.try_claim(self.store.claim_dir(unit[0]), f"unit-{unit[1]:06d}", lease_s=self.lease_s)
+                claim = claims.try_claim(
+                    self.store.claim_dir(unit[0]), f"unit-{unit[1]:06d}", lease_s=self.lease_s
+                )
                 if claim is None:
                     continue
                 if self._done(unit):  # finished by another process between our check and our claim
@@ -292,11 +301,16 @@ class _UnitBuffer:
         return sum(len(f) for f in self.features) == len(self.rows)
 
 
-def extract_batch(teacher: Teacher, pixels: torch.Tensor, *, batch_size: int, device: torch.device) -> np.ndarray:
+def extract_batch(
+    teacher: Teacher, pixels: torch.Tensor, *, batch_size: int, device: torch.device
+) -> np.ndarray:
     """Teacher features for ``pixels`` (R, V, 3, S, S) -> (R, V, D) float32, ``batch_size`` views a pass."""
     r, v = pixels.shape[:2]
     flat = pixels.reshape(r * v, *pixels.shape[2:])
-    out = [teacher.features(flat[i : i + batch_size].to(device)).float().cpu() for i in range(0, len(flat), batch_size)]
+    out = [
+        teacher.features(flat[i : i + batch_size].to(device)).float().cpu()
+        for i in range(0, len(flat), batch_size)
+    ]
     return torch.cat(out).reshape(r, v, -1).numpy()
 
 
@@ -360,7 +374,14 @@ def run_cache(
     if not complete and shard.count == 1:
         raise StoreError(f"{store.path}: some units are still missing after the run; rerun to finish them")
     return CacheResult(
-        store.path, plan.fingerprint, computed, sampler.skipped, complete, images, time.perf_counter() - t0, work
+        store.path,
+        plan.fingerprint,
+        computed,
+        sampler.skipped,
+        complete,
+        images,
+        time.perf_counter() - t0,
+        work,
     )
 
 

@@ -35,9 +35,7 @@ def dataset_identity(*, kind: str, manifest_digest: str, splits: dict[str, int])
     return {"kind": kind, "manifest_digest": manifest_digest, "num_samples": dict(splits)}
 
 
-def cache_identity(
-    *, spec: CacheSpec, dataset: dict[str, Any], teacher: dict[str, Any]
-) -> dict[str, Any]:
+def cache_identity(*, spec: CacheSpec, dataset: dict[str, Any], teacher: dict[str, Any]) -> dict[str, Any]:
     """Everything that changes the stored values, as one JSON-able dict."""
     return {
         "format_version": FORMAT_VERSION,

@@ -15,10 +15,10 @@ directory of the spec file; absolute paths are used as they are. Stores live und
 from __future__ import annotations
 
 import os
-import tomllib
 from pathlib import Path
 from typing import Any, Literal, TypeVar, Union
 
+import tomllib
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import SpecError, closest
@@ -104,7 +104,9 @@ class TeacherSpec(_Spec):
         if self.source == "open_clip" and self.feature != "embed":
             raise ValueError(f"open_clip teachers give feature = 'embed', not '{self.feature}'")
         if self.source == "timm" and self.feature == "embed":
-            raise ValueError("feature = 'embed' is for open_clip; timm teachers give cls, cls+mean_patch, pooled")
+            raise ValueError(
+                "feature = 'embed' is for open_clip; timm teachers give cls, cls+mean_patch, pooled"
+            )
         return self
 
 
@@ -114,7 +116,9 @@ class ViewsSpec(_Spec):
     scale: tuple[float, float] = (0.08, 1.0)
     ratio: tuple[float, float] = (3.0 / 4.0, 4.0 / 3.0)
     hflip: bool = True
-    eval_crop: float = Field(0.875, gt=0.0, le=1.0, description="view 0: centre square, this fraction of the short side")
+    eval_crop: float = Field(
+        0.875, gt=0.0, le=1.0, description="view 0: centre square, this fraction of the short side"
+    )
 
     @field_validator("scale", "ratio")
     @classmethod
@@ -157,7 +161,9 @@ class UdaSpec(_Spec):
 class SslSpec(_Spec):
     train_split: str = "train"
     eval_split: str = "test"
-    labeled_list: str = Field(..., description="list file of labeled sample ids (see `customkd-cache labels`)")
+    labeled_list: str = Field(
+        ..., description="list file of labeled sample ids (see `customkd-cache labels`)"
+    )
     labeled_sha256: str = Field("", description="expected sha256 of the list file; empty = not checked")
 
 
@@ -363,7 +369,11 @@ def _one_line(err: ValidationError, model: type[BaseModel], source: str) -> str:
         msg = "required field is missing"
     else:
         msg = first["msg"].removeprefix("Value error, ")
-        if "input" in first and first["type"] not in ("value_error",) and not isinstance(first["input"], dict):
+        if (
+            "input" in first
+            and first["type"] not in ("value_error",)
+            and not isinstance(first["input"], dict)
+        ):
             msg += f" (got {first['input']!r})"
     more = len(err.errors()) - 1
     tail = f" [and {more} more error{'s' if more > 1 else ''}]" if more else ""

@@ -26,11 +26,22 @@ import numpy as np
 import torch
 from torch import nn
 
-from .cached_data import FeatureSource, ReplayDataset, Row, combined_stats, draw_views, make_loader, stage_b_batches
+from .cached_data import (
+    FeatureSource,
+    ReplayDataset,
+    Row,
+    combined_stats,
+    draw_views,
+    epoch_items,
+    eval_items,
+    make_loader,
+    stage_b_batches,
+)
 from .data import Dataset, open_dataset, read_labeled_list
+from .distributed import Dist
 from .errors import SpecError, StoreError
 from .fingerprint import request_key
-from .losses import StageBTerms, customization_loss, stage_b_loss, standardize
+from .losses import StageBTerms, customization_loss, stage_b_loss
 from .probe import Probe, probe_accuracy, train_probe
 from .specs import TrainSpec, cache_root, data_path, load_cache_spec, spec_relative_path, to_dict
 from .store import FeatureStore, list_stores, open_store
@@ -54,7 +65,9 @@ def find_store(spec: TrainSpec, *, spec_path: Path | None, manifest_digest: str)
         return spec_relative_path(spec.cache.store, spec_path)
     cspec_path = spec_relative_path(spec.cache.spec, spec_path)
     cspec = load_cache_spec(cspec_path, [])
-    key = request_key(spec=cspec.model_copy(update={"dataset": spec.dataset}), manifest_digest=manifest_digest)
+    key = request_key(
+        spec=cspec.model_copy(update={"dataset": spec.dataset}), manifest_digest=manifest_digest
+    )
     root = cache_root()
     found = [Path(e["path"]) for e in list_stores(root) if e.get("request_key") == key]
     if not found:
@@ -69,10 +82,14 @@ def find_store(spec: TrainSpec, *, spec_path: Path | None, manifest_digest: str)
     return found[0]
 
 
-def check_store(store: FeatureStore, *, spec: TrainSpec, spec_path: Path | None, manifest_digest: str) -> None:
+def check_store(
+    store: FeatureStore, *, spec: TrainSpec, spec_path: Path | None, manifest_digest: str
+) -> None:
     """Refuse a store that is incomplete, from another teacher/feature kind, or for other samples."""
     if not store.complete():
-        missing = {s: int((~store.done_units(s)).sum()) for s in store.split_names if not store.split_complete(s)}
+        missing = {
+            s: int((~store.done_units(s)).sum()) for s in store.split_names if not store.split_complete(s)
+        }
         raise StoreError(
             f"{store.path}: cache is incomplete (units missing per split: {missing}); rerun "
             "`customkd-cache cache` with its spec to finish it"
@@ -169,14 +186,25 @@ class Models:
 
 def build_models(spec: TrainSpec, *, spec_path: Path | None, num_classes: int, teacher_dim: int) -> Models:
     torch.manual_seed(spec.seed)
-    student = create_student(spec.student, num_classes=num_classes, spec_dir=spec_path.parent if spec_path else None)
+    student = create_student(
+        spec.student, num_classes=num_classes, spec_dir=spec_path.parent if spec_path else None
+    )
     method = spec.method
-    ps = create_projector(student.feature_dim, teacher_dim, spec.customkd.projector) if (
-        method in CUSTOM_METHODS or method == "fitnet") else None
-    pt = create_projector(teacher_dim, student.feature_dim, spec.customkd.projector) if method in CUSTOM_METHODS else None
+    ps = (
+        create_projector(student.feature_dim, teacher_dim, spec.customkd.projector)
+        if (method in CUSTOM_METHODS or method == "fitnet")
+        else None
+    )
+    pt = (
+        create_projector(teacher_dim, student.feature_dim, spec.customkd.projector)
+        if method in CUSTOM_METHODS
+        else None
+    )
     params = list(student.parameters()) + (list(ps.parameters()) if ps is not None else [])
     o = spec.optim
-    opt_b = torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay, nesterov=o.momentum > 0)
+    opt_b = torch.optim.SGD(
+        params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay, nesterov=o.momentum > 0
+    )
     opt_a = None
     if pt is not None:
         a_params = list(pt.parameters())
@@ -223,42 +251,65 @@ class Run:
     replay: ReplayDataset
     num_classes: int
     stats: tuple[np.ndarray, np.ndarray] | None  # (mean, std) used to standardize f_t
+    dist: Dist
+    device: torch.device
     teacher: Any = None  # the online teacher, when teacher_mode = "online"
 
 
 def run_train(spec: TrainSpec, *, spec_path: Path | None, out: Path, resume: bool = False) -> dict[str, Any]:
-    """Train one method from the cache and write the run directory; return results.json's content."""
+    """Train one method from the cache and write the run directory; return results.json's content.
+
+    Under ``torchrun`` (``WORLD_SIZE`` > 1) every rank takes its share of each stage-B batch and
+    gradients are averaged across ranks before each step; rank 0 evaluates and writes.
+    """
     if spec.run.threads:
         torch.set_num_threads(spec.run.threads)
-    run = prepare_run(spec, spec_path=spec_path, out=out, resume=resume)
-    state = load_checkpoint(run) if resume else TrainState()
-    total_steps = spec.optim.epochs * len(_epoch_batches(run, 0))
-    for epoch in range(state.epoch, spec.optim.epochs):
-        t0 = time.perf_counter()
-        torch.manual_seed(spec.seed * 100_003 + epoch)
-        metrics: dict[str, Any] = {"epoch": epoch}
-        if run.models.customizer is not None and spec.customkd.stage_a_epochs and epoch % spec.customkd.stage_b_epochs == 0:
-            metrics["stage_a_loss"] = train_stage_a(run, epoch)
-        metrics.update(train_stage_b(run, epoch, state, total_steps))
-        if (epoch + 1) % spec.run.eval_every == 0 or epoch + 1 == spec.optim.epochs:
-            metrics.update(evaluate(run))
-            acc = metrics["student_accuracy"]
-            if acc > state.best_accuracy:
-                state.best_accuracy, state.best_epoch = acc, epoch
-                save_student_checkpoint(run.models.student, out / "student_best.pth")
-        metrics["seconds"] = round(time.perf_counter() - t0, 3)
-        state.epoch = epoch + 1
-        state.history.append(metrics)
-        _append_jsonl(out / "metrics.jsonl", metrics)
-        save_checkpoint(run, state)
-    save_student_checkpoint(run.models.student, out / "student_last.pth")
-    results = summarize(run, state)
-    _write_json(out / "results.json", results)
+    with Dist.from_env(spec.run.device) as dist:
+        run = prepare_run(spec, spec_path=spec_path, out=out, resume=resume, dist=dist)
+        state = load_checkpoint(run) if resume else TrainState()
+        total_steps = spec.optim.epochs * len(_epoch_batches(run, 0))
+        for epoch in range(state.epoch, spec.optim.epochs):
+            train_one_epoch(run, epoch, state, total_steps)
+        results = summarize(run, state) if dist.is_main else {}
+        if dist.is_main:
+            save_student_checkpoint(run.models.student, out / "student_last.pth")
+            _write_json(out / "results.json", results)
+        dist.barrier()
     return results
 
 
-def prepare_run(spec: TrainSpec, *, spec_path: Path | None, out: Path, resume: bool) -> Run:
-    """Resolve data, cache, probe and models; write spec.json and caches.json."""
+def train_one_epoch(run: Run, epoch: int, state: TrainState, total_steps: int) -> None:
+    """Stage A (when due), stage B, evaluation, metrics line and checkpoint for one epoch."""
+    spec, out = run.spec, run.out
+    t0 = time.perf_counter()
+    torch.manual_seed(spec.seed * 100_003 + epoch)
+    metrics: dict[str, Any] = {"epoch": epoch}
+    ck = spec.customkd
+    if run.models.customizer is not None and ck.stage_a_epochs and epoch % ck.stage_b_epochs == 0:
+        metrics["stage_a_loss"] = train_stage_a(run, epoch)
+    metrics.update(train_stage_b(run, epoch, state, total_steps))
+    run.dist.sync_buffers(run.models.student)
+    evaluate_now = (epoch + 1) % spec.run.eval_every == 0 or epoch + 1 == spec.optim.epochs
+    if evaluate_now and run.dist.is_main:
+        metrics.update(evaluate(run))
+        acc = metrics["student_accuracy"]
+        if acc > state.best_accuracy:
+            state.best_accuracy, state.best_epoch = acc, epoch
+            save_student_checkpoint(run.models.student, out / "student_best.pth")
+    metrics["seconds"] = round(time.perf_counter() - t0, 3)
+    state.epoch = epoch + 1
+    state.history.append(metrics)
+    if run.dist.is_main:
+        _append_jsonl(out / "metrics.jsonl", metrics)
+        save_checkpoint(run, state)
+    run.dist.barrier()
+
+
+def prepare_run(spec: TrainSpec, *, spec_path: Path | None, out: Path, resume: bool, dist: Dist) -> Run:
+    """Resolve data, cache, probe and models; write spec.json and caches.json (rank 0)."""
+    from .teachers import resolve_device
+
+    device = dist.device if dist.world > 1 else resolve_device(spec.run.device)
     dataset = open_dataset(spec.dataset)
     digest = dataset.manifest.digest()
     store_path = find_store(spec, spec_path=spec_path, manifest_digest=digest)
@@ -267,30 +318,60 @@ def prepare_run(spec: TrainSpec, *, spec_path: Path | None, out: Path, resume: b
     protocol = build_protocol(spec, dataset)
     if not protocol.labeled:
         raise SpecError("the protocol gives no labeled rows: check uda.source or ssl.labeled_list")
-    _prepare_out(out, spec, store, protocol, resume=resume)
+    if dist.is_main:
+        _prepare_out(out, spec, store, protocol, resume=resume)
+    dist.barrier()
     stats = combined_stats(store, protocol.train_splits) if spec.customkd.standardize else None
+    if stats is not None:  # a constant dimension is only centred, as FeatureSource does
+        stats = (stats[0], np.where(stats[1] > 0, stats[1], np.float32(1.0)).astype(np.float32))
     features = FeatureSource(store.path, in_ram=spec.run.features_in_ram, standardize=stats)
     num_classes = len(dataset.manifest.classes)
-    teacher = _online_teacher(spec, spec_path) if spec.teacher_mode == "online" else None
+    teacher = _online_teacher(spec, spec_path, device) if spec.teacher_mode == "online" else None
     probe = fit_probe(spec, features, store, protocol, num_classes)
     models = build_models(spec, spec_path=spec_path, num_classes=num_classes, teacher_dim=store.feature_dim)
     replay = _replay_dataset(spec, dataset, store, features, models.student, teacher)
-    return Run(spec, out, dataset, store, protocol, features, probe, models, replay, num_classes, stats, teacher)
+    features.preload([*protocol.train_splits, *protocol.eval_splits])
+    replay.preload([*protocol.train_splits, *protocol.eval_splits])
+    for m in (models.student, models.student_projector, models.customizer):
+        if m is not None:
+            m.to(device)
+    probe = probe.to(device)
+    return Run(
+        spec,
+        out,
+        dataset,
+        store,
+        protocol,
+        features,
+        probe,
+        models,
+        replay,
+        num_classes,
+        stats,
+        dist,
+        device,
+        teacher,
+    )
 
 
-def _online_teacher(spec: TrainSpec, spec_path: Path | None) -> Any:
+def _online_teacher(spec: TrainSpec, spec_path: Path | None, device: torch.device) -> Any:
     """The teacher of the cache spec, run on the fly (the reference for cache fidelity)."""
     if not spec.cache.spec:
         raise SpecError("teacher_mode = 'online' needs cache.spec (the teacher is built from it)")
-    from .teachers import create_teacher, resolve_device
+    from .teachers import create_teacher
 
     cpath = spec_relative_path(spec.cache.spec, spec_path)
     cspec = load_cache_spec(cpath, [])
-    return create_teacher(cspec.teacher, spec_dir=cpath.parent, device=resolve_device(spec.run.device))
+    return create_teacher(cspec.teacher, spec_dir=cpath.parent, device=device)
 
 
 def _replay_dataset(
-    spec: TrainSpec, dataset: Dataset, store: FeatureStore, features: FeatureSource, student: Student, teacher: Any
+    spec: TrainSpec,
+    dataset: Dataset,
+    store: FeatureStore,
+    features: FeatureSource,
+    student: Student,
+    teacher: Any,
 ) -> ReplayDataset:
     import timm.data
 
@@ -298,8 +379,12 @@ def _replay_dataset(
     kwargs: dict[str, Any] = {}
     if teacher is not None:
         pre = teacher.preprocess
-        kwargs = dict(teacher_size=pre.input_size, teacher_mean=pre.mean, teacher_std=pre.std,
-                      teacher_interpolation=pre.interpolation)
+        kwargs = dict(
+            teacher_size=pre.input_size,
+            teacher_mean=pre.mean,
+            teacher_std=pre.std,
+            teacher_interpolation=pre.interpolation,
+        )
     return ReplayDataset(
         dataset=dataset,
         store_path=store.path,
@@ -319,8 +404,13 @@ def fit_probe(
 ) -> Probe:
     """The teacher probe: a linear classifier on the labeled rows' cached features, all views."""
     feats, labels = _labeled_features(features, store, protocol.labeled)
-    return train_probe(torch.from_numpy(feats), torch.from_numpy(labels), num_classes=num_classes,
-                       spec=spec.probe, seed=spec.seed)
+    return train_probe(
+        torch.from_numpy(feats),
+        torch.from_numpy(labels),
+        num_classes=num_classes,
+        spec=spec.probe,
+        seed=spec.seed,
+    )
 
 
 def _labeled_features(
@@ -359,11 +449,12 @@ def train_stage_a(run: Run, epoch: int) -> float:
     losses = []
     for i in range(0, len(order), spec.optim.batch_size):
         idx = order[i : i + spec.optim.batch_size]
-        loss = customization_loss(head, models.customizer, torch.from_numpy(feats[idx]), torch.from_numpy(labels[idx]))
+        f_t = torch.from_numpy(feats[idx]).to(run.device)
+        loss = customization_loss(head, models.customizer, f_t, torch.from_numpy(labels[idx]).to(run.device))
         models.opt_a.zero_grad(set_to_none=True)
         loss.backward()
         models.opt_a.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
     for p in head.parameters():
         p.requires_grad_(True)
     return float(np.mean(losses)) if losses else 0.0
@@ -387,34 +478,39 @@ def _epoch_batches(run: Run, epoch: int) -> list[list[Row]]:
 
 
 def train_stage_b(run: Run, epoch: int, state: TrainState, total_steps: int) -> dict[str, float]:
-    """One stage-B epoch over labeled + unlabeled rows; returns the mean of each loss term."""
-    spec, models = run.spec, run.models
+    """One stage-B epoch over labeled + unlabeled rows; returns the mean of each loss term.
+
+    Under several ranks each batch of the plan is split between them (rank r takes rows r::world).
+    """
+    spec, models, dist = run.spec, run.models, run.dist
     batches = _epoch_batches(run, epoch)
     rows = [r for b in batches for r in b]
     views = draw_views(seed=spec.seed, epoch=epoch, rows=rows, num_views=run.store.num_views)
-    items = list(zip(rows, (int(v) for v in views)))
+    items, index_batches = epoch_items(batches, views)
+    if dist.world > 1:  # every rank needs a row of each batch; the plan is the same on all ranks
+        index_batches = [b[dist.rank :: dist.world] for b in index_batches if len(b) >= dist.world]
     run.replay.set_items(items, epoch)
-    index_batches, k = [], 0
-    for b in batches:
-        index_batches.append(list(range(k, k + len(b))))
-        k += len(b)
-    loader = make_loader(run.replay, batch_size=None, batches=index_batches, num_workers=spec.run.num_workers,
-                         seed=spec.seed + epoch)
+    loader = make_loader(
+        run.replay,
+        batch_size=None,
+        batches=index_batches,
+        num_workers=spec.run.num_workers,
+        seed=spec.seed + epoch,
+    )
     models.student.train()
-    for m in (models.student_projector, models.customizer):
-        if m is not None:
-            m.train()
-    if models.customizer is not None:
-        models.customizer.eval()  # P_t is a fixed target in stage B (stop-gradient)
+    if models.student_projector is not None:
+        models.student_projector.train()
+    params = [p for g in models.opt_b.param_groups for p in g["params"]]
     dkd_ramp = min(1.0, (epoch + 1) / max(spec.dkd.warmup_epochs, 1))
     sums: dict[str, float] = defaultdict(float)
     n = 0
     for batch in loader:
         for g in models.opt_b.param_groups:
             g["lr"] = lr_at(spec, state.step, total_steps)
-        terms = _stage_b_step(run, batch, dkd_ramp)
-        models.opt_b.zero_grad(set_to_none=True)
+        terms = _stage_b_step(run, {k: v.to(run.device) for k, v in batch.items()}, dkd_ramp)
+        models.opt_b.zero_grad(set_to_none=False)
         terms.total.backward()
+        dist.average_gradients(params)
         models.opt_b.step()
         state.step += 1
         n += 1
@@ -452,8 +548,8 @@ def _teacher_features(run: Run, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     with torch.no_grad():
         f = run.teacher.features(batch["teacher_pixels"]).float()
     if run.stats is not None:
-        mean, std = (torch.from_numpy(a) for a in run.stats)
-        f = standardize(f, mean, std)
+        mean, std = (torch.from_numpy(a).to(f.device) for a in run.stats)
+        f = (f - mean) / std
     return f
 
 
@@ -469,14 +565,18 @@ def evaluate(run: Run) -> dict[str, Any]:
     correct_all = total_all = 0
     for split in run.protocol.eval_splits:
         n = run.store.num_samples(split)
-        items = [(Row(split, i, False), 0) for i in range(n)]
-        run.replay.set_items(items, 0)
-        loader = make_loader(run.replay, batch_size=run.spec.optim.batch_size, batches=None,
-                             num_workers=run.spec.run.num_workers, seed=run.spec.seed)
+        run.replay.set_items(eval_items(split, n), 0)
+        loader = make_loader(
+            run.replay,
+            batch_size=run.spec.optim.batch_size,
+            batches=None,
+            num_workers=run.spec.run.num_workers,
+            seed=run.spec.seed,
+        )
         correct = 0
         for batch in loader:
-            logits, _ = models.student(batch["pixels"])
-            correct += int((logits.argmax(1) == batch["label"]).sum())
+            logits, _ = models.student(batch["pixels"].to(run.device))
+            correct += int((logits.argmax(1).cpu() == batch["label"]).sum())
         per_split[split] = correct / max(n, 1)
         correct_all += correct
         total_all += n
@@ -490,8 +590,8 @@ def teacher_accuracy(run: Run) -> tuple[float, dict[str, float]]:
     for split in run.protocol.eval_splits:
         n = run.store.num_samples(split)
         rows = np.arange(n)
-        f = torch.from_numpy(run.features.get_many(split, rows, np.zeros(n, np.int64)))
-        y = torch.from_numpy(run.store.labels(split).astype(np.int64))
+        f = torch.from_numpy(run.features.get_many(split, rows, np.zeros(n, np.int64))).to(run.device)
+        y = torch.from_numpy(run.store.labels(split).astype(np.int64)).to(run.device)
         acc = probe_accuracy(run.probe, f, y)
         per_split[split] = acc
         correct += acc * n
@@ -525,12 +625,18 @@ def summarize(run: Run, state: TrainState) -> dict[str, Any]:
 # --- run directory -----------------------------------------------------------------------------
 
 
-def _prepare_out(out: Path, spec: TrainSpec, store: FeatureStore, protocol: Protocol, *, resume: bool) -> None:
+def _prepare_out(
+    out: Path, spec: TrainSpec, store: FeatureStore, protocol: Protocol, *, resume: bool
+) -> None:
     if out.exists() and any(out.iterdir()) and not resume:
-        raise SpecError(f"--out {out}: directory is not empty; pass --resume to continue that run or choose a new one")
+        raise SpecError(
+            f"--out {out}: directory is not empty; pass --resume to continue that run or choose a new one"
+        )
     out.mkdir(parents=True, exist_ok=True)
     _write_json(out / "spec.json", to_dict(spec))
-    caches = {str(store.path): {"fingerprint": store.fingerprint, "request_key": store.attrs.get("request_key")}}
+    caches = {
+        str(store.path): {"fingerprint": store.fingerprint, "request_key": store.attrs.get("request_key")}
+    }
     if protocol.labeled_list_sha256:
         caches["labeled_list"] = {"sha256": protocol.labeled_list_sha256}
     _write_json(out / "caches.json", caches)

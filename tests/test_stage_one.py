@@ -25,12 +25,29 @@ from customkd_cache import fakedata
 
 REPO = Path(__file__).resolve().parents[1]
 SMOKE = REPO / "cache_specs" / "smoke" / "officehome.toml"
-ARRAYS = ("features", "boxes", "flips", "ids", "labels", "unit_sum", "unit_sumsq", "unit_sha256", "mean", "std")
+ARRAYS = (
+    "features",
+    "boxes",
+    "flips",
+    "ids",
+    "labels",
+    "unit_sum",
+    "unit_sumsq",
+    "unit_sha256",
+    "mean",
+    "std",
+)
 
 
-def cli(*args: str, env: dict[str, str], check: bool = True, timeout: float = 180) -> subprocess.CompletedProcess[str]:
+def cli(
+    *args: str, env: dict[str, str], check: bool = True, timeout: float = 180
+) -> subprocess.CompletedProcess[str]:
     proc = subprocess.run(
-        [sys.executable, "-m", "customkd_cache", *args], env=env, capture_output=True, text=True, timeout=timeout
+        [sys.executable, "-m", "customkd_cache", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
     if check and proc.returncode != 0:
         raise AssertionError(f"exit {proc.returncode}\nstdout: {proc.stdout}\nstderr: {proc.stderr}")
@@ -63,7 +80,17 @@ def env_for(cache_root: Path) -> dict[str, str]:
 
 def smoke_args(root: Path, *extra: str) -> list[str]:
     # 16-row units: many units, so kills land between and inside them
-    return ["cache", "--spec", str(SMOKE), "--set", f"dataset.root={root}", "--set", "store.unit_rows=16", "-q", *extra]
+    return [
+        "cache",
+        "--spec",
+        str(SMOKE),
+        "--set",
+        f"dataset.root={root}",
+        "--set",
+        "store.unit_rows=16",
+        "-q",
+        *extra,
+    ]
 
 
 def only_store(cache_root: Path) -> Path:
@@ -117,7 +144,10 @@ class TestStore:
         assert info["num_views"] == 3
         assert info["teacher"]["name"] == "test_vit" and info["teacher"]["source"] == "timm"
         assert info["teacher"]["feature_dim"] == 64 and len(info["teacher"]["weights_digest"]) == 64
-        assert info["fingerprint"] in reference.name or reference.name.split("__")[-1][:-5] in info["fingerprint"]
+        assert (
+            info["fingerprint"] in reference.name
+            or reference.name.split("__")[-1][:-5] in info["fingerprint"]
+        )
         listed = json.loads(cli("ls", "--json", str(reference.parent), env=env).stdout)
         assert [e["path"] for e in listed] == [str(reference)] and listed[0]["complete"] is True
         assert cli("verify", str(reference), env=env).returncode == 0
@@ -133,7 +163,9 @@ class TestStore:
     def test_verify_names_damage(self, reference: Path, tmp_path: Path) -> None:
         copy = tmp_path / reference.name
         shutil.copytree(reference, copy)
-        chunk = next(p for p in sorted((copy / "Art" / "features").rglob("*")) if p.is_file() and p.name != "zarr.json")
+        chunk = next(
+            p for p in sorted((copy / "Art" / "features").rglob("*")) if p.is_file() and p.name != "zarr.json"
+        )
         data = bytearray(chunk.read_bytes())
         data[len(data) // 2] ^= 0xFF
         chunk.write_bytes(bytes(data))
@@ -191,7 +223,14 @@ class TestShards:
             pytest.skip("torchrun not installed beside this python")
         env = env_for(tmp_path)
         proc = subprocess.run(
-            [str(torchrun), "--standalone", "--nproc-per-node=2", "-m", "customkd_cache", *smoke_args(oh_root)],
+            [
+                str(torchrun),
+                "--standalone",
+                "--nproc-per-node=2",
+                "-m",
+                "customkd_cache",
+                *smoke_args(oh_root),
+            ],
             env=env,
             capture_output=True,
             text=True,
@@ -221,15 +260,24 @@ class TestBadInput:
         assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
 
     def test_unknown_teacher(self, oh_root: Path, tmp_path: Path) -> None:
-        proc = cli(*smoke_args(oh_root, "--set", "teacher.name=vit_smal_patch14_dinov2"), env=env_for(tmp_path),
-                   check=False)
+        proc = cli(
+            *smoke_args(oh_root, "--set", "teacher.name=vit_smal_patch14_dinov2"),
+            env=env_for(tmp_path),
+            check=False,
+        )
         assert proc.returncode == 2
         assert "vit_small_patch14_dinov2" in proc.stderr
 
     def test_missing_weights_offline_fails_fast(self, oh_root: Path, tmp_path: Path) -> None:
         t0 = time.perf_counter()
         proc = cli(
-            *smoke_args(oh_root, "--set", "teacher.weights=hub", "--set", "teacher.name=vit_small_patch14_dinov2.lvd142m"),
+            *smoke_args(
+                oh_root,
+                "--set",
+                "teacher.weights=hub",
+                "--set",
+                "teacher.name=vit_small_patch14_dinov2.lvd142m",
+            ),
             env=env_for(tmp_path) | {"HF_HOME": str(tmp_path / "hf")},
             check=False,
         )
