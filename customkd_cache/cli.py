@@ -104,6 +104,8 @@ def train(
 
     tspec = specs.load_train_spec(spec, set_ or [])
     res = run_train(tspec, spec_path=spec, out=out, resume=resume)
+    if not res:  # a torchrun rank other than 0: rank 0 reports
+        return
     typer.echo(
         f"{out}: {res['method']} student {_pct(res['student_accuracy'])} "
         f"(best {_pct(res['best_student_accuracy'])} at epoch {res['best_epoch']}), "

@@ -70,6 +70,15 @@ class Dist:
                 p.grad.copy_(flat[offset : offset + n].view_as(p))
             offset += n
 
+    def mean_over_ranks(self, sums: dict[str, float], count: int) -> dict[str, float]:
+        """Per-key mean of values summed over ``count`` steps on every rank."""
+        keys = sorted(sums)
+        if self.world > 1:
+            t = torch.tensor([sums[k] for k in keys] + [float(count)], dtype=torch.float64)
+            tdist.all_reduce(t)
+            sums, count = dict(zip(keys, t[:-1].tolist(), strict=True)), int(t[-1])
+        return {k: sums[k] / max(count, 1) for k in keys}
+
     def sync_buffers(self, module: nn.Module) -> None:
         """Copy rank 0's buffers (BatchNorm running statistics) to every rank."""
         if self.world == 1:

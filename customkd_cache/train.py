@@ -50,6 +50,7 @@ from .students import Student, create_projector, create_student, save_student_ch
 KD_METHODS = ("kd", "customkd+kd")
 DKD_METHODS = ("dkd", "customkd+dkd")
 CUSTOM_METHODS = ("customkd", "customkd+kd", "customkd+dkd")
+LOSS_TERMS = ("total", "ce", "gen", "spec", "kd", "dkd")
 
 
 # --- resolving the cache -----------------------------------------------------------------------
@@ -514,9 +515,9 @@ def train_stage_b(run: Run, epoch: int, state: TrainState, total_steps: int) -> 
         models.opt_b.step()
         state.step += 1
         n += 1
-        for key in ("total", "ce", "gen", "spec", "kd", "dkd"):
-            sums[f"loss_{key}"] += float(getattr(terms, key))
-    return {k: v / max(n, 1) for k, v in sums.items()}
+        for key in LOSS_TERMS:
+            sums[f"loss_{key}"] += float(getattr(terms, key).detach())
+    return dist.mean_over_ranks(dict(sums), n)
 
 
 def _stage_b_step(run: Run, batch: dict[str, torch.Tensor], dkd_ramp: float) -> StageBTerms:

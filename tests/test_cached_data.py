@@ -278,7 +278,7 @@ class TestStageOne:
 
     @pytest.fixture(scope="class")
     def extracted(self, tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, Path]:
-        from customkd_cache.extract import Shard, _RowViews, plan_cache, run_cache
+        from customkd_cache.extract import RowViews, Shard, plan_cache, run_cache
 
         base = tmp_path_factory.mktemp("stage_one")
         root = fakedata.write_domainnet(base / "domainnet", num_classes=3, per_class_train=2, size=(40, 30))
@@ -300,7 +300,7 @@ class TestStageOne:
             result = run_cache(spec, spec_path=None, shard=Shard(), progress=False)
             plan = plan_cache(spec, spec_path=None, shard=Shard())
         assert result.complete
-        return (plan, _RowViews(plan)), result.path
+        return (plan, RowViews(plan)), result.path
 
     def test_replay_gives_stage_one_pixels_and_features(self, extracted: tuple[Any, Path]) -> None:
         (plan, row_views), path = extracted

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from customkd_cache.errors import SpecError
-from customkd_cache.specs import ViewsSpec
+from customkd_cache.specs import CacheSpec, ViewsSpec, validate
 from customkd_cache.views import INTERPOLATIONS, render_view, sample_views, to_tensor, view_params
 
 W, H = 640, 480
@@ -63,7 +63,11 @@ class TestReplay:
 
     def test_negative_seed_is_a_spec_error(self) -> None:
         with pytest.raises(SpecError, match="views.seed"):
-            view_params(ViewsSpec(seed=-1), sample_index=0, view_index=1, width=W, height=H)
+            validate(
+                CacheSpec,
+                {"dataset": {"kind": "officehome"}, "teacher": {"name": "x"}, "views": {"seed": -1}},
+                "f.toml",
+            )
 
 
 class TestPolicy:

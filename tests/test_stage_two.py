@@ -1,0 +1,337 @@
+"""Stage two (`customkd-cache train`) contracts, end to end on the smoke specs.
+
+The one end-to-end CLI test: generate an OfficeHome-layout dataset, cache it with the smoke teacher,
+train from the cache, and load the student checkpoint with timm. Then: every method runs from the same
+cache; a killed run resumed with ``--resume`` reaches the same numbers; caches that do not fit are
+refused with exit 2; the online teacher sees exactly the cached views; two gloo ranks under torchrun
+track one process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from customkd_cache import fakedata
+from customkd_cache.distributed import Dist
+from customkd_cache.specs import load_train_spec
+from customkd_cache.train import prepare_run, run_train
+
+REPO = Path(__file__).resolve().parents[1]
+CACHE_SPEC = REPO / "cache_specs" / "smoke" / "officehome.toml"
+TRAIN_SPEC = REPO / "pipelines" / "smoke" / "officehome.toml"
+
+
+def cli(*args: str, env: dict[str, str], check: bool = True) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run(
+        [sys.executable, "-m", "customkd_cache", *args], env=env, capture_output=True, text=True, timeout=600
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}\nstdout: {proc.stdout}\nstderr: {proc.stderr}")
+    return proc
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A dataset, its smoke cache (made through the CLI) and the environment pointing at both."""
+    base = tmp_path_factory.mktemp("stage2")
+    root = fakedata.write_officehome(base / "OfficeHome", per_class=1)
+    return {"root": root, "caches": base / "caches", "base": base}
+
+
+def env_for(world: dict[str, Path]) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(CUSTOMKD_CACHE_ROOT=str(world["caches"]), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        env.pop(key, None)
+    return env
+
+
+@pytest.fixture(scope="module")
+def cached(world: dict[str, Path]) -> dict[str, Path]:
+    cli(
+        "cache", "--spec", str(CACHE_SPEC), "--set", f"dataset.root={world['root']}", "-q", env=env_for(world)
+    )
+    return world
+
+
+def overrides(world: dict[str, Path], *extra: str) -> list[str]:
+    return [f"dataset.root={world['root']}", *extra]
+
+
+def test_end_to_end_cli(cached: dict[str, Path]) -> None:
+    env = env_for(cached)
+    out = cached["base"] / "run_cli"
+    proc = cli(
+        "train",
+        "--spec",
+        str(TRAIN_SPEC),
+        "--set",
+        f"dataset.root={cached['root']}",
+        "--out",
+        str(out),
+        env=env,
+    )
+    assert "customkd student" in proc.stdout
+    results = json.loads((out / "results.json").read_text())
+    for key in ("student_accuracy", "teacher_accuracy", "best_student_accuracy", "best_epoch", "last_epoch"):
+        assert key in results
+    assert 0.0 <= results["student_accuracy"] <= 1.0 and 0.0 <= results["teacher_accuracy"] <= 1.0
+    assert set(results["student_accuracy_per_split"]) == {"Clipart"}
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 2 and all("loss_spec" in json.loads(line) for line in lines)
+    caches = json.loads((out / "caches.json").read_text())
+    store = next(iter(caches))
+    assert caches[store]["fingerprint"] == results["cache_fingerprint"]
+    # the student alone, loadable by timm without the projectors
+    import timm
+
+    model = timm.create_model(
+        "mobilenetv3_small_050", num_classes=65, checkpoint_path=str(out / "student_last.pth")
+    )
+    state = torch.load(out / "checkpoints" / "last.pt", weights_only=False)["models"]["student"]
+    assert any(k.endswith("conv_stem.weight") for k in state)
+    assert model.conv_stem.weight.shape[0] > 0
+
+
+@pytest.mark.parametrize("method", ["student_only", "kd", "fitnet", "dkd", "customkd+kd", "customkd+dkd"])
+def test_every_method_runs_from_the_cache(
+    cached: dict[str, Path], method: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("CUSTOMKD_CACHE_ROOT", str(cached["caches"]))
+    spec = load_train_spec(TRAIN_SPEC, overrides(cached, f"method={method}", "optim.epochs=1"))
+    res = run_train(spec, spec_path=TRAIN_SPEC, out=cached["base"] / f"run_{method}")
+    assert res["method"] == method
+    assert res["teacher_accuracy"] is not None and res["student_accuracy"] is not None
+    metrics = json.loads((cached["base"] / f"run_{method}" / "metrics.jsonl").read_text().splitlines()[0])
+    uses = {"kd": "loss_kd", "dkd": "loss_dkd", "fitnet": "loss_gen"}
+    for name, key in uses.items():
+        if name in method.split("+") or method == name:
+            assert metrics[key] > 0, (method, metrics)
+    if method == "student_only":
+        assert metrics["loss_kd"] == metrics["loss_gen"] == metrics["loss_spec"] == 0
+
+
+def test_sigkill_then_resume_reaches_the_same_numbers(cached: dict[str, Path]) -> None:
+    env = env_for(cached)
+    args = [
+        "train",
+        "--spec",
+        str(TRAIN_SPEC),
+        "--set",
+        f"dataset.root={cached['root']}",
+        "--set",
+        "optim.epochs=5",
+    ]
+    clean = cached["base"] / "clean"
+    cli(*args, "--out", str(clean), env=env)
+    killed = cached["base"] / "killed"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "customkd_cache", *args, "--out", str(killed)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    metrics = killed / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 2:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "results.json").exists()
+    cli(*args, "--out", str(killed), "--resume", env=env)
+    a = json.loads((clean / "results.json").read_text())
+    b = json.loads((killed / "results.json").read_text())
+    for key in ("student_accuracy", "best_student_accuracy", "best_epoch", "teacher_accuracy"):
+        assert a[key] == b[key], key
+    la = [json.loads(x) for x in (clean / "metrics.jsonl").read_text().splitlines()]
+    lb = [json.loads(x) for x in (killed / "metrics.jsonl").read_text().splitlines()]
+    assert [x["loss_total"] for x in la] == [x["loss_total"] for x in lb]
+
+
+def test_non_empty_out_without_resume_is_refused(cached: dict[str, Path]) -> None:
+    out = cached["base"] / "busy"
+    out.mkdir()
+    (out / "something").write_text("x")
+    proc = cli(
+        "train",
+        "--spec",
+        str(TRAIN_SPEC),
+        "--set",
+        f"dataset.root={cached['root']}",
+        "--out",
+        str(out),
+        env=env_for(cached),
+        check=False,
+    )
+    assert proc.returncode == 2 and "--resume" in proc.stderr
+
+
+class TestRefusals:
+    def test_incomplete_cache(self, world: dict[str, Path], tmp_path: Path) -> None:
+        env = env_for(world) | {"CUSTOMKD_CACHE_ROOT": str(tmp_path / "c")}
+        cli(
+            "cache",
+            "--spec",
+            str(CACHE_SPEC),
+            "--set",
+            f"dataset.root={world['root']}",
+            "--shard",
+            "0/2",
+            "-q",
+            env=env,
+        )
+        proc = cli(
+            "train",
+            "--spec",
+            str(TRAIN_SPEC),
+            "--set",
+            f"dataset.root={world['root']}",
+            "--out",
+            str(tmp_path / "r"),
+            env=env,
+            check=False,
+        )
+        assert proc.returncode == 2
+        assert "incomplete" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+    def test_cache_of_another_teacher(self, cached: dict[str, Path], tmp_path: Path) -> None:
+        store = next(p for p in cached["caches"].iterdir() if p.suffix == ".zarr")
+        other = tmp_path / "other_teacher.toml"
+        other.write_text(CACHE_SPEC.read_text().replace('name = "test_vit"', 'name = "test_vit2"'))
+        spec = tmp_path / "train.toml"
+        text = TRAIN_SPEC.read_text().replace(
+            'spec = "../../cache_specs/smoke/officehome.toml"', f'spec = "{other}"\nstore = "{store}"'
+        )
+        spec.write_text(text)
+        proc = cli(
+            "train",
+            "--spec",
+            str(spec),
+            "--set",
+            f"dataset.root={cached['root']}",
+            "--out",
+            str(tmp_path / "r"),
+            env=env_for(cached),
+            check=False,
+        )
+        assert proc.returncode == 2
+        assert "test_vit2" in proc.stderr and "teacher" in proc.stderr
+
+    def test_no_cache_for_this_spec(self, cached: dict[str, Path], tmp_path: Path) -> None:
+        proc = cli(
+            "train",
+            "--spec",
+            str(TRAIN_SPEC),
+            "--set",
+            f"dataset.root={cached['root']}",
+            "--out",
+            str(tmp_path / "r"),
+            env=env_for(cached) | {"CUSTOMKD_CACHE_ROOT": str(tmp_path)},
+            check=False,
+        )
+        assert proc.returncode == 2
+        assert "customkd-cache cache --spec" in proc.stderr
+
+    def test_cache_for_other_samples(self, cached: dict[str, Path], tmp_path: Path) -> None:
+        store = next(p for p in cached["caches"].iterdir() if p.suffix == ".zarr")
+        root = fakedata.write_officehome(tmp_path / "OH2", per_class=1, seed=5)
+        (next((root / "Art").iterdir()) / "extra.jpg").write_bytes(
+            next(next((root / "Art").iterdir()).iterdir()).read_bytes()
+        )
+        proc = cli(
+            "train",
+            "--spec",
+            str(TRAIN_SPEC),
+            "--set",
+            f"dataset.root={root}",
+            "--set",
+            f"cache.store={store}",
+            "--out",
+            str(tmp_path / "r"),
+            env=env_for(cached),
+            check=False,
+        )
+        assert proc.returncode == 2
+        assert "other samples" in proc.stderr
+
+
+def test_online_teacher_sees_the_cached_views(
+    cached: dict[str, Path], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Cache fidelity: the teacher run on the fly on the replayed view gives the cached feature."""
+    monkeypatch.setenv("CUSTOMKD_CACHE_ROOT", str(cached["caches"]))
+    spec = load_train_spec(TRAIN_SPEC, overrides(cached, "teacher_mode=online"))
+    run = prepare_run(
+        spec, spec_path=TRAIN_SPEC, out=tmp_path / "online", resume=False, dist=Dist.from_env("cpu")
+    )
+    from customkd_cache.cached_data import Row
+
+    items = [(Row("Art", r, True), v) for r in (0, 7, 64) for v in range(run.store.num_views)]
+    run.replay.set_items(items, 0)
+    online = torch.stack([run.replay[k]["teacher_pixels"] for k in range(len(items))])
+    with torch.no_grad():
+        f_online = run.teacher.features(online).numpy()
+    stored = run.store.read_split("Art").astype(np.float32)
+    f_cached = np.stack([stored[r.row, v] for r, v in items])
+    cos = (f_online * f_cached).sum(1) / np.linalg.norm(f_online, axis=1) / np.linalg.norm(f_cached, axis=1)
+    assert cos.min() > 0.9999, cos
+    np.testing.assert_allclose(f_online, f_cached, rtol=2e-3, atol=2e-3)  # float16 storage
+    res = run_train(spec, spec_path=TRAIN_SPEC, out=tmp_path / "online_run")
+    assert res["teacher_mode"] == "online" and res["student_accuracy"] is not None
+
+
+def test_torchrun_two_ranks_track_one_process(cached: dict[str, Path], tmp_path: Path) -> None:
+    torchrun = Path(sys.executable).parent / "torchrun"
+    if not torchrun.exists():
+        pytest.skip("torchrun not installed beside this python")
+    env = env_for(cached)
+    args = [
+        "train",
+        "--spec",
+        str(TRAIN_SPEC),
+        "--set",
+        f"dataset.root={cached['root']}",
+        "--set",
+        "optim.epochs=2",
+    ]
+    cli(*args, "--out", str(tmp_path / "one"), env=env)
+    proc = subprocess.run(
+        [
+            str(torchrun),
+            "--standalone",
+            "--nproc-per-node=2",
+            "-m",
+            "customkd_cache",
+            *args,
+            "--out",
+            str(tmp_path / "two"),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one = [json.loads(x) for x in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
+    two = [json.loads(x) for x in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
+    assert len(one) == len(two) == 2
+    # Same data, same averaged gradients; BatchNorm sees half batches per rank, hence a tolerance.
+    for a, b in zip(one, two, strict=True):
+        assert abs(a["loss_total"] - b["loss_total"]) / a["loss_total"] < 0.05, (a, b)
+    r1 = json.loads((tmp_path / "one" / "results.json").read_text())
+    r2 = json.loads((tmp_path / "two" / "results.json").read_text())
+    assert r1["teacher_accuracy"] == r2["teacher_accuracy"]
+    assert abs(r1["student_accuracy"] - r2["student_accuracy"]) <= 0.05
