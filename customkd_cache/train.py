@@ -288,7 +288,9 @@ def train_one_epoch(run: Run, epoch: int, state: TrainState, total_steps: int) -
     ck = spec.customkd
     if run.models.customizer is not None and ck.stage_a_epochs and epoch % ck.stage_b_epochs == 0:
         metrics["stage_a_loss"] = train_stage_a(run, epoch)
+    t_b = time.perf_counter()
     metrics.update(train_stage_b(run, epoch, state, total_steps))
+    metrics["stage_b_seconds"] = round(time.perf_counter() - t_b, 3)
     run.dist.sync_buffers(run.models.student)
     evaluate_now = (epoch + 1) % spec.run.eval_every == 0 or epoch + 1 == spec.optim.epochs
     if evaluate_now and run.dist.is_main:
