@@ -368,7 +368,13 @@ def open_dataset(spec: DatasetSpec) -> Dataset:
     listing = _LISTERS[spec.kind](spec, root)
     splits, skipped = _apply_skip_list(listing.splits, spec)
     if spec.max_per_split:
-        splits = [SplitManifest(s.name, s.samples[: spec.max_per_split]) for s in splits]
+        limits = spec.max_per_split
+        splits = [
+            SplitManifest(
+                s.name, s.samples[: _limit(limits, s.name)] if _limit(limits, s.name) else s.samples
+            )
+            for s in splits
+        ]
     manifest = Manifest(spec.kind, listing.classes, tuple(splits), skipped)
     return Dataset(manifest, root, listing.reader)
 
@@ -1051,3 +1057,8 @@ def _basename_index(split: SplitManifest) -> dict[str, int]:
         name = s.id.rsplit("/", 1)[-1]
         index[name] = -1 if name in index else i
     return index
+
+
+def _limit(limits: int | dict[str, int], split: str) -> int:
+    """``max_per_split`` for one split: one number for all, or a table by split name (0 = all)."""
+    return limits if isinstance(limits, int) else limits.get(split, 0)

@@ -62,9 +62,19 @@ class DatasetSpec(_Spec):
     kind: DatasetKind
     root: str = Field("", description="dataset root; relative roots resolve against CUSTOMKD_DATA_ROOT")
     splits: tuple[str, ...] = Field((), description="splits to use; empty = every split of the dataset")
-    max_per_split: int = Field(0, ge=0, description="keep the first N samples of each split; 0 = all")
+    max_per_split: Union[int, dict[str, int]] = Field(
+        0, description="keep the first N samples of each split (or {split = N}); 0 = all"
+    )
     lists: tuple[str, ...] = Field((), description="list_file kind: list files `path label`, one split each")
     skip_list: str = Field("", description="file of sample ids to leave out (recorded in the manifest)")
+
+    @field_validator("max_per_split")
+    @classmethod
+    def _non_negative(cls, v: int | dict[str, int]) -> int | dict[str, int]:
+        values = [v] if isinstance(v, int) else list(v.values())
+        if any(x < 0 for x in values):
+            raise ValueError("counts must be >= 0")
+        return v
 
     def resolved_root(self) -> Path:
         return data_path(self.root or DEFAULT_ROOTS[self.kind])
@@ -165,6 +175,10 @@ class SslSpec(_Spec):
         ..., description="list file of labeled sample ids (see `customkd-cache labels`)"
     )
     labeled_sha256: str = Field("", description="expected sha256 of the list file; empty = not checked")
+    unlabeled_list: str = Field(
+        "", description="list file of the unlabeled pool; empty = the rest of train_split"
+    )
+    eval_list: str = Field("", description="list file of evaluation ids within eval_split; empty = all of it")
 
 
 class StudentSpec(_Spec):
@@ -231,6 +245,11 @@ class TrainSpec(_Spec):
     protocol: Literal["uda", "ssl"]
     seed: int = 0
     teacher_mode: Literal["cache", "online"] = "cache"
+    train_views: Literal["random", "eval"] = Field(
+        "random",
+        description="random: each epoch replays one random cached view per image; eval: view 0 only "
+        "(the fixed-teacher setting, for comparison)",
+    )
     dataset: DatasetSpec
     cache: CacheRef
     uda: Union[UdaSpec, None] = None

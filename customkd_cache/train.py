@@ -13,9 +13,11 @@ with ``timm.create_model(name, num_classes=C, checkpoint_path=...)``).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
+import sys
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -33,11 +35,10 @@ from .cached_data import (
     combined_stats,
     draw_views,
     epoch_items,
-    eval_items,
     make_loader,
     stage_b_batches,
 )
-from .data import Dataset, open_dataset, read_labeled_list
+from .data import Dataset, SplitManifest, labeled_indices, open_dataset, read_labeled_list
 from .distributed import Dist
 from .errors import SpecError, StoreError
 from .fingerprint import request_key
@@ -124,6 +125,12 @@ class Protocol:
     eval_splits: tuple[str, ...]
     train_splits: tuple[str, ...]
     labeled_list_sha256: str = ""
+    eval_rows: dict[str, list[int]] | None = None  # evaluation restricted to these rows (ssl.eval_list)
+
+    def eval_indices(self, split: str, num_samples: int) -> list[int]:
+        if self.eval_rows is not None and split in self.eval_rows:
+            return self.eval_rows[split]
+        return list(range(num_samples))
 
 
 def build_protocol(spec: TrainSpec, dataset: Dataset) -> Protocol:
@@ -138,19 +145,29 @@ def build_protocol(spec: TrainSpec, dataset: Dataset) -> Protocol:
         evals = spec.uda.eval or spec.uda.target
         return Protocol(labeled, unlabeled, evals, (*spec.uda.source, *spec.uda.target))
     assert spec.ssl is not None
-    from .data import labeled_indices
-
-    split = manifest.split(spec.ssl.train_split)
-    manifest.split(spec.ssl.eval_split)
-    list_path = data_path(spec.ssl.labeled_list)
-    ids = read_labeled_list(list_path, sha256=spec.ssl.labeled_sha256)
-    chosen = set(int(i) for i in labeled_indices(split, ids))
+    ssl = spec.ssl
+    split = manifest.split(ssl.train_split)
+    manifest.split(ssl.eval_split)
+    list_path = data_path(ssl.labeled_list)
+    chosen = set(_listed(split, list_path, ssl.labeled_sha256))
     labeled = [Row(split.name, i, True) for i in sorted(chosen)]
-    unlabeled = [Row(split.name, i, False) for i in range(len(split.samples)) if i not in chosen]
-    import hashlib
-
+    if ssl.unlabeled_list:
+        pool = sorted(set(_listed(split, data_path(ssl.unlabeled_list))) - chosen)
+    else:
+        pool = [i for i in range(len(split.samples)) if i not in chosen]
+    unlabeled = [Row(split.name, i, False) for i in pool]
+    eval_rows = None
+    if ssl.eval_list:
+        eval_rows = {
+            ssl.eval_split: sorted(_listed(manifest.split(ssl.eval_split), data_path(ssl.eval_list)))
+        }
     digest = hashlib.sha256(list_path.read_bytes()).hexdigest()
-    return Protocol(labeled, unlabeled, (spec.ssl.eval_split,), (split.name,), digest)
+    return Protocol(labeled, unlabeled, (ssl.eval_split,), (split.name,), digest, eval_rows)
+
+
+def _listed(split: SplitManifest, path: Path, sha256: str = "") -> list[int]:
+    """Indices into ``split`` of the ids in a list file."""
+    return [int(i) for i in labeled_indices(split, read_labeled_list(path, sha256=sha256))]
 
 
 # --- models ------------------------------------------------------------------------------------
@@ -305,6 +322,7 @@ def train_one_epoch(run: Run, epoch: int, state: TrainState, total_steps: int) -
     if run.dist.is_main:
         _append_jsonl(out / "metrics.jsonl", metrics)
         save_checkpoint(run, state)
+        _log_epoch(metrics, spec.optim.epochs)
     run.dist.barrier()
 
 
@@ -406,7 +424,8 @@ def fit_probe(
     spec: TrainSpec, features: FeatureSource, store: FeatureStore, protocol: Protocol, num_classes: int
 ) -> Probe:
     """The teacher probe: a linear classifier on the labeled rows' cached features, all views."""
-    feats, labels = _labeled_features(features, store, protocol.labeled)
+    views = 1 if spec.train_views == "eval" else store.num_views
+    feats, labels = _labeled_features(features, store, protocol.labeled, views)
     return train_probe(
         torch.from_numpy(feats),
         torch.from_numpy(labels),
@@ -417,7 +436,7 @@ def fit_probe(
 
 
 def _labeled_features(
-    features: FeatureSource, store: FeatureStore, rows: list[Row]
+    features: FeatureSource, store: FeatureStore, rows: list[Row], views: int
 ) -> tuple[np.ndarray, np.ndarray]:
     """(k*V, D) features of every view of ``rows`` and their (k*V,) labels."""
     by_split: dict[str, list[int]] = defaultdict(list)
@@ -425,7 +444,7 @@ def _labeled_features(
         by_split[r.split].append(r.row)
     xs, ys = [], []
     for split, idx in by_split.items():
-        arr = features.all_views(split, np.asarray(idx))  # (k, V, D)
+        arr = features.all_views(split, np.asarray(idx))[:, :views]  # (k, V, D)
         labels = store.labels(split)[np.asarray(idx)]
         xs.append(arr.reshape(-1, arr.shape[-1]))
         ys.append(np.repeat(labels, arr.shape[1]))
@@ -441,7 +460,7 @@ def train_stage_a(run: Run, epoch: int) -> float:
     Only P_t learns (and H_s when ``customkd.head_learns_in_stage_a``)."""
     models, spec = run.models, run.spec
     assert models.customizer is not None and models.opt_a is not None
-    feats, labels = _labeled_features(run.features, run.store, run.protocol.labeled)
+    feats, labels = _labeled_features(run.features, run.store, run.protocol.labeled, _train_views(run))
     head = models.student.head()
     head_learns = spec.customkd.head_learns_in_stage_a
     for p in head.parameters():
@@ -480,6 +499,11 @@ def _epoch_batches(run: Run, epoch: int) -> list[list[Row]]:
     )
 
 
+def _train_views(run: Run) -> int:
+    """Views to draw from: all cached ones, or only view 0 (``train_views = "eval"``)."""
+    return 1 if run.spec.train_views == "eval" else run.store.num_views
+
+
 def train_stage_b(run: Run, epoch: int, state: TrainState, total_steps: int) -> dict[str, float]:
     """One stage-B epoch over labeled + unlabeled rows; returns the mean of each loss term.
 
@@ -488,7 +512,7 @@ def train_stage_b(run: Run, epoch: int, state: TrainState, total_steps: int) -> 
     spec, models, dist = run.spec, run.models, run.dist
     batches = _epoch_batches(run, epoch)
     rows = [r for b in batches for r in b]
-    views = draw_views(seed=spec.seed, epoch=epoch, rows=rows, num_views=run.store.num_views)
+    views = draw_views(seed=spec.seed, epoch=epoch, rows=rows, num_views=_train_views(run))
     items, index_batches = epoch_items(batches, views)
     if dist.world > 1:  # every rank needs a row of each batch; the plan is the same on all ranks
         index_batches = [b[dist.rank :: dist.world] for b in index_batches if len(b) >= dist.world]
@@ -567,8 +591,9 @@ def evaluate(run: Run) -> dict[str, Any]:
     per_split: dict[str, float] = {}
     correct_all = total_all = 0
     for split in run.protocol.eval_splits:
-        n = run.store.num_samples(split)
-        run.replay.set_items(eval_items(split, n), 0)
+        rows = run.protocol.eval_indices(split, run.store.num_samples(split))
+        n = len(rows)
+        run.replay.set_items([(Row(split, r, False), 0) for r in rows], 0)
         loader = make_loader(
             run.replay,
             batch_size=run.spec.optim.batch_size,
@@ -591,10 +616,10 @@ def teacher_accuracy(run: Run) -> tuple[float, dict[str, float]]:
     per_split: dict[str, float] = {}
     correct, total = 0.0, 0
     for split in run.protocol.eval_splits:
-        n = run.store.num_samples(split)
-        rows = np.arange(n)
+        rows = np.asarray(run.protocol.eval_indices(split, run.store.num_samples(split)), np.int64)
+        n = len(rows)
         f = torch.from_numpy(run.features.get_many(split, rows, np.zeros(n, np.int64))).to(run.device)
-        y = torch.from_numpy(run.store.labels(split).astype(np.int64)).to(run.device)
+        y = torch.from_numpy(run.store.labels(split)[rows].astype(np.int64)).to(run.device)
         acc = probe_accuracy(run.probe, f, y)
         per_split[split] = acc
         correct += acc * n
@@ -669,6 +694,16 @@ def load_checkpoint(run: Run) -> TrainState:
         lines = metrics.read_text().splitlines()[: state.epoch]
         metrics.write_text("".join(line + "\n" for line in lines))
     return state
+
+
+def _log_epoch(m: dict[str, Any], epochs: int) -> None:
+    acc = m.get("student_accuracy")
+    shown = f", student acc {100 * acc:.2f}%" if acc is not None else ""
+    print(
+        f"epoch {m['epoch'] + 1}/{epochs}: loss {m['loss_total']:.4f}{shown} ({m['seconds']:.1f} s)",
+        file=sys.stderr,
+        flush=True,
+    )
 
 
 def _write_json(path: Path, obj: Any) -> None:
