@@ -347,7 +347,7 @@ def prepare_run(spec: TrainSpec, *, spec_path: Path | None, out: Path, resume: b
         stats = (stats[0], np.where(stats[1] > 0, stats[1], np.float32(1.0)).astype(np.float32))
     features = FeatureSource(store.path, in_ram=spec.run.features_in_ram, standardize=stats)
     num_classes = len(dataset.manifest.classes)
-    teacher = _online_teacher(spec, spec_path, device) if spec.teacher_mode == "online" else None
+    teacher = _online_teacher(spec, spec_path, store, device) if spec.teacher_mode == "online" else None
     probe = fit_probe(spec, features, store, protocol, num_classes)
     models = build_models(spec, spec_path=spec_path, num_classes=num_classes, teacher_dim=store.feature_dim)
     replay = _replay_dataset(spec, dataset, store, features, models.student, teacher)
@@ -375,7 +375,9 @@ def prepare_run(spec: TrainSpec, *, spec_path: Path | None, out: Path, resume: b
     )
 
 
-def _online_teacher(spec: TrainSpec, spec_path: Path | None, device: torch.device) -> Any:
+def _online_teacher(
+    spec: TrainSpec, spec_path: Path | None, store: FeatureStore, device: torch.device
+) -> Any:
     """The teacher of the cache spec, run on the fly (the reference for cache fidelity)."""
     if not spec.cache.spec:
         raise SpecError("teacher_mode = 'online' needs cache.spec (the teacher is built from it)")
@@ -383,7 +385,14 @@ def _online_teacher(spec: TrainSpec, spec_path: Path | None, device: torch.devic
 
     cpath = spec_relative_path(spec.cache.spec, spec_path)
     cspec = load_cache_spec(cpath, [])
-    return create_teacher(cspec.teacher, spec_dir=cpath.parent, device=device)
+    teacher = create_teacher(cspec.teacher, spec_dir=cpath.parent, device=device)
+    cached = store.attrs.get("identity", {}).get("teacher", {}).get("weights_digest")
+    if cached != teacher.weights_digest:
+        raise StoreError(
+            f"{store.path}: made with teacher weights {str(cached)[:12]}, but {cpath} gives "
+            f"{teacher.weights_digest[:12]}; the online teacher must be the cached one"
+        )
+    return teacher
 
 
 def _replay_dataset(

@@ -97,7 +97,7 @@ def read_idx(folder: Path, prefix: str) -> tuple[np.ndarray, np.ndarray]:
 def write_list(path: Path, ids: list[str]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(f"{i}\n" for i in ids))
-    return path
+    return path.resolve()
 
 
 def ssl_lists(
@@ -136,6 +136,7 @@ def write_shift_domains(
     by 90 degrees; ``target_test``: test images with the same shift. PNG files plus one list file
     (``path label``) per split.
     """
+    out = out.resolve()
     if (out / "target_test.txt").is_file():
         return out
     train_x, train_y = read_idx(folder, "train")
