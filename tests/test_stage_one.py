@@ -284,3 +284,19 @@ class TestBadInput:
         assert proc.returncode == 2
         assert "vit_small_patch14_dinov2" in proc.stderr
         assert time.perf_counter() - t0 < 30
+
+
+def test_bf16_teacher_records_its_cosine_to_fp32(
+    oh_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from customkd_cache.extract import Shard, run_cache
+    from customkd_cache.specs import load_cache_spec
+
+    monkeypatch.setenv("CUSTOMKD_CACHE_ROOT", str(tmp_path))
+    spec = load_cache_spec(
+        SMOKE, [f"dataset.root={oh_root}", "teacher.precision=bf16", "dataset.splits=['Art']"]
+    )
+    res = run_cache(spec, spec_path=SMOKE, shard=Shard(), progress=False)
+    attrs = zarr.open_group(res.path, mode="r").attrs
+    assert 0.99 < attrs["bf16_cosine_to_fp32"] <= 1.0 + 1e-6
+    assert attrs["identity"]["teacher"]["precision"] == "bf16"

