@@ -340,7 +340,8 @@ def run_cache(
         collate_fn=collate_rows,
         persistent_workers=False,
     )
-    total = sum(len(store.units(s)[u]) for s, u in plan.units if not store.done_units(s)[u])
+    done = {name: store.done_units(name) for name in store.split_names}  # one read per split
+    total = sum(len(store.units(s)[u]) for s, u in plan.units if not done[s][u])
     bar = _progress(total, enabled=progress)
     t_work = time.perf_counter()
     buffers: dict[tuple[str, int], _UnitBuffer] = {}
