@@ -36,6 +36,10 @@ class NonFiniteFeatureError(CustomKDError, FloatingPointError):
     """The teacher produced NaN or Inf features; the message names the sample ids."""
 
 
+class NonFiniteLossError(CustomKDError, FloatingPointError):
+    """A training loss became NaN or Inf; the message names the epoch, step and terms."""
+
+
 def closest(word: str, choices: list[str] | tuple[str, ...]) -> str:
     """A ``" (did you mean 'x'?)"`` suffix naming the closest valid choice, or ``""``."""
     import difflib

@@ -66,11 +66,20 @@ def dkd_loss(
     gt = F.one_hot(target.reshape(-1), s.shape[1]).to(s.dtype)
     batch = s.shape[0]
 
-    p_s, p_t = F.softmax(s, dim=1), F.softmax(te, dim=1)
-    # The non-target mass is summed (not 1 - p_target) exactly as the reference does.
-    b_s = torch.stack([(p_s * gt).sum(1), (p_s * (1 - gt)).sum(1)], dim=1)
+    p_t = F.softmax(te, dim=1)
+    # The non-target mass is summed (not 1 - p_target) as the reference does. The student's binary
+    # log-masses are log-sum-exps of log_softmax (the reference's log(sum(p)) is the same value, but
+    # gives -inf, then NaN gradients, once a mass underflows to 0 in float32).
+    log_p_s = F.log_softmax(s, dim=1)
+    log_b_s = torch.stack(
+        [
+            torch.logsumexp(log_p_s.masked_fill(gt == 0, float("-inf")), dim=1),
+            torch.logsumexp(log_p_s.masked_fill(gt == 1, float("-inf")), dim=1),
+        ],
+        dim=1,
+    )
     b_t = torch.stack([(p_t * gt).sum(1), (p_t * (1 - gt)).sum(1)], dim=1)
-    tckd = F.kl_div(torch.log(b_s), b_t, reduction="sum") * t**2 / batch
+    tckd = F.kl_div(log_b_s, b_t, reduction="sum") * t**2 / batch
 
     log_q_s = F.log_softmax(s - 1000.0 * gt, dim=1)
     q_t = F.softmax(te - 1000.0 * gt, dim=1)

@@ -40,7 +40,7 @@ from .cached_data import (
 )
 from .data import Dataset, SplitManifest, labeled_indices, open_dataset, read_labeled_list
 from .distributed import Dist
-from .errors import SpecError, StoreError
+from .errors import NonFiniteLossError, SpecError, StoreError
 from .fingerprint import request_key
 from .losses import StageBTerms, customization_loss, stage_b_loss
 from .probe import Probe, probe_accuracy, train_probe
@@ -544,6 +544,7 @@ def train_stage_b(run: Run, epoch: int, state: TrainState, total_steps: int) -> 
         for g in models.opt_b.param_groups:
             g["lr"] = lr_at(spec, state.step, total_steps)
         terms = _stage_b_step(run, {k: v.to(run.device) for k, v in batch.items()}, dkd_ramp)
+        _check_finite(terms, epoch, state.step, spec.method)
         models.opt_b.zero_grad(set_to_none=False)
         terms.total.backward()
         dist.average_gradients(params)
@@ -553,6 +554,17 @@ def train_stage_b(run: Run, epoch: int, state: TrainState, total_steps: int) -> 
         for key in LOSS_TERMS:
             sums[f"loss_{key}"] += float(getattr(terms, key).detach())
     return dist.mean_over_ranks(dict(sums), n)
+
+
+def _check_finite(terms: StageBTerms, epoch: int, step: int, method: str) -> None:
+    """Stop at the first NaN/Inf loss instead of training on garbage (and reporting chance accuracy)."""
+    if bool(torch.isfinite(terms.total.detach())):
+        return
+    parts = ", ".join(f"{k}={float(getattr(terms, k).detach()):.4g}" for k in LOSS_TERMS)
+    raise NonFiniteLossError(
+        f"{method}: loss is not finite at epoch {epoch}, step {step} ({parts}); lower optim.lr "
+        "or the loss weights in the train spec"
+    )
 
 
 def _stage_b_step(run: Run, batch: dict[str, torch.Tensor], dkd_ramp: float) -> StageBTerms:

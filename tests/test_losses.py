@@ -348,3 +348,13 @@ class TestStageBLoss:
 
         losses = [step() for _ in range(30)]
         assert losses[-1] < 0.8 * losses[0]
+
+
+def test_dkd_stays_finite_when_a_binary_mass_underflows() -> None:
+    """A confident student (one class mass ~1, the rest ~0 in float32) must not give NaN gradients."""
+    student = torch.tensor([[100.0, 0.0, 0.0], [-100.0, 0.0, 0.0]], requires_grad=True)
+    teacher = torch.tensor([[0.0, 50.0, 0.0], [5.0, 0.0, 0.0]])
+    loss = dkd_loss(student, teacher, torch.tensor([1, 0]), alpha=1.0, beta=8.0, temperature=1.0)
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert student.grad is not None and torch.isfinite(student.grad).all()
