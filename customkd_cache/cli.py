@@ -38,11 +38,8 @@ def _root() -> None:
     """CustomKD distillation from vision foundation models through an offline Zarr v3 feature cache."""
 
 
-def _emit(obj: Any, as_json: bool) -> None:
-    if as_json:
-        typer.echo(json.dumps(obj, indent=2, sort_keys=True))
-    else:
-        typer.echo(obj if isinstance(obj, str) else json.dumps(obj, indent=2))
+def _print_json(obj: Any) -> None:
+    typer.echo(json.dumps(obj, indent=2, sort_keys=True))
 
 
 @app.command()
@@ -133,7 +130,7 @@ def info(
 
     data = open_store(_store_path(store)).info()
     if as_json:
-        _emit(data, True)
+        _print_json(data)
         return
     for key in ("path", "complete", "fingerprint", "num_samples", "num_views", "feature_dim", "dtype"):
         typer.echo(f"{key:12s} {data.get(key)}")
@@ -151,7 +148,7 @@ def ls_(
 
     entries = list_stores(root or specs.cache_root())
     if as_json:
-        _emit(entries, True)
+        _print_json(entries)
         return
     for e in entries:
         done = "complete" if e["complete"] else "partial"
