@@ -211,7 +211,7 @@ class DkdSpec(_Spec):
     beta: float = Field(8.0, ge=0.0)
     temperature: float = Field(4.0, gt=0.0)
     weight: float = Field(1.0, ge=0.0)
-    warmup_epochs: int = Field(1, ge=0)
+    warmup_epochs: int = Field(5, ge=0, description="DKD weight ramps linearly over these epochs")
 
 
 class CustomKDSpec(_Spec):

@@ -342,13 +342,13 @@ def prepare_run(spec: TrainSpec, *, spec_path: Path | None, out: Path, resume: b
     if dist.is_main:
         _prepare_out(out, spec, store, protocol, resume=resume)
     dist.barrier()
-    stats = combined_stats(store, protocol.train_splits) if spec.customkd.standardize else None
-    if stats is not None:  # a constant dimension is only centred, as FeatureSource does
-        stats = (stats[0], np.where(stats[1] > 0, stats[1], np.float32(1.0)).astype(np.float32))
+    mean, std = combined_stats(store, protocol.train_splits)
+    train_stats = (mean, np.where(std > 0, std, np.float32(1.0)).astype(np.float32))  # as FeatureSource does
+    stats = train_stats if spec.customkd.standardize else None
     features = FeatureSource(store.path, in_ram=spec.run.features_in_ram, standardize=stats)
     num_classes = len(dataset.manifest.classes)
     teacher = _online_teacher(spec, spec_path, store, device) if spec.teacher_mode == "online" else None
-    probe = fit_probe(spec, features, store, protocol, num_classes)
+    probe = fit_probe(spec, features, store, protocol, num_classes, None if stats else train_stats)
     models = build_models(spec, spec_path=spec_path, num_classes=num_classes, teacher_dim=store.feature_dim)
     replay = _replay_dataset(spec, dataset, store, features, models.student, teacher)
     features.preload([*protocol.train_splits, *protocol.eval_splits])
@@ -430,17 +430,31 @@ def _replay_dataset(
 
 
 def fit_probe(
-    spec: TrainSpec, features: FeatureSource, store: FeatureStore, protocol: Protocol, num_classes: int
+    spec: TrainSpec,
+    features: FeatureSource,
+    store: FeatureStore,
+    protocol: Protocol,
+    num_classes: int,
+    raw_stats: tuple[np.ndarray, np.ndarray] | None,
 ) -> Probe:
-    """The teacher probe: a linear classifier on the labeled rows' cached features, all views."""
+    """The teacher probe: a linear classifier on the labeled rows' cached features, all views.
+
+    It standardizes with the statistics of the whole training splits (``raw_stats`` when the
+    features come unstandardized, else none is needed): statistics of the few labeled rows alone
+    have near-zero spreads in some dimensions and give the probe unbounded logits elsewhere.
+    """
     views = 1 if spec.train_views == "eval" else store.num_views
     feats, labels = _labeled_features(features, store, protocol.labeled, views)
+    d = feats.shape[1]
+    mean, std = raw_stats if raw_stats is not None else (np.zeros(d, np.float32), np.ones(d, np.float32))
     return train_probe(
         torch.from_numpy(feats),
         torch.from_numpy(labels),
         num_classes=num_classes,
         spec=spec.probe,
         seed=spec.seed,
+        mean=torch.from_numpy(mean),
+        std=torch.from_numpy(std),
     )
 
 

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from customkd_cache import extract
+from customkd_cache.errors import NonFiniteLossError
 from customkd_cache.specs import CacheSpec, TrainSpec, load_cache_spec, validate
 from customkd_cache.train import run_train
 from evidence.fmnist import ensure_fashion_mnist, log, read_idx, ssl_lists, write_shift_domains
@@ -99,7 +100,11 @@ def train_one(base: dict[str, Any], out: Path, **updates: Any) -> dict[str, Any]
     spec = validate(TrainSpec, _merge(base, updates), f"study:{out.name}")
     shutil.rmtree(out, ignore_errors=True)
     t0 = time.perf_counter()
-    res = run_train(spec, spec_path=CACHE_SPEC, out=out)
+    try:
+        res = run_train(spec, spec_path=CACHE_SPEC, out=out)
+    except NonFiniteLossError as e:  # reported as diverged, not hidden
+        log(f"[study] {out.name}: diverged: {e}")
+        return {"student_accuracy": None, "teacher_accuracy": None, "diverged": str(e), "method": spec.method}
     res["wall_seconds"] = round(time.perf_counter() - t0, 1)
     log(
         f"[study] {out.name}: student {res['student_accuracy']:.4f}, "
@@ -251,12 +256,18 @@ def run_uda(folder: Path, plan: Plan, work: Path) -> dict[str, Any]:
 
 
 def summary(runs: list[dict[str, Any]], key: str = "student_accuracy") -> dict[str, float]:
-    vals = [100 * r[key] for r in runs]
+    """Mean/std over the runs that finished; ``diverged`` counts those stopped by a non-finite loss."""
+    vals = [100 * r[key] for r in runs if r.get(key) is not None]
     return {
-        "mean": statistics.mean(vals),
+        "mean": statistics.mean(vals) if vals else float("nan"),
         "std": statistics.stdev(vals) if len(vals) > 1 else 0.0,
         "n": len(vals),
+        "diverged": sum(1 for r in runs if "diverged" in r),
     }
+
+
+def _div(s: dict[str, float]) -> str:
+    return f", {int(s['diverged'])} diverged" if s["diverged"] else ""
 
 
 def write_report(out: Path, results: dict[str, Any], command: str, minutes: float) -> None:
@@ -283,11 +294,11 @@ def write_report(out: Path, results: dict[str, Any], command: str, minutes: floa
     for m, rs in ssl["runs"].items():
         s = summary(rs)
         hp = ", ".join(f"{k.split('__')[-1]}={v}" for k, v in ssl["hyperparameters"][m].items())
-        lines.append(f"| {m} | {hp} | {s['mean']:.2f} ± {s['std']:.2f} (n={s['n']}) |")
+        lines.append(f"| {m} | {hp} | {s['mean']:.2f} ± {s['std']:.2f} (n={s['n']}{_div(s)}) |")
     lines += ["", "## Cache fidelity (customkd, SSL)", "", "| teacher features | accuracy |", "|---|---|"]
     for k, rs in ssl["fidelity"].items():
         s = summary(rs)
-        lines.append(f"| {k} | {s['mean']:.2f} ± {s['std']:.2f} (n={s['n']}) |")
+        lines.append(f"| {k} | {s['mean']:.2f} ± {s['std']:.2f} (n={s['n']}{_div(s)}) |")
     uda = results["uda"]
     t = summary(uda["runs"]["customkd"], "teacher_accuracy")
     lines += [
@@ -301,7 +312,7 @@ def write_report(out: Path, results: dict[str, Any], command: str, minutes: floa
     ]
     for m, rs in uda["runs"].items():
         s = summary(rs)
-        lines.append(f"| {m} | {s['mean']:.2f} ± {s['std']:.2f} (n={s['n']}) |")
+        lines.append(f"| {m} | {s['mean']:.2f} ± {s['std']:.2f} (n={s['n']}{_div(s)}) |")
     (out / "study.md").write_text("\n".join(lines) + "\n")
     plot(out / "study.png", results)
 
@@ -325,8 +336,9 @@ def plot(path: Path, results: dict[str, Any]) -> None:
         ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
         ax.set_title(title)
         ax.set_ylabel("test accuracy (%)")
-        lo = min(s["mean"] - s["std"] for s in stats)
-        ax.set_ylim(max(0.0, lo - 10), min(100.0, max(s["mean"] + s["std"] for s in stats) + 5))
+        finite = [s for s in stats if s["n"]] or [{"mean": 50.0, "std": 0.0}]
+        lo = min(s["mean"] - s["std"] for s in finite)
+        ax.set_ylim(max(0.0, lo - 10), min(100.0, max(s["mean"] + s["std"] for s in finite) + 5))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
