@@ -6,9 +6,11 @@ changes files writes its own copy (the ``fakedata`` writers take well under a se
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 
 from customkd_cache import fakedata
 from customkd_cache.specs import DatasetSpec
@@ -98,3 +100,14 @@ def awkward_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
         odd_modes=True,
         truncated=True,
     )
+
+
+@pytest.fixture(scope="module")
+def one_thread() -> Iterator[None]:
+    """One torch intra-op thread for a module of tiny tensors: fastest for them, keeps results
+    independent of the core count, and avoids two OpenMP threads fighting other processes on a
+    shared 2-core machine (seen here to make each forward pass ~100x slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -23,15 +22,7 @@ from customkd_cache.losses import (
 )
 from customkd_cache.specs import METHODS, CustomKDSpec, DkdSpec, KdSpec
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    # Tiny tensors: one intra-op thread is fastest, and on a shared 2-core machine two OpenMP
-    # threads competing with other processes made each forward pass ~100x slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # --- independent numpy references (float64) -----------------------------------------------------

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 import torch
 
@@ -14,13 +12,7 @@ NUM_CLASSES, DIM = 4, 16
 SPEC = ProbeSpec(epochs=15, lr=0.05, weight_decay=1e-4, batch_size=64)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    # Tiny tensors: one intra-op thread is fastest and keeps results independent of the core count.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def clusters(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

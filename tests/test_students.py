@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -20,15 +19,7 @@ from customkd_cache.students import (
 )
 from customkd_cache.weights import load_state_dict_into, read_state_dict, resolve_weights_file
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    # Tiny tensors: one intra-op thread is fastest, and on a shared 2-core machine two OpenMP
-    # threads competing with other processes made each forward pass ~100x slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 TINY = "test_efficientnet"  # timm's own tiny test model: 0.1M parameters, 256-d pre-logits
