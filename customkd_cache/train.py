@@ -269,6 +269,7 @@ class Run:
     replay: ReplayDataset
     num_classes: int
     stats: tuple[np.ndarray, np.ndarray] | None  # (mean, std) used to standardize f_t
+    labeled: tuple[np.ndarray, np.ndarray]  # (k*V, D) features and labels of the labeled rows
     dist: Dist
     device: torch.device
     teacher: Any = None  # the online teacher, when teacher_mode = "online"
@@ -348,7 +349,9 @@ def prepare_run(spec: TrainSpec, *, spec_path: Path | None, out: Path, resume: b
     features = FeatureSource(store.path, in_ram=spec.run.features_in_ram, standardize=stats)
     num_classes = len(dataset.manifest.classes)
     teacher = _online_teacher(spec, spec_path, store, device) if spec.teacher_mode == "online" else None
-    probe = fit_probe(spec, features, store, protocol, num_classes, None if stats else train_stats)
+    views = 1 if spec.train_views == "eval" else store.num_views
+    labeled = _labeled_features(features, store, protocol.labeled, views)  # probe and every stage A
+    probe = fit_probe(spec, labeled, num_classes, None if stats else train_stats)
     models = build_models(spec, spec_path=spec_path, num_classes=num_classes, teacher_dim=store.feature_dim)
     replay = _replay_dataset(spec, dataset, store, features, models.student, teacher)
     features.preload([*protocol.train_splits, *protocol.eval_splits])
@@ -369,6 +372,7 @@ def prepare_run(spec: TrainSpec, *, spec_path: Path | None, out: Path, resume: b
         replay,
         num_classes,
         stats,
+        labeled,
         dist,
         device,
         teacher,
@@ -431,20 +435,18 @@ def _replay_dataset(
 
 def fit_probe(
     spec: TrainSpec,
-    features: FeatureSource,
-    store: FeatureStore,
-    protocol: Protocol,
+    labeled: tuple[np.ndarray, np.ndarray],
     num_classes: int,
     raw_stats: tuple[np.ndarray, np.ndarray] | None,
 ) -> Probe:
-    """The teacher probe: a linear classifier on the labeled rows' cached features, all views.
+    """The teacher probe: a linear classifier on the labeled rows' cached features (``labeled``,
+    every view in use, see ``_labeled_features``).
 
     It standardizes with the statistics of the whole training splits (``raw_stats`` when the
     features come unstandardized, else none is needed): statistics of the few labeled rows alone
     have near-zero spreads in some dimensions and give the probe unbounded logits elsewhere.
     """
-    views = 1 if spec.train_views == "eval" else store.num_views
-    feats, labels = _labeled_features(features, store, protocol.labeled, views)
+    feats, labels = labeled
     d = feats.shape[1]
     mean, std = raw_stats if raw_stats is not None else (np.zeros(d, np.float32), np.ones(d, np.float32))
     return train_probe(
@@ -483,7 +485,7 @@ def train_stage_a(run: Run, epoch: int) -> float:
     Only P_t learns (and H_s when ``customkd.head_learns_in_stage_a``)."""
     models, spec = run.models, run.spec
     assert models.customizer is not None and models.opt_a is not None
-    feats, labels = _labeled_features(run.features, run.store, run.protocol.labeled, _train_views(run))
+    feats, labels = run.labeled
     head = models.student.head()
     head_learns = spec.customkd.head_learns_in_stage_a
     for p in head.parameters():
