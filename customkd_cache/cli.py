@@ -110,6 +110,78 @@ def train(
     )
 
 
+@app.command()
+def sweep(
+    spec: SpecOpt,
+    out: Annotated[Path, typer.Option(help="sweep directory: one run directory per point, and sweep.json")],
+    grid: Annotated[
+        Optional[list[str]],
+        typer.Option(
+            "--grid",
+            help="a grid axis KEY=V1,V2,... (values parse as TOML); "
+            "KEY_A+KEY_B links two fields to one value",
+        ),
+    ] = None,
+    set_: SetOpt = None,
+    shard: Annotated[
+        Optional[str], typer.Option(help="this job's share of the points, I/N (e.g. a Slurm array task)")
+    ] = None,
+    retry_failed: Annotated[
+        bool, typer.Option("--retry-failed", help="train failed points again (default: keep them failed)")
+    ] = False,
+) -> None:
+    """Train the cartesian product of the grids from one spec; finished points are skipped."""
+    from .extract import Shard
+    from .sweep import parse_grid, run_sweep
+
+    part = Shard.parse(shard) if shard else None
+    points = run_sweep(
+        spec_path=spec,
+        out=out,
+        grid=[parse_grid(g) for g in grid or []],
+        overrides=set_ or [],
+        shard=(part.index, part.count) if part else None,
+        retry_failed=retry_failed,
+    )
+    for p in points:
+        typer.echo(f"{p.status:8s} {p.run_dir}" + (f"  ({p.error})" if p.error else ""))
+    counts = {s: sum(p.status == s for p in points) for s in ("ran", "done", "failed", "skipped")}
+    typer.echo(f"{out}: {len(points)} points: " + ", ".join(f"{n} {s}" for s, n in counts.items()))
+
+
+@app.command()
+def report(
+    dirs: Annotated[
+        list[Path], typer.Argument(help="sweep directories or run directories", show_default=False)
+    ],
+    by: Annotated[
+        Optional[list[str]], typer.Option("--by", help="group by this key (default: every key that varies)")
+    ] = None,
+    metric: Annotated[str, typer.Option(help="the test metric to summarise")] = "student_accuracy",
+    select_on: Annotated[
+        Optional[str],
+        typer.Option(
+            help="per group, choose the hyper-parameters on this validation metric (e.g. val_accuracy)"
+        ),
+    ] = None,
+    as_json: JsonOpt = False,
+    out: Annotated[
+        Optional[Path], typer.Option(help="also write PREFIX.md, PREFIX.json and PREFIX.png")
+    ] = None,
+) -> None:
+    """Mean ± std over seeds of the runs' metrics, grouped; failed and incomplete runs shown as such."""
+    from .report import build_report, load_runs, write_report
+
+    rep = build_report(load_runs(dirs), by=by, metric=metric, select_on=select_on)
+    if as_json:
+        _print_json(rep.to_json())
+    else:
+        typer.echo(rep.to_markdown(), nl=False)
+    if out is not None:
+        written = write_report(rep, out)
+        typer.echo(f"wrote {', '.join(str(p) for p in written)}", err=True)
+
+
 def _pct(x: float | None) -> str:
     return "n/a" if x is None else f"{100 * x:.2f}%"
 
