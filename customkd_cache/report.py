@@ -261,7 +261,8 @@ def varying_keys(runs: Sequence[RunRecord]) -> list[str]:
 def _follows_seed(runs: Sequence[RunRecord], key: str) -> bool:
     by_seed: dict[Any, set[Any]] = {}
     for r in runs:
-        by_seed.setdefault(_hashable(r.value("seed")), set()).add(_hashable(r.value(key)))
+        if r.value("seed") is not None:  # a run that never started has no spec to tell
+            by_seed.setdefault(_hashable(r.value("seed")), set()).add(_hashable(r.value(key)))
     values = {v for vs in by_seed.values() for v in vs}
     return len(by_seed) > 1 and all(len(v) == 1 for v in by_seed.values()) and len(values) == len(by_seed)
 
@@ -391,7 +392,7 @@ def plot_report(report: Report, path: Path) -> None:
         if g.curve:
             curves.plot([e + 1 for e, _ in g.curve], [v * scale for _, v in g.curve], marker="o", label=label)
     curves.set_xlabel("epoch")
-    curves.set_ylabel(f"{report.metric} (mean over runs)")
+    curves.set_ylabel(f"{report.metric}, mean over runs" + (" (%)" if scale != 1.0 else ""))
     if any(g.curve for g in report.groups):
         curves.legend(fontsize="small")
     fig.tight_layout()
