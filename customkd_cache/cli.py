@@ -182,6 +182,55 @@ def report(
         typer.echo(f"wrote {', '.join(str(p) for p in written)}", err=True)
 
 
+@app.command(name="export")
+def export_(
+    run_dir: Annotated[Path, typer.Argument(help="a finished train run directory", show_default=False)],
+    format_: Annotated[str, typer.Option("--format", help="onnx or torchscript")] = "onnx",
+    quantize: Annotated[
+        Optional[str], typer.Option(help="int8: also write a statically quantized ONNX model")
+    ] = None,
+    checkpoint: Annotated[str, typer.Option(help="best or last student of the run")] = "best",
+    out: Annotated[
+        Optional[Path], typer.Option(help="model file (default RUN_DIR/export/student.onnx or .pt)")
+    ] = None,
+    images: Annotated[int, typer.Option(help="evaluation images for the checks; 0 = all of them")] = 0,
+    runs: Annotated[int, typer.Option(help="timed batch-1 runs per latency figure")] = 100,
+) -> None:
+    """Export the run's student as ONNX or TorchScript; check parity, size, MACs and CPU latency."""
+    from .export import FORMATS, ExportError, export_student
+
+    if format_ not in FORMATS:
+        raise ExportError(f"--format {format_}: unknown; choose one of {', '.join(FORMATS)}")
+    if checkpoint not in ("best", "last"):
+        raise ExportError(f"--checkpoint {checkpoint}: choose best or last")
+    rep = export_student(
+        run_dir,
+        fmt=format_,  # type: ignore[arg-type]  # checked above
+        quantize=quantize,  # type: ignore[arg-type]  # checked by export_student
+        checkpoint=checkpoint,  # type: ignore[arg-type]
+        out=out,
+        max_images=images,
+        latency_runs=runs,
+    )
+    typer.echo(
+        f"{rep['student']} ({rep['checkpoint']}), {rep['input_size']} px: {rep['params']:,} params, "
+        f"{rep['macs'] / 1e6:.2f} M MACs; torch accuracy {_pct(rep['torch_accuracy'])} "
+        f"on {rep['num_images']} images"
+    )
+    typer.echo(
+        f"{'format':12s} {'file':>10s} {'max|dlogit|':>12s} {'top-1 agree':>12s} {'accuracy':>9s} "
+        f"{'p50/p90 ms, 1 thread':>21s} {'p50/p90 ms, ' + str(rep['threads_all']) + ' threads':>22s}"
+    )
+    for name, m in rep["formats"].items():
+        one, every = m["latency_ms"]["1"], m["latency_ms"]["all"]
+        typer.echo(
+            f"{name:12s} {m['file_bytes'] / 2**20:8.2f}MB {m['max_abs_logit_diff']:12.2e} "
+            f"{100 * m['top1_agreement']:11.2f}% {_pct(m['accuracy']):>9s} "
+            f"{one['p50']:10.3f}/{one['p90']:.3f} {every['p50']:11.3f}/{every['p90']:.3f}"
+        )
+    typer.echo(f"wrote {Path(next(iter(rep['formats'].values()))['file']).parent / 'export.json'}")
+
+
 def _pct(x: float | None) -> str:
     return "n/a" if x is None else f"{100 * x:.2f}%"
 
