@@ -264,7 +264,7 @@ def ls_(
     root: Annotated[Optional[Path], typer.Argument(help="cache root (default: CUSTOMKD_CACHE_ROOT)")] = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """List the feature stores under a cache root."""
+    """List the feature stores under a cache root: state, samples x views, teacher, size, creation."""
     from .store import list_stores
 
     entries = list_stores(root or specs.cache_root())
@@ -272,8 +272,44 @@ def ls_(
         _print_json(entries)
         return
     for e in entries:
-        done = "complete" if e["complete"] else "partial"
-        typer.echo(f"{e['path']}  {e['dataset']}  {e['teacher']}  {done}  {e['size_bytes'] / 2**20:.1f} MiB")
+        size = f"{e['size_bytes'] / 2**20:.1f} MiB"
+        if e["damaged"]:
+            typer.echo(f"{e['path']}  DAMAGED  {size}  {e['error']}")
+            continue
+        state = "complete" if e["complete"] else "incomplete"
+        typer.echo(
+            f"{e['path']}  {state}  {e['dataset']}  {e['teacher']}  "
+            f"{e['num_samples']} x {e['num_views']}  {size}  {e['created'] or '-'}"
+        )
+
+
+@app.command()
+def gc(
+    root: Annotated[Optional[Path], typer.Argument(help="cache root (default: CUSTOMKD_CACHE_ROOT)")] = None,
+    older_than: Annotated[
+        float, typer.Option(help="remove incomplete stores untouched for this many days")
+    ] = 7.0,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="list what would be removed; remove nothing")
+    ] = False,
+) -> None:
+    """Remove what killed runs leave: temporary creator dirs, stale claims, old incomplete stores."""
+    from .gc import collect_garbage
+
+    res = collect_garbage(root or specs.cache_root(), older_than_days=older_than, dry_run=dry_run)
+    verb = "would remove" if dry_run else "removed"
+    for r in res.removed:
+        typer.echo(f"{verb} {r.kind:16s} {_bytes(r.bytes):>10s}  {r.path}  ({r.reason})")
+    for path, why in res.kept:
+        typer.echo(f"kept   {path}  ({why})")
+    typer.echo(f"{res.root}: {verb} {len(res.removed)} entries, {_bytes(res.bytes_freed)}")
+
+
+def _bytes(n: int) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} B"
 
 
 @app.command()
