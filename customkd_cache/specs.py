@@ -278,10 +278,10 @@ class CustomKDSpec(_Spec):
     head_learns_in_stage_a: bool = Field(
         False, description="with stage_a_head = student: update H_s in stage A too"
     )
-    stage_a_steps: int = Field(200, ge=0, description="optimizer steps per stage-A cycle; 0 = no stage A")
-    stage_a_batch_size: int = Field(128, ge=1, description="labeled (row, view) pairs per stage-A step")
+    stage_a_steps: int = Field(100, ge=0, description="optimizer steps per stage-A cycle; 0 = no stage A")
+    stage_a_batch_size: int = Field(64, ge=1, description="labeled (row, view) pairs per stage-A step")
     stage_a_optimizer: Literal["adamw", "sgd"] = "adamw"
-    stage_a_lr: float = Field(1e-3, gt=0.0, allow_inf_nan=False)
+    stage_a_lr: float = Field(2e-3, gt=0.0, allow_inf_nan=False)
     stage_a_weight_decay: float = Field(0.0, ge=0.0, allow_inf_nan=False)
     stage_a_ce_target: float = Field(
         0.0, ge=0.0, description="end a stage-A cycle early once a step's CE is below this; 0 = never"
