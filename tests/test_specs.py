@@ -108,6 +108,15 @@ class TestCli:
             and "Traceback" not in proc.stderr
         )
 
+    def test_a_spec_that_is_not_utf8_exits_2_with_one_line(self, tmp_path: Path) -> None:
+        bad = tmp_path / "latin1.toml"
+        bad.write_bytes('method = "\u00e9"\n'.encode("latin-1"))
+        proc = self.run("check", str(bad))
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr
+        assert (
+            proc.stderr.strip().count("\n") == 0 and "latin1.toml" in proc.stderr and "UTF-8" in proc.stderr
+        )
+
     def test_check_prints_the_resolved_spec(self) -> None:
         proc = self.run("check", str(REPO / "pipelines/smoke/officehome.toml"), "--set", "method=kd")
         assert (

@@ -445,3 +445,24 @@ def test_torchrun_two_ranks_track_one_process(cached: dict[str, Path], tmp_path:
     r2 = json.loads((tmp_path / "two" / "results.json").read_text())
     assert r1["teacher_accuracy"] == r2["teacher_accuracy"]
     assert abs(r1["student_accuracy"] - r2["student_accuracy"]) <= 0.05
+
+
+def test_disk_full_while_checkpointing_keeps_no_partial_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from types import SimpleNamespace
+
+    from customkd_cache.errors import RunDirError
+    from customkd_cache.train import TrainState, save_checkpoint
+
+    def full(obj: Any, path: Path) -> None:
+        Path(path).write_bytes(b"partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full)
+    run = SimpleNamespace(
+        out=tmp_path, models=SimpleNamespace(state_dict=dict), store=SimpleNamespace(fingerprint="f")
+    )
+    with pytest.raises(RunDirError, match="No space left on device.*--resume"):
+        save_checkpoint(run, TrainState(epoch=1))  # type: ignore[arg-type]
+    assert list((tmp_path / "checkpoints").iterdir()) == []
