@@ -50,6 +50,10 @@ def check(
     """Validate a cache or train spec and print it resolved (defaults filled in)."""
     spec = specs.load_any_spec(file, set_ or [])
     kind = "train" if isinstance(spec, specs.TrainSpec) else "cache"
+    if isinstance(spec, specs.CacheSpec):
+        from .teachers import check_teacher_name
+
+        check_teacher_name(spec.teacher)
     typer.echo(f"# {file}: valid {kind} spec", err=True)
     typer.echo(json.dumps(specs.to_dict(spec), indent=2))
 

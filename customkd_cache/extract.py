@@ -27,11 +27,12 @@ from torch.utils.data import Dataset as TorchDataset
 
 from . import __version__, claims
 from .data import Dataset, open_dataset
+from .distributed import resolve_device
 from .errors import SpecError, StoreError
 from .fingerprint import cache_identity, dataset_identity, fingerprint, request_key
 from .specs import CacheSpec, cache_root, to_dict
 from .store import FeatureStore, SplitInit, create_or_open_store, store_name
-from .teachers import Teacher, create_teacher, fidelity_cosine, resolve_device
+from .teachers import Teacher, create_teacher, fidelity_cosine
 from .views import render_view, sample_views, to_tensor
 
 POLL_S = 0.5

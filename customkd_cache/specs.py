@@ -50,7 +50,8 @@ DEFAULT_ROOTS: dict[str, str] = {
 
 
 class _Spec(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # no NaN or Inf in any float field: `lr = inf` is a typo, never a setting
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 # --- shared sections ---------------------------------------------------------------------------

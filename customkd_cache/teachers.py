@@ -33,7 +33,8 @@ from typing import Any, Literal
 
 import torch
 
-from .errors import SpecError, TeacherError, WeightsError, closest
+from .distributed import resolve_device
+from .errors import TeacherError, WeightsError, closest
 from .specs import TeacherSpec
 from .views import INTERPOLATIONS
 from .weights import file_sha256, first_mismatch, load_state_dict_into, read_state_dict, resolve_weights_file
@@ -133,6 +134,15 @@ class Teacher:
         return self.forward_fn(self.module, x).float()
 
 
+def check_teacher_name(spec: TeacherSpec) -> None:
+    """Raise ``TeacherError`` (naming the closest valid name) when timm or open_clip has no model
+    ``spec.name`` (or no such pretrained tag); builds nothing."""
+    if spec.source == "timm":
+        _check_timm_name(spec.name)
+    else:
+        _check_open_clip_name(spec)
+
+
 def create_teacher(
     spec: TeacherSpec, *, spec_dir: Path | None = None, device: str | torch.device = "cpu"
 ) -> Teacher:
@@ -144,10 +154,7 @@ def create_teacher(
     """
     _hub_offline()
     target = device if isinstance(device, torch.device) else resolve_device(device)
-    if spec.source == "timm":
-        _check_timm_name(spec.name)
-    else:
-        _check_open_clip_name(spec)
+    check_teacher_name(spec)
     path, source = _locate_weights(spec, spec_dir)
     build = _build_timm if spec.source == "timm" else _build_open_clip
     with _seeded(spec.init_seed):
@@ -160,24 +167,6 @@ def create_teacher(
     teacher.to(target)
     teacher.feature_dim = _probe_feature_dim(teacher)
     return teacher
-
-
-def resolve_device(name: str) -> torch.device:
-    """``"auto"`` -> ``cuda`` when available, else ``cpu``; other names are checked (``SpecError``)."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(name)
-    except (RuntimeError, ValueError):
-        raise SpecError(f"run.device = {name!r}: not a device name; use auto, cpu, cuda or cuda:N") from None
-    if dev.type == "cuda":
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if count == 0 or (dev.index is not None and dev.index >= count):
-            raise SpecError(
-                f"run.device = {name!r}: this machine has {count} CUDA device(s); "
-                "use run.device = 'auto' or 'cpu'"
-            )
-    return dev
 
 
 def fidelity_cosine(teacher: Teacher, x: torch.Tensor) -> float:

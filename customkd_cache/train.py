@@ -40,7 +40,7 @@ from .cached_data import (
     stage_b_batches,
 )
 from .data import Dataset, SplitManifest, labeled_indices, open_dataset, read_labeled_list
-from .distributed import Dist
+from .distributed import Dist, resolve_device
 from .errors import NonFiniteLossError, RunDirError, SpecError, StoreError
 from .fingerprint import request_key
 from .losses import StageBTerms, customization_loss, stage_b_loss
@@ -332,8 +332,6 @@ def prepare_run(spec: TrainSpec, *, spec_path: Path | None, out: Path, resume: b
     """Resolve data, cache, probe and models; write spec.json and caches.json (rank 0)."""
     if resume:
         check_resume(out, spec)
-    from .teachers import resolve_device
-
     device = dist.device if dist.world > 1 else resolve_device(spec.run.device)
     dataset = open_dataset(spec.dataset)
     digest = dataset.manifest.digest()
