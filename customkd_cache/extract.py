@@ -9,6 +9,8 @@ store: units are split between shards, and claims keep two processes off the sam
 
 from __future__ import annotations
 
+import contextlib
+import importlib.metadata
 import os
 import platform
 import socket
@@ -16,7 +18,7 @@ import sys
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -156,31 +158,29 @@ def open_plan_store(plan: CachePlan, *, command: Sequence[str] = ()) -> FeatureS
     )
 
 
+# Libraries whose versions travel with a store (key -> distribution name), read from the installed
+# metadata so that provenance imports none of them.
+_VERSIONED = {
+    "torch": "torch",
+    "timm": "timm",
+    "zarr": "zarr",
+    "numcodecs": "numcodecs",
+    "numpy": "numpy",
+    "open_clip": "open_clip_torch",
+}
+
+
 def provenance(spec: CacheSpec, *, command: Sequence[str] = ()) -> dict[str, Any]:
     """Resolved spec, library versions, host, time and the making command: recorded, never hashed."""
-    import numcodecs
-    import timm
-    import zarr
-
-    versions = {
-        "customkd_cache": __version__,
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "timm": timm.__version__,
-        "zarr": zarr.__version__,
-        "numcodecs": numcodecs.__version__,
-        "numpy": np.__version__,
-    }
-    try:
-        import open_clip
-
-        versions["open_clip"] = open_clip.__version__
-    except ImportError:  # open_clip is optional for timm-only caches
-        pass
+    versions = {"customkd_cache": __version__, "python": platform.python_version()}
+    for key, dist in _VERSIONED.items():
+        # a library that is not installed (open_clip for timm-only caches) is left out
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+            versions[key] = importlib.metadata.version(dist)
     return {
         "spec": to_dict(spec),
         "versions": versions,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "host": socket.gethostname(),
         "argv": sys.argv,
         "command": list(command),

@@ -44,6 +44,7 @@ from .distributed import Dist, resolve_device
 from .errors import NonFiniteLossError, RunDirError, SpecError, StoreError
 from .fingerprint import request_key
 from .losses import StageBTerms, customization_loss, stage_b_loss
+from .online import create_online_teacher
 from .probe import Probe, probe_accuracy, train_probe
 from .specs import TrainSpec, cache_root, data_path, load_cache_spec, spec_relative_path, to_dict
 from .store import FeatureStore, list_stores, open_store
@@ -349,7 +350,7 @@ def prepare_run(spec: TrainSpec, *, spec_path: Path | None, out: Path, resume: b
     stats = train_stats if spec.customkd.standardize else None
     features = FeatureSource(store.path, in_ram=spec.run.features_in_ram, standardize=stats)
     num_classes = len(dataset.manifest.classes)
-    teacher = _online_teacher(spec, spec_path, store, device) if spec.teacher_mode == "online" else None
+    teacher = create_online_teacher(spec, spec_path, store, device) if spec.teacher_mode == "online" else None
     views = 1 if spec.train_views == "eval" else store.num_views
     labeled = _labeled_features(features, store, protocol.labeled, views)  # probe and every stage A
     probe = fit_probe(spec, labeled, num_classes, None if stats else train_stats)
@@ -378,26 +379,6 @@ def prepare_run(spec: TrainSpec, *, spec_path: Path | None, out: Path, resume: b
         device=device,
         teacher=teacher,
     )
-
-
-def _online_teacher(
-    spec: TrainSpec, spec_path: Path | None, store: FeatureStore, device: torch.device
-) -> Any:
-    """The teacher of the cache spec, run on the fly (the reference for cache fidelity)."""
-    if not spec.cache.spec:
-        raise SpecError("teacher_mode = 'online' needs cache.spec (the teacher is built from it)")
-    from .teachers import create_teacher
-
-    cpath = spec_relative_path(spec.cache.spec, spec_path)
-    cspec = load_cache_spec(cpath, [])
-    teacher = create_teacher(cspec.teacher, spec_dir=cpath.parent, device=device)
-    cached = store.attrs.get("identity", {}).get("teacher", {}).get("weights_digest")
-    if cached != teacher.weights_digest:
-        raise StoreError(
-            f"{store.path}: made with teacher weights {str(cached)[:12]}, but {cpath} gives "
-            f"{teacher.weights_digest[:12]}; the online teacher must be the cached one"
-        )
-    return teacher
 
 
 def _replay_dataset(
