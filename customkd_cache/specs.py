@@ -15,10 +15,10 @@ directory of the spec file; absolute paths are used as they are. Stores live und
 from __future__ import annotations
 
 import os
+import tomllib
 from pathlib import Path
 from typing import Any, Literal, TypeVar, Union
 
-import tomllib
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import SpecError, closest

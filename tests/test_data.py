@@ -17,7 +17,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from customkd_cache import fakedata
 from customkd_cache.data import (
     OFFICEHOME_CLASSES,
     OFFICEHOME_DOMAINS,
@@ -31,6 +30,7 @@ from customkd_cache.data import (
 )
 from customkd_cache.errors import DatasetError
 from customkd_cache.specs import DatasetKind, DatasetSpec
+from customkd_cache.testing import fakedata
 
 KINDS: tuple[str, ...] = typing.get_args(DatasetKind)
 Sizes = dict[str, tuple[int, dict[str, int]]]

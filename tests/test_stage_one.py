@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 import zarr
 
-from customkd_cache import fakedata
+from customkd_cache.testing import fakedata
 
 REPO = Path(__file__).resolve().parents[1]
 SMOKE = REPO / "cache_specs" / "smoke" / "officehome.toml"

@@ -24,9 +24,9 @@ import pytest
 import torch
 import zarr
 
-from customkd_cache import fakedata
 from customkd_cache.distributed import Dist
 from customkd_cache.specs import load_train_spec
+from customkd_cache.testing import fakedata
 from customkd_cache.train import prepare_run, run_train
 
 REPO = Path(__file__).resolve().parents[1]
