@@ -31,12 +31,14 @@ This module is the only one that imports zarr.
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import json
 import os
 import re
 import shlex
 import shutil
+import socket
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -49,6 +51,7 @@ from zarr.codecs import ZstdCodec
 from zarr.storage import LocalStore
 
 from . import FORMAT_VERSION
+from .claims import pid_alive
 from .errors import NonFiniteFeatureError, StoreError, closest
 
 DTYPES: tuple[str, ...] = ("float16", "float32")
@@ -938,9 +941,10 @@ def _build_and_rename(path: Path, attrs: dict[str, Any], splits: Mapping[str, Sp
 
     Losing the rename to a concurrent creator is fine: the caller opens the winner's store.
     """
-    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex}"
+    tmp = path.parent / f".{path.name}.tmp-{_host_tag()}-{os.getpid()}-{uuid.uuid4().hex}"
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
+        _remove_dead_builds(path)
         root = zarr.create_group(LocalStore(tmp), zarr_format=3, attributes=attrs)
         for name, init in splits.items():
             _create_split(root.create_group(name), init, attrs)
@@ -955,6 +959,20 @@ def _build_and_rename(path: Path, attrs: dict[str, Any], splits: Mapping[str, Sp
         ) from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _host_tag() -> str:
+    return _UNSAFE.sub("_", socket.gethostname()).replace("-", "_") or "host"
+
+
+def _remove_dead_builds(path: Path) -> None:
+    """Remove build directories of ``path`` left by killed processes of this host (a kill skips the
+    cleanup); builds of live processes and of other hosts are left alone."""
+    prefix = f".{path.name}.tmp-{_host_tag()}-"
+    for child in path.parent.glob(f"{glob.escape(prefix)}*"):
+        pid = child.name[len(prefix) :].split("-", 1)[0]
+        if pid.isdigit() and not pid_alive(int(pid)):
+            shutil.rmtree(child, ignore_errors=True)
 
 
 def _create_split(group: zarr.Group, init: SplitInit, attrs: Mapping[str, Any]) -> None:

@@ -14,6 +14,7 @@ import pytest
 import zarr
 
 from customkd_cache import FORMAT_VERSION
+from customkd_cache import store as store_module
 from customkd_cache.errors import NonFiniteFeatureError, StoreError
 from customkd_cache.store import (
     FeatureStore,
@@ -197,6 +198,19 @@ class TestCreateOpen:
         assert len(calls) == 2  # the rename was tried and lost
         assert [p.name for p in tmp_path.iterdir()] == ["s.zarr"]
         np.testing.assert_array_equal(loser.done_units("train"), [True, False, False])
+
+    def test_a_build_left_by_a_killed_creator_is_removed(self, tmp_path: Path) -> None:
+        dead = multiprocessing.get_context("spawn").Process(target=int)
+        dead.start()
+        dead.join()
+        tag = store_module._host_tag()
+        left = tmp_path / f".s.zarr.tmp-{tag}-{dead.pid}-0123"
+        alive = tmp_path / f".s.zarr.tmp-{tag}-{os.getpid()}-4567"
+        other = tmp_path / ".s.zarr.tmp-elsewhere-1-89ab"
+        for d in (left, alive, other):
+            d.mkdir()
+        _create(tmp_path / "s.zarr")
+        assert not left.exists() and alive.exists() and other.exists()
 
     def test_read_only_directory(self, tmp_path: Path) -> None:
         store = _create(tmp_path / "s.zarr")
