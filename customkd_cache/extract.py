@@ -33,7 +33,7 @@ from .distributed import resolve_device
 from .errors import SpecError, StoreError
 from .fingerprint import cache_identity, dataset_identity, fingerprint, request_key
 from .specs import CacheSpec, cache_root, to_dict
-from .store import FeatureStore, SplitInit, create_or_open_store, store_name
+from .store import FeatureStore, SplitInit, create_or_open_store, num_units, store_name
 from .teachers import Teacher, create_teacher, fidelity_cosine
 from .views import render_view, sample_views, to_tensor
 
@@ -64,7 +64,7 @@ class Shard:
         return cls(int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1")))
 
 
-@dataclass
+@dataclass(frozen=True, kw_only=True)
 class CachePlan:
     """Everything resolved before any feature is computed."""
 
@@ -109,14 +109,19 @@ def plan_cache(spec: CacheSpec, *, spec_path: Path | None, shard: Shard) -> Cach
     )
     fp = fingerprint(identity)
     path = cache_root() / store_name(dataset=spec.dataset.kind, teacher=spec.teacher.name, fingerprint=fp)
-    units = [
-        (name, u)
-        for name, n in splits.items()
-        for u in range((n + spec.store.unit_rows - 1) // spec.store.unit_rows)
-    ]
+    units = [(name, u) for name, n in splits.items() for u in range(num_units(n, spec.store.unit_rows))]
     mine = [unit for i, unit in enumerate(units) if i % shard.count == shard.index]
     rkey = request_key(spec=spec, manifest_digest=manifest.digest())
-    return CachePlan(spec, dataset, teacher, identity, fp, rkey, path, mine)
+    return CachePlan(
+        spec=spec,
+        dataset=dataset,
+        teacher=teacher,
+        identity=identity,
+        fingerprint=fp,
+        request_key=rkey,
+        path=path,
+        units=mine,
+    )
 
 
 def split_inits(dataset: Dataset) -> dict[str, SplitInit]:
@@ -355,7 +360,7 @@ def run_cache(
     t0 = time.perf_counter()
     plan = plan_cache(spec, spec_path=spec_path, shard=shard)
     device = resolve_device(spec.run.device)
-    plan.teacher = plan.teacher.to(device)
+    plan.teacher.to(device)  # moves the module in place, like nn.Module.to
     if spec.run.threads:
         torch.set_num_threads(spec.run.threads)
     store = open_plan_store(plan, command=command)

@@ -114,6 +114,16 @@ class SplitInit:
     labels: np.ndarray  # (N,) int64
 
 
+def num_units(num_samples: int, unit_rows: int) -> int:
+    """``ceil(num_samples / unit_rows)``: the work units (== chunks) of a split."""
+    return -(-num_samples // unit_rows)
+
+
+def unit_ranges(num_samples: int, unit_rows: int) -> list[range]:
+    """Contiguous row ranges, one per work unit; the last may be short."""
+    return [range(start, min(start + unit_rows, num_samples)) for start in range(0, num_samples, unit_rows)]
+
+
 # --- naming, creating, opening, listing ---------------------------------------------------------
 
 
@@ -286,12 +296,11 @@ class FeatureStore:
         return int(self._array(split, "features").shape[0])
 
     def num_units(self, split: str) -> int:
-        return -(-self.num_samples(split) // self.unit_rows)
+        return num_units(self.num_samples(split), self.unit_rows)
 
     def units(self, split: str) -> list[range]:
         """Contiguous row ranges, one per work unit (== one chunk); the last may be short."""
-        n, u = self.num_samples(split), self.unit_rows
-        return [range(start, min(start + u, n)) for start in range(0, n, u)]
+        return unit_ranges(self.num_samples(split), self.unit_rows)
 
     def claim_dir(self, split: str) -> Path:
         """Where claims on this split's units live: ``<store>/.claims/<split>`` (not a zarr node)."""
@@ -977,7 +986,7 @@ def _remove_dead_builds(path: Path) -> None:
 
 def _create_split(group: zarr.Group, init: SplitInit, attrs: Mapping[str, Any]) -> None:
     n, u = len(init.ids), attrs["unit_rows"]
-    units, dims = -(-n // u), {"V": attrs["num_views"], "D": attrs["feature_dim"]}
+    units, dims = num_units(n, u), {"V": attrs["num_views"], "D": attrs["feature_dim"]}
     zstd: Any = [ZstdCodec(level=ZSTD_LEVEL, checksum=True)] if attrs["compressor"] == "zstd" else None
     for name, layout in _LAYOUT.items():
         shape = _shape(layout, n=n, units=units, dims=dims)
