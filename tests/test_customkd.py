@@ -14,12 +14,13 @@ import numpy as np
 import pytest
 import torch
 
-from customkd_cache import extract, fakedata
+from customkd_cache import extract
 from customkd_cache.distributed import Dist
 from customkd_cache.errors import SpecError
 from customkd_cache.losses import linear_cka
 from customkd_cache.specs import load_cache_spec, load_train_spec
 from customkd_cache.students import bound_rms
+from customkd_cache.testing import fakedata
 from customkd_cache.train import Run, prepare_run, run_train, stage_a_cycles, stage_a_report, train_stage_a
 
 REPO = Path(__file__).resolve().parents[1]
