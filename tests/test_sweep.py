@@ -301,3 +301,22 @@ def test_cli_refusals_are_one_line_with_exit_2(
         assert exit_.value.code == 2, err
         assert len(err.strip().splitlines()) == 1 and needle in err, err
     assert not out.exists()
+
+
+def test_torchrun_ranks_split_a_sweep(world: dict[str, Any]) -> None:
+    torchrun = Path(sys.executable).parent / "torchrun"
+    if not torchrun.exists():
+        pytest.skip("torchrun not installed beside this python")
+    out = world["base"] / "torchrun"
+    args = sweep_args(world, out)[:-2]  # the method grid only: two points, one per rank
+    proc = subprocess.run(
+        [str(torchrun), "--standalone", "--nproc-per-node=2", "-m", "customkd_cache", *args],
+        env=world["env"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ran = [line.split()[1] for line in proc.stdout.splitlines() if line.startswith("ran ")]
+    assert sorted(Path(r).name.rsplit("-", 1)[0] for r in ran) == ["method=kd", "method=student_only"]
+    assert proc.stdout.count("1 points: 1 ran") == 2  # each rank trained its own point
