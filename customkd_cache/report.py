@@ -143,7 +143,7 @@ class Report:
         for g in self.groups:
             cells = [str(g.key.get(k, "")) for k in self.by]
             if self.select_on:
-                cells.append(", ".join(f"{k}={v}" for k, v in (g.chosen or {}).items()) or "-")
+                cells.append(_chosen_cell(g, _is_fraction(self.select_on)))
             cells += [
                 str(g.n),
                 _fmt(g.last, pct),
@@ -476,6 +476,16 @@ def _notes(g: Group) -> str:
     if len(g.fingerprints) > 1:
         notes.append("runs read several caches")
     return "; ".join(notes).replace("|", "/") or "-"
+
+
+def _chosen_cell(g: Group, pct: bool) -> str:
+    """The chosen setting and its validation score, e.g. ``optim.lr=0.1 (val 61.20 ± 1.10)``."""
+    setting = ", ".join(f"{k}={v}" for k, v in (g.chosen or {}).items())
+    score = next((c for c in g.candidates if c["setting"] == g.chosen), None)
+    if score is None or score["mean"] is None:
+        return setting or "-"
+    shown = _fmt(Stat(score["mean"], score["std"], score["n"]), pct)
+    return f"{setting} (val {shown})" if setting else f"val {shown}"
 
 
 def _label(g: Group) -> str:

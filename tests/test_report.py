@@ -132,7 +132,7 @@ def test_select_on_picks_the_setting_on_validation_and_reports_its_test(tmp_path
     assert kd.chosen == {"optim.lr": 0.1}
     assert kd.n == 2 and kd.last.mean == pytest.approx(0.45)
     assert [c["mean"] for c in kd.candidates] == [pytest.approx(0.85), pytest.approx(0.55)]
-    assert "| kd | optim.lr=0.1 | 2 | 45.00 ± 7.07 |" in report.to_markdown()
+    assert "| kd | optim.lr=0.1 (val 85.00 ± 7.07) | 2 | 45.00 ± 7.07 |" in report.to_markdown()
     without = group(build_report(load_runs([tmp_path]), by=["method"]), method="kd")
     assert without.n == 4 and without.mixed == ["optim.lr"]  # averaged over settings: said so
 

@@ -236,6 +236,8 @@ def sweep_args(world: dict[str, Any], out: Path) -> list[str]:
         "optim.epochs=1",
         "--set",
         "probe.epochs=5",
+        "--set",
+        'uda.val=["Product"]',  # held-out labeled rows: val_accuracy for --select-on
         "--grid",
         "method=student_only,kd",
         "--grid",
@@ -257,6 +259,13 @@ def test_cli_sweep_then_nothing_to_do_then_report(world: dict[str, Any]) -> None
         accs = [r["student_accuracy"] for r in runs]
         assert group["last"]["mean"] == pytest.approx(sum(accs) / 2)
         assert group["last"]["std"] == pytest.approx(abs(accs[0] - accs[1]) / 2**0.5)
+    selected = json.loads(
+        cli("report", str(out), "--json", "--select-on", "val_accuracy", env=world["env"]).stdout
+    )
+    for group in selected["groups"]:
+        (candidate,) = group["candidates"]  # only the seed varies within a method: one setting
+        vals = [json.loads((out / n / "results.json").read_text())["val_accuracy"] for n in group["runs"]]
+        assert candidate["n"] == 2 and candidate["mean"] == pytest.approx(sum(vals) / 2)
 
 
 def test_two_concurrent_sweeps_train_each_point_once(world: dict[str, Any]) -> None:
