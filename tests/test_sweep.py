@@ -329,3 +329,15 @@ def test_torchrun_ranks_split_a_sweep(world: dict[str, Any]) -> None:
     ran = [line.split()[1] for line in proc.stdout.splitlines() if line.startswith("ran ")]
     assert sorted(Path(r).name.rsplit("-", 1)[0] for r in ran) == ["method=kd", "method=student_only"]
     assert proc.stdout.count("1 points: 1 ran") == 2  # each rank trained its own point
+
+
+@pytest.mark.parametrize("command", ["sweep", "report", "export", "gc", "ls"])
+def test_every_workflow_command_has_help(
+    command: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from customkd_cache.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["customkd-cache", command, "--help"])
+    with pytest.raises(SystemExit) as exit_:
+        main()
+    assert exit_.value.code == 0 and "Usage:" in capsys.readouterr().out
