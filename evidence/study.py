@@ -37,8 +37,8 @@ from typing import Any
 
 from customkd_cache import extract
 from customkd_cache.report import Group, build_report, read_run
-from customkd_cache.specs import load_cache_spec
-from customkd_cache.sweep import SweepPoint, run_sweep
+from customkd_cache.specs import data_root, load_cache_spec
+from customkd_cache.sweep import SweepPoint, plan_points, run_sweep
 from evidence.digits import write_digit_domains
 from evidence.fmnist import ensure_fashion_mnist, log, read_idx, ssl_lists
 
@@ -50,6 +50,9 @@ UDA_DIRECTIONS = ("digits_to_mnist", "mnist_to_digits")
 SSL_METHODS = ("student_only", "kd", "fitnet", "dkd", "customkd", "customkd+kd", "customkd+dkd")
 UDA_METHODS = ("student_only", "kd", "customkd", "customkd+kd")
 GRID_KEYS = ("method", "optim.optimizer", "optim.lr", "seed")
+# One torch thread and one loader worker per run: with --shard 0/2 and 1/2 two runs share 2 cores
+# (two threads per run over-subscribe them and run several times slower).
+RUN = ("run.threads=1", "run.num_workers=1")
 # customkd at its chosen hyper-parameters with one switch changed: (table, label, overrides)
 ABLATIONS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ("loss terms (Table 7a)", "L_gen only", ("customkd.lambda_task=0.0",)),
@@ -88,6 +91,38 @@ QUICK = Plan(200, 100, 300, 2, 2, (0, 1), (("adamw", (2e-3,)), ("sgd", (0.05,)))
 Grid = tuple[tuple[str, tuple[float, ...]], ...]  # optimizer -> learning rates
 
 
+class Jobs:
+    """Sweep calls shared between ``--shard I/N`` processes: each process makes every call's plan,
+    runs the calls whose number is I mod N, and waits for the others' points before it reads results
+    (every process walks the same calls in the same order)."""
+
+    def __init__(self, index: int = 0, count: int = 1) -> None:
+        self.index, self.count, self.calls = index, count, 0
+
+    def sweep(
+        self, spec: Path, out: Path, grid: list[tuple[str, list[Any]]], overrides: list[str]
+    ) -> list[SweepPoint]:
+        planned = [p.point for p in plan_points(spec_path=spec, out=out, grid=grid, overrides=overrides)]
+        mine = self.calls % self.count == self.index
+        self.calls += 1
+        if not mine:
+            return planned
+        points = run_sweep(spec_path=spec, out=out, grid=grid, overrides=overrides)
+        for p in points:
+            log(f"[study] {p.name}: {p.status}{' ' + p.error if p.error else ''}")
+        return points
+
+    def wait(self, points: Sequence[SweepPoint]) -> None:
+        """Until every point has finished or failed (points of the other processes)."""
+        while not all(
+            (p.run_dir / "results.json").exists() or (p.run_dir / "failed.json").exists() for p in points
+        ):
+            time.sleep(5)
+
+
+JOBS = Jobs()
+
+
 def sweep(
     spec: Path, out: Path, *, methods: Sequence[str], grid: Grid, seed: int, common: list[str]
 ) -> list[SweepPoint]:
@@ -96,16 +131,13 @@ def sweep(
     points: list[SweepPoint] = []
     for optimizer, lrs in grid:
         axes = (list(methods), [optimizer], list(lrs), [seed])
-        points += run_sweep(
-            spec_path=spec, out=out, grid=list(zip(GRID_KEYS, axes, strict=True)), overrides=common
-        )
-    for p in points:
-        log(f"[study] {p.name}: {p.status}{' ' + p.error if p.error else ''}")
+        points += JOBS.sweep(spec, out, list(zip(GRID_KEYS, axes, strict=True)), common)
     return points
 
 
 def chosen_settings(points: Sequence[SweepPoint]) -> dict[str, dict[str, Any]]:
     """Per method, the optimizer and lr with the best validation accuracy (seed-0 points)."""
+    JOBS.wait(points)
     runs = [read_run(p.run_dir, overrides=p.overrides, name=p.name) for p in points]
     report = build_report(runs, by=["method"], select_on="val_accuracy")
     return {g.key["method"]: dict(g.chosen or {}) for g in report.groups}
@@ -113,6 +145,7 @@ def chosen_settings(points: Sequence[SweepPoint]) -> dict[str, dict[str, Any]]:
 
 def summary(points: Sequence[SweepPoint]) -> dict[str, Any]:
     """Mean ± std over the points (one group), as ``report`` computes it."""
+    JOBS.wait(points)
     runs = [read_run(p.run_dir, overrides=p.overrides, name=p.name) for p in points]
     g: Group = build_report(runs, by=[]).groups[0]
     val = build_report(runs, by=[], metric="val_accuracy").groups[0]
@@ -145,8 +178,9 @@ def protocol(
     for m in methods:
         setting = chosen[m]
         one = ((setting["optim.optimizer"], (setting["optim.lr"],)),)
-        for seed in plan.seeds:
+        for seed in plan.seeds[1:]:
             points[m] += sweep(spec, out, methods=[m], grid=one, seed=seed, common=common_for(seed))
+        points[m] += [p for p in first if p.overrides == {**p.overrides, "method": m, **setting}]
     table = {m: {"chosen": chosen[m], **summary(points[m])} for m in methods}
     return table, points
 
@@ -176,7 +210,7 @@ def run_ssl(folder: Path, plan: Plan, work: Path) -> dict[str, Any]:
             f"ssl.val_list={lists[seed]['val']}",
             f"optim.epochs={plan.epochs}",
             f"run.eval_every={plan.epochs}",
-            "run.threads=2",
+            *RUN,
         ]
 
     out = work / "ssl"
@@ -190,12 +224,8 @@ def run_ssl(folder: Path, plan: Plan, work: Path) -> dict[str, Any]:
         key, value = switch[0].split("=", 1)
         pts: list[SweepPoint] = []
         for seed in plan.seeds:
-            pts += run_sweep(
-                spec_path=SSL_PIPELINE,
-                out=work / "ablations",
-                grid=[("method", ["customkd"]), (key, [_toml(value)]), ("seed", [seed])],
-                overrides=[*common(seed), *ck_set],
-            )
+            grid = [("method", ["customkd"]), (key, [_toml(value)]), ("seed", [seed])]
+            pts += JOBS.sweep(SSL_PIPELINE, work / "ablations", grid, [*common(seed), *ck_set])
         ablations[label] = {"table": group, "overrides": list(switch), **summary(pts)}
     ablations["customkd (both terms, student head, 1:1, bounded)"] = {
         "table": "reference",
@@ -209,7 +239,11 @@ def run_ssl(folder: Path, plan: Plan, work: Path) -> dict[str, Any]:
 
 
 def run_uda(plan: Plan, work: Path) -> dict[str, Any]:
-    root = write_digit_domains(work / "digits")
+    root = data_root() / "digits"
+    if JOBS.index == 0:
+        write_digit_domains(root)
+    while not all((root / f"{s}.txt").is_file() for s in _digit_splits()):
+        time.sleep(5)  # shard 0 writes them
     lists = [str(root / f"{s}.txt") for s in _digit_splits()]
     data = [f"dataset.root={root}", f"dataset.lists={json.dumps(lists)}"]
     if plan.uda_max:
@@ -220,7 +254,7 @@ def run_uda(plan: Plan, work: Path) -> dict[str, Any]:
         spec = REPO / "pipelines" / "digits" / f"{direction}.toml"
 
         def common(seed: int) -> list[str]:
-            return [*data, f"cache.store={store}", f"optim.epochs={plan.epochs}", "run.threads=2"]
+            return [*data, f"cache.store={store}", f"optim.epochs={plan.epochs}", *RUN]
 
         table, _ = protocol(
             spec, work / f"uda_{direction}", plan, methods=UDA_METHODS, grid=plan.uda_grid, common_for=common
@@ -236,8 +270,13 @@ def _digit_splits() -> tuple[str, ...]:
 
 
 def cache(spec_path: Path, overrides: list[str]) -> Path:
+    """The store of the spec, computed here or by another process (waited for)."""
     spec = load_cache_spec(spec_path, overrides)
-    return extract.run_cache(spec, spec_path=spec_path, shard=extract.Shard(), progress=True).path
+    while not (
+        res := extract.run_cache(spec, spec_path=spec_path, shard=extract.Shard(), progress=True)
+    ).complete:
+        time.sleep(10)  # units claimed by another process: wait for them
+    return res.path
 
 
 def _toml(raw: str) -> Any:
@@ -344,9 +383,14 @@ def main() -> None:
         "--quick", action="store_true", help="tiny sizes: checks the pipeline, numbers mean nothing"
     )
     ap.add_argument("--work", type=Path, default=Path("runs/study"))
+    ap.add_argument(
+        "--shard", default="0/1", help="I/N: this process's share of the sweeps (run N processes at once)"
+    )
     ap.add_argument("--out", type=Path, default=None, help="default: evidence/results (quick: WORK/results)")
     args = ap.parse_args()
     plan = QUICK if args.quick else FULL
+    index, count = (int(x) for x in args.shard.split("/"))
+    JOBS.index, JOBS.count = index, count
     out = args.out or (args.work / "results" if args.quick else REPO / "evidence" / "results")
     os.environ.setdefault("CUSTOMKD_CACHE_ROOT", str(REPO / "caches"))
     t0 = time.perf_counter()
@@ -355,7 +399,14 @@ def main() -> None:
     minutes = (time.perf_counter() - t0) / 60
     command = "python -m evidence.study" + (" --quick" if args.quick else "")
     results["wall_minutes"] = round(minutes, 1)
-    write_report(out, results, command, minutes)
+    if index != 0:  # shard 0 writes the report
+        return
+    write_report(
+        out,
+        results,
+        command + (f" (with --shard I/{count}, {count} processes)" if count > 1 else ""),
+        minutes,
+    )
     print((out / "study.md").read_text())
     log(f"[study] done in {minutes:.1f} min; results in {out}")
 
