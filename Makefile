@@ -10,8 +10,9 @@ STAMP := $(VENV)/.install-stamp
 DATASET ?=
 SPEC ?=
 ARGS ?=
+SMOKE ?= runs/smoke
 
-.PHONY: help install test test-slow lint cache train demo evidence bench clean
+.PHONY: help install test test-slow lint cache train smoke demo evidence bench clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -46,6 +47,18 @@ cache: install  ## run every spec in cache_specs/$(DATASET)/ (or SPEC=file); ARG
 train: install  ## customkd-cache train --spec $(SPEC) $(ARGS)
 	@[ -n "$(SPEC)" ] || { echo "make train: give SPEC=pipelines/....toml" >&2; exit 2; }
 	$(CLI) train --spec $(SPEC) $(ARGS)
+
+# The README's path on data the project generates: an OfficeHome-layout folder (4 domains x 65 classes
+# x 1 image), the tiny smoke teacher and student.
+smoke: install  ## cache -> sweep -> report -> export on a generated dataset, offline, about a minute
+	$(PY) -c "from pathlib import Path; from customkd_cache.testing.fakedata import write_officehome; write_officehome(Path('$(SMOKE)/data/OfficeHome'))"
+	export CUSTOMKD_DATA_ROOT=$(SMOKE)/data CUSTOMKD_CACHE_ROOT=$(SMOKE)/caches HF_HUB_OFFLINE=1; set -e; \
+	$(CLI) cache --spec cache_specs/smoke/officehome.toml --set dataset.root=OfficeHome -q; \
+	$(CLI) sweep --spec pipelines/smoke/officehome.toml --set dataset.root=OfficeHome --out $(SMOKE)/sweep \
+	  --grid method=student_only,kd --grid seed=0,1; \
+	$(CLI) report $(SMOKE)/sweep --out $(SMOKE)/report; \
+	$(CLI) export "$$(ls -d $(SMOKE)/sweep/method=kd,seed=0-* | head -n 1)" --quantize int8; \
+	$(CLI) ls; $(CLI) gc --dry-run
 
 demo: install  ## real data, offline, minutes: Fashion-MNIST, EfficientNet-Lite0 teacher, student_only vs customkd
 	$(PY) -m evidence.demo

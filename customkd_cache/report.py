@@ -143,7 +143,7 @@ class Report:
         for g in self.groups:
             cells = [str(g.key.get(k, "")) for k in self.by]
             if self.select_on:
-                cells.append(", ".join(f"{k}={v}" for k, v in (g.chosen or {}).items()) or "-")
+                cells.append(_chosen_cell(g, _is_fraction(self.select_on)))
             cells += [
                 str(g.n),
                 _fmt(g.last, pct),
@@ -247,15 +247,20 @@ def build_report(
 
 
 def varying_keys(runs: Sequence[RunRecord]) -> list[str]:
-    """Keys whose value differs between runs: the sweep's grid keys when every run has them, else
-    the spec fields that differ. A field that only follows the seed (each seed its own labeled list)
+    """Keys whose value differs between runs: the sweeps' grid keys first, then every other spec
+    field that differs between runs that have a spec (e.g. a ``--set`` that changed between two
+    phases of one sweep). A field that only follows the seed (each seed its own labeled list)
     counts as part of the seed."""
-    if all(r.overrides for r in runs):
-        keys = list(dict.fromkeys(k for r in runs for k in r.overrides))
-    else:
-        keys = sorted({k for r in runs for k in r.spec})
-    varying = [k for k in keys if len({_hashable(r.value(k)) for r in runs}) > 1]
+    grid = list(dict.fromkeys(k for r in runs for k in r.overrides))
+    covered = {part for k in grid for part in k.split("+")}
+    started = [r for r in runs if r.spec]
+    fields = sorted({k for r in started for k in r.spec} - covered)
+    varying = [k for k in grid if _varies(runs, k)] + [k for k in fields if _varies(started, k)]
     return [k for k in varying if k == "seed" or not _follows_seed(runs, k)]
+
+
+def _varies(runs: Sequence[RunRecord], key: str) -> bool:
+    return len({_hashable(r.value(key)) for r in runs}) > 1
 
 
 def _follows_seed(runs: Sequence[RunRecord], key: str) -> bool:
@@ -471,6 +476,16 @@ def _notes(g: Group) -> str:
     if len(g.fingerprints) > 1:
         notes.append("runs read several caches")
     return "; ".join(notes).replace("|", "/") or "-"
+
+
+def _chosen_cell(g: Group, pct: bool) -> str:
+    """The chosen setting and its validation score, e.g. ``optim.lr=0.1 (val 61.20 ± 1.10)``."""
+    setting = ", ".join(f"{k}={v}" for k, v in (g.chosen or {}).items())
+    score = next((c for c in g.candidates if c["setting"] == g.chosen), None)
+    if score is None or score["mean"] is None:
+        return setting or "-"
+    shown = _fmt(Stat(score["mean"], score["std"], score["n"]), pct)
+    return f"{setting} (val {shown})" if setting else f"val {shown}"
 
 
 def _label(g: Group) -> str:

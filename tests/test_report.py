@@ -132,7 +132,7 @@ def test_select_on_picks_the_setting_on_validation_and_reports_its_test(tmp_path
     assert kd.chosen == {"optim.lr": 0.1}
     assert kd.n == 2 and kd.last.mean == pytest.approx(0.45)
     assert [c["mean"] for c in kd.candidates] == [pytest.approx(0.85), pytest.approx(0.55)]
-    assert "| kd | optim.lr=0.1 | 2 | 45.00 ± 7.07 |" in report.to_markdown()
+    assert "| kd | optim.lr=0.1 (val 85.00 ± 7.07) | 2 | 45.00 ± 7.07 |" in report.to_markdown()
     without = group(build_report(load_runs([tmp_path]), by=["method"]), method="kd")
     assert without.n == 4 and without.mixed == ["optim.lr"]  # averaged over settings: said so
 
@@ -215,3 +215,15 @@ def test_write_report_and_the_cli(
     assert code == 0 and "averages over several method" in out
     code, _, err = run_cli(str(tmp_path / "nope"))
     assert code == 2 and len(err.strip().splitlines()) == 1 and "nope: no such directory" in err
+
+
+def test_a_setting_that_differs_outside_the_grid_is_not_merged(tmp_path: Path) -> None:
+    sw = tmp_path / "sw"
+    points = {}
+    for name, lr in (("method=kd-aaaaaa", 0.1), ("method=kd-bbbbbb", 1.0)):
+        write_run(sw / name, method="kd", seed=0, lr=lr, acc=[0, 0, lr / 2])
+        points[name] = {"overrides": {"method": "kd"}, "run_dir": name}
+    (sw / "sweep.json").write_text(json.dumps({"points": points}))
+    report = build_report(load_runs([sw]))
+    assert report.by == ["optim.lr"] and [g.n for g in report.groups] == [1, 1]
+    assert group(build_report(load_runs([sw]), by=["method"]), method="kd").mixed == ["optim.lr"]

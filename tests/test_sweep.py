@@ -237,6 +237,8 @@ def sweep_args(world: dict[str, Any], out: Path) -> list[str]:
         "optim.epochs=1",
         "--set",
         "probe.epochs=5",
+        "--set",
+        'uda.val=["Product"]',  # held-out labeled rows: val_accuracy for --select-on
         "--grid",
         "method=student_only,kd",
         "--grid",
@@ -258,6 +260,13 @@ def test_cli_sweep_then_nothing_to_do_then_report(world: dict[str, Any]) -> None
         accs = [r["student_accuracy"] for r in runs]
         assert group["last"]["mean"] == pytest.approx(sum(accs) / 2)
         assert group["last"]["std"] == pytest.approx(abs(accs[0] - accs[1]) / 2**0.5)
+    selected = json.loads(
+        cli("report", str(out), "--json", "--select-on", "val_accuracy", env=world["env"]).stdout
+    )
+    for group in selected["groups"]:
+        (candidate,) = group["candidates"]  # only the seed varies within a method: one setting
+        vals = [json.loads((out / n / "results.json").read_text())["val_accuracy"] for n in group["runs"]]
+        assert candidate["n"] == 2 and candidate["mean"] == pytest.approx(sum(vals) / 2)
 
 
 def test_two_concurrent_sweeps_train_each_point_once(world: dict[str, Any]) -> None:
@@ -302,3 +311,34 @@ def test_cli_refusals_are_one_line_with_exit_2(
         assert exit_.value.code == 2, err
         assert len(err.strip().splitlines()) == 1 and needle in err, err
     assert not out.exists()
+
+
+def test_torchrun_ranks_split_a_sweep(world: dict[str, Any]) -> None:
+    torchrun = Path(sys.executable).parent / "torchrun"
+    if not torchrun.exists():
+        pytest.skip("torchrun not installed beside this python")
+    out = world["base"] / "torchrun"
+    args = sweep_args(world, out)[:-2]  # the method grid only: two points, one per rank
+    proc = subprocess.run(
+        [str(torchrun), "--standalone", "--nproc-per-node=2", "-m", "customkd_cache", *args],
+        env=world["env"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ran = [line.split()[1] for line in proc.stdout.splitlines() if line.startswith("ran ")]
+    assert sorted(Path(r).name.rsplit("-", 1)[0] for r in ran) == ["method=kd", "method=student_only"]
+    assert proc.stdout.count("1 points: 1 ran") == 2  # each rank trained its own point
+
+
+@pytest.mark.parametrize("command", ["sweep", "report", "export", "gc", "ls"])
+def test_every_workflow_command_has_help(
+    command: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from customkd_cache.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["customkd-cache", command, "--help"])
+    with pytest.raises(SystemExit) as exit_:
+        main()
+    assert exit_.value.code == 0 and "Usage:" in capsys.readouterr().out
