@@ -300,8 +300,9 @@ def _bias_layer(path: Path, matmul: Any, users: dict[str, list[Any]], prefix: st
     bias = others[0] if len(others) == 1 else ""
     if not (bias.startswith(prefix) and bias.endswith(".bias")):
         raise ConversionError(
-            f"{path}: MatMul weight '{weight}' is added to '{bias or '?'}', not a named '{prefix}....bias' "
-            "initializer, so the graph does not name it; refusing (pairing by order scrambles q, k and v)"
+            f"{path}: MatMul weight '{weight}' is added to '{bias or '?'}', "
+            f"not a named '{prefix}<layer>.bias' initializer, so the graph does not name it; "
+            "refusing (pairing by order scrambles q, k and v)"
         )
     return bias[len(prefix) : -len(".bias")]
 
