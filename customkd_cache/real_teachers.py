@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 import sys
 import time
 from collections.abc import Sequence
@@ -179,7 +178,7 @@ def write_teacher(teacher: RealTeacher, root: Path) -> str:
         )
     meta = {"teacher": teacher.key, "timm_name": teacher.timm_name, "source": teacher.requirement}
     if reference is not None:
-        save_state_dict(parity_out, reference, metadata={**meta, "parity": json.dumps(figures)})
+        save_state_dict(parity_out, reference, metadata={**meta, "parity": figures})
     save_state_dict(out, state, metadata={**meta, "tensor_sha256": digest})
     params = sum(v.numel() for v in state.values() if v.is_floating_point())
     extra = f", CLS cosine to the ONNX graph {figures['cls_cosine_min']:.6f}" if figures else ""

@@ -162,14 +162,22 @@ def tensor_sha256(state: dict[str, Tensor]) -> str:
     return h.hexdigest()
 
 
-def save_state_dict(path: Path, state: dict[str, Tensor], *, metadata: dict[str, str] | None = None) -> None:
-    """Write ``state`` to the ``.safetensors`` file ``path`` atomically (a temporary file, then rename)."""
+def save_state_dict(path: Path, state: dict[str, Tensor], *, metadata: dict[str, Any] | None = None) -> None:
+    """Write ``state`` to the ``.safetensors`` file ``path`` atomically (a temporary file, then rename).
+
+    The same tensors and ``metadata`` give the same bytes (so the same ``file_sha256``, which is a
+    teacher's weights identity): safetensors writes a metadata dict in no fixed key order, so it is
+    stored as one canonical JSON string under the key ``customkd_cache``.
+    """
+    import json
+
     from safetensors.torch import save_file
 
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    meta = {"customkd_cache": json.dumps(metadata, sort_keys=True)} if metadata else None
     try:
-        save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(tmp), metadata=metadata)
+        save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(tmp), metadata=meta)
         tmp.chmod(0o644)  # weights are shared: readable like any file a lab points everyone at
         os.replace(tmp, path)
     finally:

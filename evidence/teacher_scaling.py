@@ -54,6 +54,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--epochs", type=int, default=0, help="student epochs (0: the pipeline's default)")
     ap.add_argument("--teachers", nargs="+", default=list(TEACHERS), choices=list(TEACHERS), metavar="NAME")
+    ap.add_argument(
+        "--threads", type=int, default=1, help="torch threads per process (1 is fastest on a shared machine)"
+    )
     ap.add_argument("--work", type=Path, default=REPO / "runs" / "teacher_scaling")
     ap.add_argument("--out", type=Path, default=OUT, help="where the results go")
     ap.add_argument("--cache-only", action="store_true", help="stage one only")
@@ -72,7 +75,8 @@ def data_overrides(folder: Path, args: argparse.Namespace) -> list[str]:
 
 def cache_teacher(spec_file: Path, folder: Path, args: argparse.Namespace) -> tuple[Path, dict[str, Any]]:
     """Stage one for one teacher (reused when the store exists): ``(store path, its summary)``."""
-    spec = load_cache_spec(spec_file, [*data_overrides(folder, args), f"views.num_views={args.views}"])
+    overrides = [f"views.num_views={args.views}", f"run.threads={args.threads}", "run.num_workers=1"]
+    spec = load_cache_spec(spec_file, [*data_overrides(folder, args), *overrides])
     t0 = time.perf_counter()
     res = extract.run_cache(spec, spec_path=spec_file, shard=extract.Shard(), progress=False)
     info = {
@@ -107,6 +111,7 @@ def train_one(
         f"seed={seed}",
         f"ssl.labeled_list={lists['labeled'].resolve()}",
         f"ssl.unlabeled_list={lists['pool'].resolve()}",
+        f"run.threads={args.threads}",
     ]
     if args.epochs:
         overrides.append(f"optim.epochs={args.epochs}")
@@ -133,38 +138,42 @@ def summary(runs: list[dict[str, Any]], key: str = "student_accuracy") -> dict[s
     }
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
+def run(args: argparse.Namespace, report: Any = None) -> dict[str, Any]:
+    """Cache every teacher, then train seed by seed; ``report(results)`` after each finished seed."""
     folder = ensure_fashion_mnist()
     stores = {name: cache_teacher(TEACHERS[name], folder, args) for name in args.teachers}
+    results: dict[str, Any] = {
+        "student_only": [],
+        "teachers": {n: {"cache": stores[n][1], "runs": {m: [] for m in KD_METHODS}} for n in args.teachers},
+    }
     if args.cache_only:
-        return {"stores": {k: v[1] for k, v in stores.items()}}
+        return results
     _, labels = read_idx(folder, "train")
     n_train = 40 + args.unlabeled
-    lists = {
-        s: ssl_lists(
-            args.work / "lists", labels=labels[:n_train], n_pool=args.unlabeled, n_val=0, per_class=4, seed=s
-        )
-        for s in args.seeds
-    }
     first = args.teachers[0]
-    baseline = [
-        train_one(
-            TEACHERS[first], stores[first][0], folder, args, method="student_only", seed=s, lists=lists[s]
+    for seed in args.seeds:  # seed by seed, so an interrupted study still reports whole seeds
+        lists = ssl_lists(
+            args.work / "lists",
+            labels=labels[:n_train],
+            n_pool=args.unlabeled,
+            n_val=0,
+            per_class=4,
+            seed=seed,
         )
-        for s in args.seeds
-    ]
-    teachers: dict[str, Any] = {}
-    for name in args.teachers:
-        path, info = stores[name]
-        runs = {
-            m: [
-                train_one(TEACHERS[name], path, folder, args, method=m, seed=s, lists=lists[s])
-                for s in args.seeds
-            ]
-            for m in KD_METHODS
-        }
-        teachers[name] = {"cache": info, "runs": runs}
-    return {"student_only": baseline, "teachers": teachers}
+        results["student_only"].append(
+            train_one(
+                TEACHERS[first], stores[first][0], folder, args, method="student_only", seed=seed, lists=lists
+            )
+        )
+        for name in args.teachers:
+            for m in KD_METHODS:
+                res = train_one(
+                    TEACHERS[name], stores[name][0], folder, args, method=m, seed=seed, lists=lists
+                )
+                results["teachers"][name]["runs"][m].append(res)
+        if report is not None:
+            report(results)
+    return results
 
 
 def write_report(out: Path, results: dict[str, Any], command: str, minutes: float) -> None:
@@ -178,8 +187,8 @@ def write_report(out: Path, results: dict[str, Any], command: str, minutes: floa
         f"Command: `{command}`  ",
         f"Wall time: {minutes:.1f} min on {os.cpu_count()} CPU cores.  ",
         f"Plan: 4 labels per class, {plan['unlabeled']} unlabeled, {plan['test']} test images, "
-        f"{plan['views']} cached views, seeds {plan['seeds']}; teachers at 112 px; student "
-        "MobileNetV3-Small-0.5 at 32 px with the shipped defaults of "
+        f"{plan['views']} cached views, seeds {plan['seeds']} ({base['n']} finished); "
+        "teachers at 112 px; student MobileNetV3-Small-0.5 at 32 px with the shipped defaults of "
         "pipelines/fashion_mnist/labels4_mobilenetv3.toml.",
         "",
         f"student_only (no teacher): {base['mean']:.2f} ± {base['std']:.2f} % (n={base['n']})",
@@ -244,21 +253,23 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     os.environ.setdefault("CUSTOMKD_CACHE_ROOT", str(REPO / "caches"))
     t0 = time.perf_counter()
-    results = run(args)
-    minutes = (time.perf_counter() - t0) / 60
-    if args.cache_only:
-        print(json.dumps(results, indent=2))
-        return
-    results["plan"] = {
+    command = "python -m evidence.teacher_scaling " + " ".join(sys.argv[1:] if argv is None else argv)
+    plan = {
         "unlabeled": args.unlabeled,
         "test": args.test,
         "views": args.views,
         "seeds": args.seeds,
         "epochs": args.epochs or "pipeline default",
     }
-    command = "python -m evidence.teacher_scaling " + " ".join(sys.argv[1:] if argv is None else argv)
-    write_report(args.out, results, command.strip(), minutes)
-    log(f"[scaling] wrote {args.out}/teacher_scaling.{{json,md,png}} ({minutes:.1f} min)")
+
+    def report(results: dict[str, Any]) -> None:
+        minutes = (time.perf_counter() - t0) / 60
+        write_report(args.out, {**results, "plan": plan}, command.strip(), minutes)
+        log(f"[scaling] wrote {args.out}/teacher_scaling.{{json,md,png}} ({minutes:.1f} min)")
+
+    results = run(args, report)
+    if args.cache_only:
+        print(json.dumps({n: t["cache"] for n, t in results["teachers"].items()}, indent=2))
 
 
 if __name__ == "__main__":

@@ -477,3 +477,17 @@ def test_real_vit_teacher_reproduces_the_graph() -> None:
     assert torch.allclose(got, ref["timm_cls"], atol=1e-5, rtol=0)
     state = read_state_dict(weights)
     assert len(state) == 174 and sum(v.numel() for v in state.values()) == 22_056_192
+
+
+def test_saved_weights_are_the_same_bytes_whatever_the_metadata_order(tmp_path: Path) -> None:
+    from customkd_cache.weights import file_sha256
+
+    state = {"b": torch.ones(3), "a": torch.zeros(2, 2), "n": torch.arange(4)}
+    save_state_dict(tmp_path / "1.safetensors", state, metadata={"x": "1", "y": "2", "z": {"k": 3}})
+    save_state_dict(
+        tmp_path / "2.safetensors",
+        dict(reversed(state.items())),
+        metadata={"z": {"k": 3}, "y": "2", "x": "1"},
+    )
+    assert file_sha256(tmp_path / "1.safetensors") == file_sha256(tmp_path / "2.safetensors")
+    assert tensor_sha256(read_state_dict(tmp_path / "1.safetensors")) == tensor_sha256(state)
