@@ -12,6 +12,7 @@ seed draws its own labeled set). Results: ``evidence/results/teacher_scaling.{js
     python -m evidence.teacher_scaling                 # the study (~1 h on 2 shared cores)
     python -m evidence.teacher_scaling --cache-only    # stage one only
     python -m evidence.teacher_scaling --quick         # tiny sizes: checks the pipeline
+    python -m evidence.teacher_scaling --merge A.json B.json   # one report from runs of separate seeds
 """
 
 from __future__ import annotations
@@ -61,6 +62,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--out", type=Path, default=OUT, help="where the results go")
     ap.add_argument("--cache-only", action="store_true", help="stage one only")
     ap.add_argument("--quick", action="store_true", help="tiny sizes (writes under --work, not --out)")
+    ap.add_argument(
+        "--merge",
+        type=Path,
+        nargs="+",
+        default=[],
+        metavar="JSON",
+        help="merge results of separate seed runs",
+    )
     args = ap.parse_args(argv)
     if args.quick:
         args.unlabeled, args.test, args.views, args.seeds, args.epochs = 100, 100, 2, [0], 1
@@ -184,8 +193,18 @@ def write_report(out: Path, results: dict[str, Any], command: str, minutes: floa
     lines = [
         "# Teacher scaling on Fashion-MNIST: teacher probe vs student accuracy",
         "",
-        f"Command: `{command}`  ",
-        f"Wall time: {minutes:.1f} min on {os.cpu_count()} CPU cores.  ",
+        *(
+            [
+                "Commands (run side by side, then merged): "
+                + ", ".join(f"`{c}`" for c in results["part_commands"])
+                + ", "
+                f"then `{command}`  ",
+                f"Wall time: {', '.join(f'{m:.1f}' for m in results['part_minutes'])} min for the parts, "
+                f"on {os.cpu_count()} CPU cores shared with other jobs.  ",
+            ]
+            if "part_commands" in results
+            else [f"Command: `{command}`  ", f"Wall time: {minutes:.1f} min on {os.cpu_count()} CPU cores.  "]
+        ),
         f"Plan: 4 labels per class, {plan['unlabeled']} unlabeled, {plan['test']} test images, "
         f"{plan['views']} cached views, seeds {plan['seeds']} ({base['n']} finished); "
         "teachers at 112 px; student MobileNetV3-Small-0.5 at 32 px with the shipped defaults of "
@@ -249,8 +268,42 @@ def plot(path: Path, results: dict[str, Any]) -> None:
     plt.close(fig)
 
 
+def merge(files: list[Path]) -> dict[str, Any]:
+    """One result from ``teacher_scaling.json`` files of runs with the same plan and other seeds."""
+    parts = [json.loads(f.read_text()) for f in files]
+    first = parts[0]
+    for f, part in zip(files, parts, strict=True):
+        same = {k: v for k, v in part["plan"].items() if k != "seeds"} == {
+            k: v for k, v in first["plan"].items() if k != "seeds"
+        }
+        if not same or part["teachers"].keys() != first["teachers"].keys():
+            raise SystemExit(f"{f}: another plan or teacher list than {files[0]}; cannot merge")
+    out: dict[str, Any] = {
+        "plan": {**first["plan"], "seeds": [s for p in parts for s in p["plan"]["seeds"]]},
+        "student_only": [r for p in parts for r in p["student_only"]],
+        "teachers": {
+            n: {
+                "cache": t["cache"],
+                "runs": {m: [r for p in parts for r in p["teachers"][n]["runs"][m]] for m in KD_METHODS},
+            }
+            for n, t in first["teachers"].items()
+        },
+        "merged_from": [str(f) for f in files],
+        "part_commands": [p.get("command", "") for p in parts],
+        "part_minutes": [p.get("minutes", 0.0) for p in parts],
+    }
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    if args.merge:
+        results = merge(args.merge)
+        minutes = max(results["part_minutes"])
+        command = "python -m evidence.teacher_scaling " + " ".join(sys.argv[1:] if argv is None else argv)
+        write_report(args.out, results, command, minutes)
+        log(f"[scaling] wrote {args.out}/teacher_scaling.{{json,md,png}}")
+        return
     os.environ.setdefault("CUSTOMKD_CACHE_ROOT", str(REPO / "caches"))
     t0 = time.perf_counter()
     command = "python -m evidence.teacher_scaling " + " ".join(sys.argv[1:] if argv is None else argv)
@@ -264,7 +317,9 @@ def main(argv: list[str] | None = None) -> None:
 
     def report(results: dict[str, Any]) -> None:
         minutes = (time.perf_counter() - t0) / 60
-        write_report(args.out, {**results, "plan": plan}, command.strip(), minutes)
+        write_report(
+            args.out, {**results, "plan": plan, "minutes": round(minutes, 1)}, command.strip(), minutes
+        )
         log(f"[scaling] wrote {args.out}/teacher_scaling.{{json,md,png}} ({minutes:.1f} min)")
 
     results = run(args, report)
