@@ -213,7 +213,7 @@ class StudentSpec(_Spec):
 
 # Per-optimizer defaults of the stage-B learning rate and weight decay (used when the spec omits them).
 OPTIMIZER_DEFAULTS: dict[str, dict[str, float]] = {
-    "adamw": {"lr": 2e-3, "weight_decay": 0.05},
+    "adamw": {"lr": 3e-3, "weight_decay": 0.05},
     "sgd": {"lr": 0.05, "weight_decay": 5e-4},
 }
 
@@ -230,7 +230,7 @@ class OptimSpec(_Spec):
         "CE/KD under SGD); sgd is SGD with (Nesterov) momentum",
     )
     lr: float = Field(
-        0.0, gt=0.0, allow_inf_nan=False, description="peak lr; default per optimizer: adamw 2e-3, sgd 0.05"
+        0.0, gt=0.0, allow_inf_nan=False, description="peak lr; default per optimizer: adamw 3e-3, sgd 0.05"
     )
     momentum: float = Field(0.9, ge=0.0, lt=1.0, description="sgd only")
     weight_decay: float = Field(
@@ -292,10 +292,10 @@ class CustomKDSpec(_Spec):
     head_learns_in_stage_a: bool = Field(
         False, description="with stage_a_head = student: update H_s in stage A too"
     )
-    stage_a_steps: int = Field(100, ge=0, description="optimizer steps per stage-A cycle; 0 = no stage A")
+    stage_a_steps: int = Field(50, ge=0, description="optimizer steps per stage-A cycle; 0 = no stage A")
     stage_a_batch_size: int = Field(64, ge=1, description="labeled (row, view) pairs per stage-A step")
     stage_a_optimizer: Literal["adamw", "sgd"] = "adamw"
-    stage_a_lr: float = Field(2e-3, gt=0.0, allow_inf_nan=False)
+    stage_a_lr: float = Field(1e-2, gt=0.0, allow_inf_nan=False)
     stage_a_weight_decay: float = Field(0.0, ge=0.0, allow_inf_nan=False)
     stage_a_ce_target: float = Field(
         0.0, ge=0.0, description="end a stage-A cycle early once a step's CE is below this; 0 = never"
@@ -309,12 +309,14 @@ class CustomKDSpec(_Spec):
         1, ge=1, description="stage-A cycles interleaved within each stage-B epoch that has stage A"
     )
     target_bound: Literal["student_rms", "fixed_rms", "none"] = Field(
-        "student_rms",
-        description="bound on the RMS of each P_t(f_t) row: student_rms = target_bound_scale x the mean "
-        "RMS of the student's features f_s on labeled images (measured before each stage-A cycle); "
-        "fixed_rms = target_bound_scale itself; none = unbounded",
+        "fixed_rms",
+        description="bound on the RMS of each P_t(f_t) row: fixed_rms = target_bound_scale itself; "
+        "student_rms = target_bound_scale x the mean RMS of the student's features f_s on labeled images "
+        "(measured before each stage-A cycle); none = unbounded",
     )
-    target_bound_scale: float = Field(1.0, gt=0.0, allow_inf_nan=False)
+    target_bound_scale: float = Field(
+        10.0, gt=0.0, allow_inf_nan=False, description="the bound (fixed_rms) or its factor (student_rms)"
+    )
     fitnet_weight: float = Field(1.0, ge=0.0, description="weight of the fitnet baseline's MSE")
 
 

@@ -48,7 +48,7 @@ SSL_CACHE = REPO / "cache_specs" / "fashion_mnist" / "efficientnet_lite0.toml"
 UDA_CACHE = REPO / "cache_specs" / "digits" / "efficientnet_lite0.toml"
 UDA_DIRECTIONS = ("digits_to_mnist", "mnist_to_digits")
 SSL_METHODS = ("student_only", "kd", "fitnet", "dkd", "customkd", "customkd+kd", "customkd+dkd")
-UDA_METHODS = ("student_only", "kd", "customkd", "customkd+kd")
+UDA_METHODS = ("student_only", "kd", "customkd")
 GRID_KEYS = ("method", "optim.optimizer", "optim.lr", "seed")
 # One torch thread and one loader worker per run: with --shard 0/2 and 1/2 two runs share 2 cores
 # (two threads per run over-subscribe them and run several times slower).
@@ -61,7 +61,6 @@ ABLATIONS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ("alternation (Table 7b)", "stage A every 2nd epoch", ("customkd.stage_a_every=2",)),
     ("alternation (Table 7b)", "2 stage-A cycles per epoch", ("customkd.stage_a_per_epoch=2",)),
     ("alternation (Table 7b)", "stage A once, at the start", ("customkd.stage_a_every=0",)),
-    ("customized target", "unbounded target", ('customkd.target_bound="none"',)),
 )
 
 
@@ -78,11 +77,12 @@ class Plan:
     uda_max: int  # images per UDA split (0 = all)
 
 
+# The grid: each optimizer at the learning rate that won a 4-point pilot (AdamW 1e-3/3e-3, SGD
+# 0.03/0.1) on seed 0's validation split for every baseline; 1e-3 and 0.1 were never best.
 FULL = Plan(
-    3000, 1000, 10000, 3, 10, (0, 1, 2), (("adamw", (1e-3, 3e-3)), ("sgd", (0.03, 0.1))),
-    (("adamw", (2e-3,)), ("sgd", (0.05,))), 0,
-)  # fmt: skip
-QUICK = Plan(200, 100, 300, 2, 2, (0, 1), (("adamw", (2e-3,)), ("sgd", (0.05,))), (("adamw", (2e-3,)),), 120)
+    3000, 1000, 10000, 3, 10, (0, 1, 2), (("adamw", (3e-3,)), ("sgd", (0.03,))), (("adamw", (3e-3,)),), 0
+)
+QUICK = Plan(200, 100, 300, 2, 2, (0, 1), (("adamw", (3e-3,)), ("sgd", (0.05,))), (("adamw", (3e-3,)),), 120)
 
 
 # --- sweeps ------------------------------------------------------------------------------------

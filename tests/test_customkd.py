@@ -154,7 +154,13 @@ class TestBoundedTarget:
     def test_student_rms_bound_follows_the_students_features(
         self, smoke: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     ) -> None:
-        run = make_run(smoke, tmp_path / "r", monkeypatch, "customkd.target_bound_scale=2.0")
+        run = make_run(
+            smoke,
+            tmp_path / "r",
+            monkeypatch,
+            'customkd.target_bound="student_rms"',
+            "customkd.target_bound_scale=2.0",
+        )
         report = train_stage_a(run, 0, 0)
         assert report["student_feature_rms"] > 0
         assert report["target_bound_rms"] == pytest.approx(2.0 * report["student_feature_rms"])
@@ -251,7 +257,7 @@ class TestSpec:
         adamw = load_train_spec(TRAIN_SPEC, ["optim.optimizer=adamw"]).optim
         sgd = load_train_spec(TRAIN_SPEC, ["optim.optimizer=sgd"]).optim
         given = load_train_spec(TRAIN_SPEC, ["optim.optimizer=sgd", "optim.lr=0.2"]).optim
-        assert (adamw.lr, adamw.weight_decay) == (2e-3, 0.05)
+        assert (adamw.lr, adamw.weight_decay) == (3e-3, 0.05)
         assert (sgd.lr, sgd.weight_decay) == (0.05, 5e-4)
         assert given.lr == 0.2
 
