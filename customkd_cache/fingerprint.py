@@ -53,6 +53,10 @@ def fingerprint(identity: dict[str, Any]) -> str:
 def request_key(*, spec: CacheSpec, manifest_digest: str) -> str:
     """Digest of a cache spec as written (not its resolved teacher): used to find its store."""
     teacher = to_dict(spec.teacher)
+    # Added after the first stores were written: its default stays out of the key, so those stores
+    # are still found.
+    if teacher.get("pos_embed_antialias") is True:
+        del teacher["pos_embed_antialias"]
     return sha256_json(
         {
             "format_version": FORMAT_VERSION,

@@ -115,11 +115,18 @@ class TeacherSpec(_Spec):
     feature: FeatureKind = "cls"
     precision: Literal["fp32", "bf16"] = "fp32"
     init_seed: int = Field(0, description="torch seed for weights = 'random'")
+    pos_embed_antialias: bool = Field(
+        True,
+        description="timm ViTs loaded from a file: antialias when resizing its position grid to input_size "
+        "(timm's default); false = plain bicubic, as Hugging Face Dinov2Model (and its ONNX exports) do",
+    )
 
     @model_validator(mode="after")
     def _feature_fits_source(self) -> TeacherSpec:
         if self.source == "open_clip" and self.feature != "embed":
             raise ValueError(f"open_clip teachers give feature = 'embed', not '{self.feature}'")
+        if self.source == "open_clip" and not self.pos_embed_antialias:
+            raise ValueError("pos_embed_antialias = false is for timm ViTs; open_clip resizes its own grid")
         if self.source == "timm" and self.feature == "embed":
             raise ValueError(
                 "feature = 'embed' is for open_clip; timm teachers give cls, cls+mean_patch, pooled"

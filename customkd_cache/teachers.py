@@ -115,6 +115,8 @@ class Teacher:
             "precision": s.precision,
             "preprocess": self.preprocess.to_json(),
             "feature_dim": self.feature_dim,
+            # Only when not the default, so the fingerprints of stores made before it existed hold.
+            **({"pos_embed_antialias": False} if not s.pos_embed_antialias else {}),
         }
 
     def to(self, device: torch.device | str) -> Teacher:
@@ -373,7 +375,7 @@ def _build_timm(spec: TeacherSpec, path: Path | None) -> tuple[torch.nn.Module, 
             load_state_dict_into(model, state, by="by_order", source=_source(path), optional_keys=optional)
             model.reset_classifier(0)  # type: ignore[operator]
         else:
-            model = _timm_from_file(spec.name, path, classifiers, kwargs)
+            model = _timm_from_file(spec.name, path, classifiers, kwargs, antialias=spec.pos_embed_antialias)
     except TypeError as e:
         if "img_size" not in str(e):
             raise
@@ -397,21 +399,26 @@ def _timm_classifiers(cfg: Any) -> tuple[str, ...]:
 
 
 def _timm_from_file(
-    name: str, path: Path, classifiers: tuple[str, ...], kwargs: dict[str, Any]
+    name: str, path: Path, classifiers: tuple[str, ...], kwargs: dict[str, Any], *, antialias: bool = True
 ) -> torch.nn.Module:
     """timm's own loader (checkpoint conversion, position-embedding resampling), kept strict.
 
     timm loads non-strictly whenever the model's class count differs from the pretrained config's,
     which would leave misnamed tensors silently random. So the model is built with the class count
     the file has (0 when it has no classifier), which keeps the load strict, and the classifier is
-    dropped afterwards.
+    dropped afterwards. timm's loader resizes a ViT position grid bicubic *with* antialiasing; with
+    ``antialias=False`` the grid is resized here first, plain bicubic (what Hugging Face Dinov2Model
+    does at run time), and timm's loader then finds it at the right size.
     """
     import timm
 
     state = read_state_dict(path, mmap=True, field="teacher.weights")
     shapes = {k: tuple(v.shape) for k, v in state.items()}
     num_classes = next((shapes[f"{c}.weight"][0] for c in classifiers if f"{c}.weight" in shapes), 0)
-    overlay = {"file": str(path), "num_classes": num_classes}
+    overlay: dict[str, Any] = {"file": str(path), "num_classes": num_classes}
+    if not antialias:
+        overlay = {"state_dict": _plain_resized_pos_embed(state, int(kwargs.get("img_size", 0)), path)}
+        overlay["num_classes"] = num_classes
     try:
         model = timm.create_model(
             name, pretrained=True, pretrained_cfg_overlay=overlay, num_classes=num_classes, **kwargs
@@ -421,8 +428,52 @@ def _timm_from_file(
             f"{_source(path)} does not fit timm model {name}: {first_mismatch(e)} "
             "(use weights_keys = 'by_order' if only the names differ)"
         ) from None
+    cfg_used = getattr(model, "pretrained_cfg", None)
+    if isinstance(cfg_used, dict):
+        cfg_used.pop("state_dict", None)  # do not keep a second copy of the weights
     model.reset_classifier(0)  # type: ignore[operator]
     return model
+
+
+def _plain_resized_pos_embed(
+    state: dict[str, torch.Tensor], img_size: int, path: Path
+) -> dict[str, torch.Tensor]:
+    """``state`` with its ViT ``pos_embed`` grid resized to ``img_size`` bicubic without antialiasing.
+
+    The class (and other prefix) positions are kept as they are; a grid already at the size is
+    returned untouched. Raises ``TeacherError`` for weights that are not a ViT with a square grid.
+    """
+    import math
+
+    from timm.layers import resample_abs_pos_embed
+
+    pos, conv = state.get("pos_embed"), state.get("patch_embed.proj.weight")
+    if pos is None or conv is None or pos.ndim != 3 or conv.ndim != 4 or img_size <= 0:
+        raise TeacherError(
+            f"teacher.pos_embed_antialias = false: {_source(path)} has no ViT 'pos_embed' and "
+            "'patch_embed.proj.weight' (or the model has no fixed input size); set it to true"
+        )
+    tokens = int(pos.shape[1])
+    old = next(
+        (s for s in (math.isqrt(tokens - 1), math.isqrt(tokens)) if s > 0 and tokens - s * s in (0, 1)), 0
+    )
+    new = img_size // int(conv.shape[-1])
+    if old == 0:
+        raise TeacherError(
+            f"teacher.pos_embed_antialias = false: {_source(path)} pos_embed has {tokens} tokens, not a "
+            "square grid (plus a class position); set it to true"
+        )
+    if old == new:
+        return state
+    resized = resample_abs_pos_embed(
+        pos.float(),
+        new_size=[new, new],
+        old_size=[old, old],
+        num_prefix_tokens=tokens - old * old,
+        interpolation="bicubic",
+        antialias=False,
+    )
+    return {**state, "pos_embed": resized.to(pos.dtype)}
 
 
 def _timm_forward(model: torch.nn.Module, spec: TeacherSpec) -> ForwardFn:

