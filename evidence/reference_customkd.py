@@ -60,27 +60,29 @@ def run(args: argparse.Namespace) -> dict[str, float]:
         opt_p.zero_grad()
         loss.backward()
         opt_p.step()
-    opt_b = torch.optim.AdamW([*student.parameters(), *p_s.parameters()], lr=2e-3, weight_decay=0.05)
-    opt_a = torch.optim.AdamW(p_t.parameters(), lr=2e-3, weight_decay=0.0)
+    opt_b = torch.optim.AdamW([*student.parameters(), *p_s.parameters()], lr=args.lr, weight_decay=0.05)
+    opt_a = torch.optim.AdamW(p_t.parameters(), lr=1e-2, weight_decay=0.0)
     steps_per_epoch = len(pool) // 96
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt_b, args.epochs * steps_per_epoch)
     rng = np.random.default_rng(args.seed)
     head = student.get_classifier()
     for _epoch in range(args.epochs):
         if args.method == "customkd":  # stage A: CE(H_s(P_t(f_t)), y), H_s fixed
-            for _ in range(100):
+            for _ in range(50):
                 b = rng.choice(lab, 64)
                 z = p_t(ft_tr[b])
-                if args.bound:  # scale each row down to the student's mean feature RMS
+                cap = torch.tensor(args.bound_rms)
+                if args.bound == "student":  # the student's mean feature RMS on the labeled images
                     with torch.no_grad():
                         f_s = student.forward_head(student.forward_features(x_tr[lab]), pre_logits=True)
                     cap = f_s.pow(2).mean(1).sqrt().mean()
+                if args.bound != "none":  # scale each row down to an RMS of at most cap
                     z = z * torch.clamp(cap / z.pow(2).mean(1, keepdim=True).sqrt(), max=1.0)
                 loss = F.cross_entropy(F.linear(z, head.weight.detach(), head.bias.detach()), y_tr[b])
                 opt_a.zero_grad()
                 loss.backward()
                 opt_a.step()
-            cap_now = cap.detach() if args.bound else None
+            cap_now = cap.detach() if args.bound != "none" else None
         student.train()
         order = rng.permutation(pool)
         for i in range(steps_per_epoch):
@@ -117,7 +119,11 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--epochs", type=int, default=10)
     ap.add_argument("--method", choices=("student_only", "kd", "customkd"), default="customkd")
-    ap.add_argument("--bound", action="store_true", help="bound P_t(f_t) at the student's feature RMS")
+    ap.add_argument(
+        "--bound", choices=("fixed", "student", "none"), default="fixed", help="bound on P_t(f_t)"
+    )
+    ap.add_argument("--bound-rms", type=float, default=10.0, help="the fixed bound (RMS per row)")
+    ap.add_argument("--lr", type=float, default=3e-3, help="stage B AdamW lr")
     args = ap.parse_args()
     print(json.dumps({"method": args.method, "seed": args.seed, "bound": args.bound, **run(args)}))
 
