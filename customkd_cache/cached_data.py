@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader
 from torch.utils.data import Dataset as TorchDataset
 
 from .errors import StoreError
-from .store import open_store
+from .store import dequantize, open_store
 from .views import render_view, to_tensor
 
 if TYPE_CHECKING:
@@ -71,14 +71,42 @@ class _LazyStore:
         return {"path": self.path, "_store": None, "_pid": -1}
 
 
+@dataclass(frozen=True)
+class _Block:
+    """Stored features of consecutive rows from ``start`` (a unit boundary), as on disk, with the int8
+    parameters of the units they span (``scale``/``offset`` ``(units, D)`` float32, None for float
+    stores). Decoding happens per gathered row, so RAM holds the compact codes."""
+
+    codes: np.ndarray  # (n, V, D) stored dtype
+    start: int
+    unit_rows: int
+    scale: np.ndarray | None = None
+    offset: np.ndarray | None = None
+
+    def take(self, rows: np.ndarray, views: np.ndarray | None) -> np.ndarray:
+        """``(k, D)`` for ``(rows[i], views[i])``, or ``(k, V, D)`` every view when ``views`` is None:
+        the stored float dtype, or float32 decoded from int8 codes."""
+        local = rows - self.start
+        part = self.codes[local] if views is None else self.codes[local, views]
+        if self.scale is None or self.offset is None:
+            return part
+        units = local // self.unit_rows
+        scale, offset = self.scale[units], self.offset[units]
+        if views is None:
+            scale, offset = scale[:, None], offset[:, None]
+        return dequantize(part, scale, offset)
+
+
 class FeatureSource:
     """Teacher features of one store, per split, as float32, optionally standardized.
 
-    ``in_ram=True``: a split is read whole (``(N, V, D)`` in the stored dtype, float16 by default) on
-    its first use and kept. Arrays loaded before a ``fork`` are shared copy-on-write with DataLoader
-    workers; a pickled copy (``spawn``) drops them and reloads in the new process.
+    ``in_ram=True``: a split is read whole (``(N, V, D)`` in the stored dtype, float16 by default, or
+    int8 codes with their per-unit parameters) on its first use and kept. Arrays loaded before a
+    ``fork`` are shared copy-on-write with DataLoader workers; a pickled copy (``spawn``) drops them
+    and reloads in the new process.
     ``in_ram=False``: features are read one unit (``store.unit_rows`` rows, one chunk) at a time and
-    the last ``cache_units`` decoded units are kept (LRU), so rows close together cost one read.
+    the last ``cache_units`` units read are kept (LRU), so rows close together cost one read.
+    int8 codes are decoded only for the rows asked, in one vectorized step per unit (or split).
 
     ``standardize=(mean, std)``, each ``(D,)``: returned features are ``(f - mean) / std``, computed in
     float32; a dimension with ``std == 0`` is only centred (divided by 1), so no value is inf or NaN.
@@ -105,12 +133,13 @@ class FeatureSource:
             if mean.shape != std.shape:
                 raise ValueError(f"standardize: mean {mean.shape} and std {std.shape} differ in shape")
             self._mean, self._std = mean, np.where(std > 0, std, np.float32(1.0)).astype(np.float32)
-        self._splits: dict[str, np.ndarray] = {}
-        self._units: OrderedDict[tuple[str, int], np.ndarray] = OrderedDict()
+        self._splits: dict[str, _Block] = {}
+        self._units: OrderedDict[tuple[str, int], _Block] = OrderedDict()
+        self._params: dict[str, tuple[np.ndarray, np.ndarray]] = {}
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        state["_splits"], state["_units"] = {}, OrderedDict()
+        state["_splits"], state["_units"], state["_params"] = {}, OrderedDict(), {}
         return state
 
     @property
@@ -143,17 +172,18 @@ class FeatureSource:
         return self._standardized(self._gather(split, rows, None))
 
     def _gather(self, split: str, rows: np.ndarray, views: np.ndarray | None) -> np.ndarray:
-        """Stored-dtype features of ``rows`` (and ``views``, else all views), in the order asked."""
-        # In RAM mode the loaded array answers alone, so a forked worker of a parent that preloaded
+        """Features of ``rows`` (and ``views``, else all views), in the order asked: the stored float
+        dtype, or float32 decoded from int8."""
+        # In RAM mode the loaded block answers alone, so a forked worker of a parent that preloaded
         # its splits never opens the store.
         data = self._split_array(split) if self.in_ram else None
-        n = len(data) if data is not None else self.store.num_samples(split)
+        n = len(data.codes) if data is not None else self.store.num_samples(split)
         if len(rows) and (rows.min() < 0 or rows.max() >= n):
             raise IndexError(
                 f"{self.store_path}: split '{split}' has rows 0..{n - 1}; asked for {rows.tolist()}"
             )
         if data is not None:
-            return data[rows] if views is None else data[rows, views]
+            return data.take(rows, views)
         return self._gather_units(split, rows, views)
 
     def _gather_units(self, split: str, rows: np.ndarray, views: np.ndarray | None) -> np.ndarray:
@@ -164,8 +194,7 @@ class FeatureSource:
         for unit in np.unique(unit_of):
             at = np.flatnonzero(unit_of == unit)
             block = self._unit(split, int(unit))
-            local = rows[at] - int(unit) * unit_rows
-            part = block[local] if views is None else block[local, views[at]]
+            part = block.take(rows[at], None if views is None else views[at])
             if out is None:
                 out = np.empty((len(rows), *part.shape[1:]), part.dtype)
             out[at] = part
@@ -175,20 +204,32 @@ class FeatureSource:
                 if views is not None
                 else (self.store.num_views, self.store.feature_dim)
             )
-            return np.empty((0, *tail), self.store.dtype)
+            return np.empty((0, *tail), np.float32)
         return out
 
-    def _split_array(self, split: str) -> np.ndarray:
+    def _split_array(self, split: str) -> _Block:
         if split not in self._splits:
-            self._splits[split] = self.store.read_split(split)
+            store = self.store
+            codes = store.read_codes(split, 0, store.num_samples(split))
+            scale, offset = store.quant_params(split) if store.quantized else (None, None)
+            self._splits[split] = _Block(codes, 0, store.unit_rows, scale, offset)
         return self._splits[split]
 
-    def _unit(self, split: str, unit: int) -> np.ndarray:
+    def _unit(self, split: str, unit: int) -> _Block:
         key = (split, unit)
         if key in self._units:
             self._units.move_to_end(key)
             return self._units[key]
-        block = self.store.read_unit(split, unit)
+        store = self.store
+        rows = store.units(split)[unit]
+        codes = store.read_codes(split, rows.start, rows.stop)
+        scale = offset = None
+        if store.quantized:
+            if split not in self._params:  # one read of every unit's parameters per split
+                self._params[split] = store.quant_params(split)
+            all_scale, all_offset = self._params[split]
+            scale, offset = all_scale[unit : unit + 1], all_offset[unit : unit + 1]
+        block = _Block(codes, rows.start, store.unit_rows, scale, offset)
         self._units[key] = block
         while len(self._units) > self.cache_units:
             self._units.popitem(last=False)

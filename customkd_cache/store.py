@@ -15,6 +15,15 @@ feature dims and ``U = ceil(N / unit_rows)`` work units:
   rows and views of the features as stored, and the sha256 of the unit's stored bytes (C order).
 - ``mean``, ``std`` (D,) float32 over the N * V stored rows, then the ``stats_done`` (1,) marker.
 
+``dtype = "int8"`` stores per-unit, per-dimension affine codes: ``features`` holds int8 codes ``q`` and
+``quant_scale``, ``quant_offset`` (U, D) float32 hold each unit's parameters, so a feature reads back
+as ``q * scale + offset`` (``dequantize``). A unit's parameters map the minimum and maximum of each
+dimension over its rows and views to -128 and 127; they depend on the unit's features alone, so
+independent writers and resumed runs give identical bytes. ``quant_cosine`` (U, 2) float64 records,
+per unit, the sum and the minimum over its rows and views of the cosine between the decoded and the
+float32 features, measured at write time. For int8 stores ``unit_sum``/``unit_sumsq``, ``mean`` and
+``std`` are over the decoded features, and the reads below return decoded float32.
+
 Writers own whole units (two processes writing parts of one chunk lose rows), write a unit's data
 first and its ``done`` marker last, and every file is written by rename, so a kill at any moment
 leaves the unit not done and a rerun gives the same bytes. Readers read whole chunks. Claims that
@@ -28,6 +37,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
@@ -45,7 +55,10 @@ from zarr.storage import LocalStore
 from . import FORMAT_VERSION
 from .errors import NonFiniteFeatureError, StoreError, closest
 
-DTYPES: tuple[str, ...] = ("float16", "float32")
+DTYPES: tuple[str, ...] = ("float16", "float32", "int8")
+QUANTIZED_DTYPE = "int8"  # stored as per-unit affine codes (see the module docstring)
+QUANT_ARRAYS = ("quant_scale", "quant_offset")  # what decoding needs, beside the codes
+_Q_MIN, _Q_MAX = -128, 127
 COMPRESSORS: tuple[str, ...] = ("zstd", "none")
 ZSTD_LEVEL = 3
 CLAIMS_DIR = ".claims"
@@ -229,7 +242,8 @@ class FeatureStore:
         self.num_views: int = int(attrs["num_views"])
         self.feature_dim: int = int(attrs["feature_dim"])
         self.unit_rows: int = int(attrs["unit_rows"])
-        self.dtype = np.dtype(attrs["dtype"]).newbyteorder("<")
+        self.dtype = np.dtype(attrs["dtype"]).newbyteorder("<")  # as stored on disk
+        self.quantized: bool = attrs["dtype"] == QUANTIZED_DTYPE
         self._group = group
         self._arrays: dict[tuple[str, str], zarr.Array] = {}
         self._ids: dict[str, tuple[str, ...]] = {}
@@ -272,7 +286,8 @@ class FeatureStore:
         """Write one whole work unit, then mark it done.
 
         Args:
-            features: (n, V, D) float, n == len(units(split)[unit]); stored cast to the store dtype.
+            features: (n, V, D) float, n == len(units(split)[unit]); stored cast to the store dtype
+                (int8: quantized with this unit's parameters, see ``quantize_unit``).
             boxes: (n, V, 4) float32 normalized crop boxes. flips: (n, V) bool.
 
         Everything is checked before anything is written. A failure midway leaves the unit not done;
@@ -281,7 +296,8 @@ class FeatureStore:
         Raises:
             ValueError: wrong shapes (expected vs got), non-float features, non-finite boxes.
             NonFiniteFeatureError: NaN/Inf features, or values the store dtype cannot hold (float16
-                overflow); the message names the split and the first sample ids.
+                overflow, an int8 range beyond float32); the message names the split and the first
+                sample ids.
             StoreError: the store was opened read-only or its directory cannot be written.
         """
         rows = self._unit_range(split, unit)
@@ -300,22 +316,41 @@ class FeatureStore:
             what="the teacher produced NaN/Inf features",
             fix="check those images or run the teacher with teacher.precision = 'fp32'",
         )
-        with np.errstate(over="ignore"):  # overflow is reported below with the sample ids
-            stored = np.ascontiguousarray(features, dtype=self.dtype)
-        self._check_finite(
-            split,
-            unit,
-            stored,
-            what=f"features exceed the {self.dtype.name} range",
-            fix="set store.dtype = 'float32' in the cache spec",
-        )
-        total, total_sq = _unit_sums(stored)
+        quant: dict[str, np.ndarray] = {}
+        if self.quantized:
+            stored, scale, offset = quantize_unit(features)
+            decoded = dequantize(stored, scale, offset)
+            self._check_finite(
+                split,
+                unit,
+                decoded,
+                what="features span more than the float32 range",
+                fix="set store.dtype = 'float32' in the cache spec",
+            )
+            quant = {
+                "quant_scale": scale,
+                "quant_offset": offset,
+                "quant_cosine": _cosine_record(features, decoded),
+            }
+        else:
+            with np.errstate(over="ignore"):  # overflow is reported below with the sample ids
+                stored = decoded = np.ascontiguousarray(features, dtype=self.dtype)
+            self._check_finite(
+                split,
+                unit,
+                stored,
+                what=f"features exceed the {self.dtype.name} range",
+                fix="set store.dtype = 'float32' in the cache spec",
+            )
+        total, total_sq = _unit_sums(decoded)
         digest = np.frombuffer(hashlib.sha256(stored.tobytes()).digest(), dtype=np.uint8)
         self._require_writable()
         try:
             if self.unit_done(split, unit):
                 self._array(split, "done")[unit] = 0
                 self._array(split, "stats_done")[0] = 0
+            for name, value in quant.items():
+                self._array(split, name)[unit] = value
             self._array(split, "features")[rows.start : rows.stop] = stored
             self._array(split, "boxes")[rows.start : rows.stop] = boxes
             self._array(split, "flips")[rows.start : rows.stop] = flips
@@ -370,12 +405,30 @@ class FeatureStore:
         return np.asarray(self._array(split, "labels")[:], dtype=np.int64)
 
     def read_unit(self, split: str, unit: int) -> np.ndarray:
-        """(n, V, D) stored dtype: one work unit, one chunk read. StoreError if the unit is not done."""
+        """(n, V, D) features of one work unit, one chunk read (see ``read_rows``)."""
         rows = self._unit_range(split, unit)
         return self.read_rows(split, rows.start, rows.stop)
 
     def read_rows(self, split: str, start: int, stop: int) -> np.ndarray:
-        """(stop - start, V, D) stored dtype: contiguous rows; read whole units for speed.
+        """(stop - start, V, D) features of contiguous rows: the stored float dtype, or float32 decoded
+        from an int8 store. Read whole units for speed.
+
+        Raises ValueError for a range outside [0, N], StoreError if a spanned unit is not done.
+        """
+        codes = self.read_codes(split, start, stop)
+        if not self.quantized:
+            return codes
+        first, last = start // self.unit_rows, -(-stop // self.unit_rows)
+        scale, offset = self.quant_params(split, range(first, last))
+        per_row = np.arange(start, stop) // self.unit_rows - first
+        return dequantize(codes, scale[per_row, None], offset[per_row, None])
+
+    def read_split(self, split: str) -> np.ndarray:
+        """(N, V, D) features of the whole split (see ``read_rows``). StoreError if any unit is not done."""
+        return self.read_rows(split, 0, self.num_samples(split))
+
+    def read_codes(self, split: str, start: int, stop: int) -> np.ndarray:
+        """(stop - start, V, D) features as stored (int8 codes for an int8 store), not decoded.
 
         Raises ValueError for a range outside [0, N], StoreError if a spanned unit is not done.
         """
@@ -386,10 +439,20 @@ class FeatureStore:
         self._require_done(split, range(first, last))
         return np.asarray(self._array(split, "features")[start:stop])
 
-    def read_split(self, split: str) -> np.ndarray:
-        """(N, V, D) stored dtype: the whole split. StoreError if any unit is not done."""
-        self._require_done(split, range(self.num_units(split)))
-        return np.asarray(self._array(split, "features")[:])
+    def quant_params(self, split: str, units: range | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(len(units), D) float32 ``scale`` and ``offset`` of an int8 store's units (default: all), so
+        unit ``units[i]`` decodes as ``dequantize(codes, scale[i], offset[i])``.
+
+        Raises StoreError for a store that is not int8 or a unit that is not done.
+        """
+        if not self.quantized:
+            raise StoreError(f"{self.path}: dtype {self.dtype.name} has no quantization parameters")
+        units = range(self.num_units(split)) if units is None else units
+        self._require_done(split, units)
+        scale = np.asarray(self._array(split, "quant_scale")[units.start : units.stop], dtype=np.float32)
+        return scale, np.asarray(
+            self._array(split, "quant_offset")[units.start : units.stop], dtype=np.float32
+        )
 
     def read_boxes(self, split: str) -> tuple[np.ndarray, np.ndarray]:
         """(N, V, 4) float32 boxes and (N, V) bool flips. StoreError if any unit is not done."""
@@ -449,7 +512,8 @@ class FeatureStore:
         """A JSON-able summary: path, complete, num_samples (total and per split), num_views,
         fingerprint, feature_dim, dtype, unit_rows, compressor, teacher (the identity's teacher entry
         plus feature_dim), dataset, splits (per split: num_samples, num_units, units_done, complete),
-        provenance (its flat entries), size_bytes."""
+        provenance (its flat entries), size_bytes, bytes_per_view and, for int8 stores,
+        cosine_to_float32 (see ``bytes_per_view`` and ``quant_cosine``)."""
         splits = {}
         for split in self.split_names:
             done = self.done_units(split)
@@ -479,7 +543,40 @@ class FeatureStore:
             "splits": splits,
             "provenance": _flat_entries(self.attrs["provenance"]),
             "size_bytes": self.size_bytes(),
+            "bytes_per_view": self.bytes_per_view(),
+            **({"cosine_to_float32": self.quant_cosine()} if self.quantized else {}),
         }
+
+    def bytes_per_view(self) -> float | None:
+        """Bytes on disk of the done units' feature chunks (and, for int8, their ``quant_scale`` and
+        ``quant_offset`` chunks), divided by their rows times views; None before any unit is done."""
+        total, views = 0, 0
+        arrays = ("features", *QUANT_ARRAYS) if self.quantized else ("features",)
+        for split in self.split_names:
+            units = self.units(split)
+            for unit in np.flatnonzero(self.done_units(split)).tolist():
+                views += len(units[unit]) * self.num_views
+                for name in arrays:
+                    total += _file_bytes(self.path / split / name / "c" / str(unit))
+        return total / views if views else None
+
+    def quant_cosine(self) -> dict[str, float] | None:
+        """``{"mean", "min"}`` over every stored row and view of the done units of an int8 store: the
+        cosine between the decoded and the float32 features, measured when each unit was written.
+        None before any unit is done. Raises StoreError for a store that is not int8."""
+        if not self.quantized:
+            raise StoreError(f"{self.path}: dtype {self.dtype.name} records no quantization cosine")
+        sums, mins, count = [], [], 0
+        for split in self.split_names:
+            done = np.flatnonzero(self.done_units(split))
+            if not done.size:
+                continue
+            record = np.asarray(self._array(split, "quant_cosine")[:], dtype=np.float64)[done]
+            units = self.units(split)
+            count += sum(len(units[k]) for k in done.tolist()) * self.num_views
+            sums += record[:, 0].tolist()
+            mins += record[:, 1].tolist()
+        return {"mean": math.fsum(sums) / count, "min": min(mins)} if count else None
 
     def verify(self) -> list[str]:
         """Problems found, one line each; ``[]`` when healthy. Reads every done unit.
@@ -531,6 +628,9 @@ class FeatureStore:
             "std": ((d,), np.dtype("float32")),
             "stats_done": ((1,), np.dtype("uint8")),
         }
+        if self.quantized:
+            expected.update({name: ((u, d), np.dtype("float32")) for name in QUANT_ARRAYS})
+            expected["quant_cosine"] = ((u, 2), np.dtype("float64"))
         problems = []
         for name, (shape, dtype) in expected.items():
             try:
@@ -555,21 +655,26 @@ class FeatureStore:
             digest = bytes(np.asarray(self._array(split, "unit_sha256")[unit], dtype=np.uint8))
             total = np.asarray(self._array(split, "unit_sum")[unit], dtype=np.float64)
             total_sq = np.asarray(self._array(split, "unit_sumsq")[unit], dtype=np.float64)
+            decoded = stored
+            if self.quantized:
+                scale, offset = self.quant_params(split, range(unit, unit + 1))
+                decoded = dequantize(stored, scale[0], offset[0])
         except Exception as e:  # a damaged chunk fails to decode with codec-specific errors
             return [
                 f"{where}: unreadable ({type(e).__name__}: {e}); "
                 f"delete {self._chunk_file(split, unit)} and rerun"
             ]
-        bad = np.flatnonzero(~np.isfinite(stored).reshape(len(rows), -1).all(axis=1))
+        bad = np.flatnonzero(~np.isfinite(decoded).reshape(len(rows), -1).all(axis=1))
         if bad.size:
             return [f"{where}: NaN/Inf in {bad.size} rows ({self._shown_ids(split, rows.start + bad)})"]
         if hashlib.sha256(stored.tobytes()).digest() != digest:
             return [
                 f"{where}: stored bytes do not match their sha256 (corrupt {self._chunk_file(split, unit)})"
             ]
-        recomputed = _unit_sums(stored)
+        recomputed = _unit_sums(decoded)
         if not (np.array_equal(recomputed[0], total) and np.array_equal(recomputed[1], total_sq)):
-            return [f"{where}: unit_sum/unit_sumsq disagree with the stored features"]
+            what = "features and quant_scale/quant_offset" if self.quantized else "features"
+            return [f"{where}: unit_sum/unit_sumsq disagree with the stored {what}"]
         return []
 
     def _chunk_file(self, split: str, unit: int) -> Path:
@@ -781,6 +886,14 @@ def _create_split(group: zarr.Group, init: SplitInit, attrs: Mapping[str, Any]) 
     group.create_array(
         "unit_sha256", shape=(units, 32), chunks=(1, 32), dtype="uint8", compressors=None, fill_value=0
     )
+    if attrs["dtype"] == QUANTIZED_DTYPE:
+        for name in QUANT_ARRAYS:
+            group.create_array(
+                name, shape=(units, d), chunks=(1, d), dtype="float32", compressors=None, fill_value=0
+            )
+        group.create_array(
+            "quant_cosine", shape=(units, 2), chunks=(1, 2), dtype="float64", compressors=None, fill_value=0
+        )
     for name in ("mean", "std"):
         group.create_array(name, shape=(d,), chunks=(d,), dtype="float32", compressors=None, fill_value=0)
     group.create_array("stats_done", shape=(1,), chunks=(1,), dtype="uint8", compressors=None, fill_value=0)
@@ -793,10 +906,61 @@ def _shaped(x: np.ndarray, shape: tuple[int, ...], name: str) -> np.ndarray:
     return x
 
 
+def quantize_unit(features: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Affine int8 codes of one unit, per dimension: ``(n, V, D)`` float -> codes ``(n, V, D)`` int8 and
+    ``scale``, ``offset`` ``(D,)`` float32, with ``features ~ codes * scale + offset``.
+
+    Each dimension's minimum and maximum over the unit's ``n * V`` rows map to -128 and 127, so a
+    decoded value is within ``scale / 2`` (plus float32 rounding) of the original; a constant
+    dimension gets ``scale = 0`` and decodes exactly. Computed in float64 from min/max and elementwise
+    operations only, so the result does not depend on summation order, SIMD width or who wrote it.
+    """
+    flat = np.asarray(features, dtype=np.float64).reshape(-1, features.shape[-1])
+    lo, hi = flat.min(axis=0), flat.max(axis=0)
+    with np.errstate(over="ignore"):  # a range beyond float32 decodes to inf and is refused by the caller
+        scale = ((hi - lo) / (_Q_MAX - _Q_MIN)).astype(np.float32)
+        offset = (lo - _Q_MIN * scale.astype(np.float64)).astype(np.float32)
+    step = np.where(scale > 0, scale, np.float32(1.0)).astype(np.float64)
+    with np.errstate(invalid="ignore"):
+        codes = np.rint((flat - offset.astype(np.float64)) / step)
+    codes = np.clip(np.nan_to_num(codes), _Q_MIN, _Q_MAX).astype(np.int8)
+    return codes.reshape(features.shape), scale, offset
+
+
+def dequantize(codes: np.ndarray, scale: np.ndarray, offset: np.ndarray) -> np.ndarray:
+    """``codes * scale + offset`` in float32: ``codes`` (..., D) int8, ``scale``/``offset`` broadcastable
+    to it (``(D,)`` for one unit, ``(k, 1, D)`` for rows of several units)."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        return codes.astype(np.float32) * scale + offset
+
+
+def _cosine_record(features: np.ndarray, decoded: np.ndarray) -> np.ndarray:
+    """(2,) float64: sum and minimum over a unit's rows and views of cos(float32 features, decoded).
+
+    Reductions run along axis 0 of C-order arrays and the sum is ``math.fsum``, so the record is the
+    same on every machine. Two zero vectors count as cosine 1, one zero vector as 0.
+    """
+    d = features.shape[-1]
+    x = np.ascontiguousarray(np.asarray(features, np.float32).reshape(-1, d).astype(np.float64).T)
+    y = np.ascontiguousarray(decoded.reshape(-1, d).astype(np.float64).T)
+    dot = np.add.reduce(x * y, axis=0)
+    norms = np.sqrt(np.add.reduce(x * x, axis=0) * np.add.reduce(y * y, axis=0))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        cos = np.where(norms > 0, dot / norms, np.where(dot == norms, 1.0, 0.0))
+    return np.array([math.fsum(cos.tolist()), cos.min()], dtype=np.float64)
+
+
 def _unit_sums(stored: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(D,) float64 sum and sum of squares over rows and views of one unit's stored features."""
     x = stored.reshape(-1, stored.shape[-1]).astype(np.float64)
     return np.add.reduce(x, axis=0), np.add.reduce(x * x, axis=0)
+
+
+def _file_bytes(path: Path) -> int:
+    """Bytes of the file at ``path``, or of every file below it (0 when absent)."""
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
 def _name_of(entry: Any, keys: tuple[str, ...]) -> str:
