@@ -83,6 +83,15 @@ class _Block:
     scale: np.ndarray | None = None
     offset: np.ndarray | None = None
 
+    def take_one(self, row: int, view: int) -> np.ndarray:
+        """``(D,)`` for one ``(row, view)``, decoded like ``take``."""
+        local = row - self.start
+        code = self.codes[local, view]
+        if self.scale is None or self.offset is None:
+            return code
+        unit = local // self.unit_rows
+        return dequantize(code, self.scale[unit], self.offset[unit])
+
     def take(self, rows: np.ndarray, views: np.ndarray | None) -> np.ndarray:
         """``(k, D)`` for ``(rows[i], views[i])``, or ``(k, V, D)`` every view when ``views`` is None:
         the stored float dtype, or float32 decoded from int8 codes."""
@@ -156,8 +165,18 @@ class FeatureSource:
                 self._split_array(split)
 
     def get(self, split: str, row: int, view: int) -> np.ndarray:
-        """The feature of ``view`` of ``row``: ``(D,)`` float32."""
-        return self.get_many(split, np.array([row]), np.array([view]))[0]
+        """The feature of ``view`` of ``row``: ``(D,)`` float32, equal to ``get_many``'s.
+
+        The per-item path of every DataLoader item: one block lookup and a few vector operations,
+        without the batch bookkeeping of ``get_many``.
+        """
+        block = self._split_array(split) if self.in_ram else None
+        n = len(block.codes) if block is not None else self.store.num_samples(split)
+        if not 0 <= row < n:
+            raise IndexError(f"{self.store_path}: split '{split}' has rows 0..{n - 1}; asked for {row}")
+        if block is None:
+            block = self._unit(split, row // self.store.unit_rows)
+        return self._standardized(block.take_one(row, view))
 
     def get_many(self, split: str, rows: np.ndarray, views: np.ndarray) -> np.ndarray:
         """Features of ``(rows[i], views[i])``: ``(k, D)`` float32; rows may repeat and come in any order."""
