@@ -25,6 +25,7 @@ are decode and gather costs, not disk reads.
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import shutil
 import tempfile
@@ -187,14 +188,14 @@ def main() -> None:
     p.add_argument("--unit-rows", type=int, default=256)
     p.add_argument("--batch", type=int, default=128, help="reader batch (the pipeline's)")
     p.add_argument("--steps", type=int, default=3, help="timed student steps")
-    p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("--threads", type=int, default=1, help="torch threads for the student (1: see README)")
     p.add_argument("--dir", type=Path, default=None, help="where the stores go (default: a temp dir)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     students = {
         f"{name}@{size}px": _timed(
             f"student {name} at {size} px",
-            lambda n=name, s=size, b=b: student_rows_per_s(n, s, b, args.steps),
+            functools.partial(student_rows_per_s, name, size, b, args.steps),
         )
         for name, size, b in STUDENTS
     }
@@ -206,7 +207,7 @@ def main() -> None:
             path = base / f"{dtype}_{compressor}.zarr"
             store = _timed(
                 f"write {layout}",
-                lambda p=path, t=dtype, c=compressor: write_store(p, dtype=t, compressor=c, args=args),
+                functools.partial(write_store, path, dtype=dtype, compressor=compressor, args=args),
             )
             bpv = store.bytes_per_view()
             for streaming in (True, False):

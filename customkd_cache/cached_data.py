@@ -44,6 +44,10 @@ WINDOW_BLOCKS = 4
 # Enough decoded units for one labeled and one unlabeled window, plus the units a batch straddling
 # two windows still needs: a smaller LRU re-decodes units inside a window.
 DEFAULT_CACHE_UNITS = 2 * WINDOW_BLOCKS + 2
+# float16 arrays at least this large are converted to float32 by torch (see ``_as_float32``); below it
+# the call overhead outweighs numpy's slower per-value conversion (measured: a 1024-d row took 14 us
+# with numpy, 9 us with torch, a 128 x 1024 batch 730 us and 43 us).
+_TORCH_CONVERT_MIN = 1024
 # Colour jitter strength of the optional student-only photometric augmentation (like
 # torchvision's ColorJitter(0.4, 0.4, 0.4)); the teacher's stored view is never jittered.
 JITTER = 0.4
@@ -255,10 +259,18 @@ class FeatureSource:
         return block
 
     def _standardized(self, x: np.ndarray) -> np.ndarray:
-        x = x.astype(np.float32)
+        x = _as_float32(x)
         if self._mean is None or self._std is None:
             return x
         return (x - self._mean) / self._std
+
+
+def _as_float32(x: np.ndarray) -> np.ndarray:
+    """``x`` as float32. float16 goes through torch, whose conversion is vectorized (numpy's took
+    about 5.5 ns per value here, torch's 0.3 for a batch); both are exact, so the values are equal."""
+    if x.dtype == np.float16 and x.size >= _TORCH_CONVERT_MIN:
+        return torch.from_numpy(np.ascontiguousarray(x)).to(torch.float32).numpy()
+    return x.astype(np.float32)
 
 
 def combined_stats(store: FeatureStore, splits: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
