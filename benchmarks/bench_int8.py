@@ -12,6 +12,7 @@ same labeled set and unlabeled pool, evaluated on the cached test images, and pr
 store (goal: the int8 mean within one std of the float16 mean).
 
     python -m benchmarks.bench_int8                          # fidelity and size only (minutes)
+    python -m benchmarks.bench_int8 --vit-weights FILE       # also ViT-S/14 (DINOv2 architecture)
     python -m benchmarks.bench_int8 --accuracy --json out.json
 
 Stores go under CUSTOMKD_CACHE_ROOT; run directories under ``--work``.
@@ -67,6 +68,30 @@ def cache_store(folder: Path, dtype: str, args: argparse.Namespace) -> Path:
     return res.path
 
 
+def cache_vit(folder: Path, weights: Path, args: argparse.Namespace) -> Path:
+    """An int8 store of ViT-S/14 (DINOv2 architecture, CLS token) features of the first test images."""
+    spec = load_cache_spec(
+        CACHE_SPEC,
+        [
+            f"dataset.root={folder}",
+            "dataset.splits=['test']",
+            f"dataset.max_per_split={{test = {args.vit_images}}}",
+            "teacher.name=vit_small_patch14_dinov2",
+            f"teacher.weights={weights.resolve()}",
+            "teacher.weights_keys=by_name",
+            f"teacher.input_size={args.vit_size}",
+            "teacher.feature=cls",
+            f"views.num_views={args.views}",
+            "store.dtype=int8",
+            "run.batch_size=64",
+            f"run.num_workers={args.workers}",
+        ],
+    )
+    res = extract.run_cache(spec, spec_path=CACHE_SPEC, shard=extract.Shard(), progress=False)
+    log(f"[int8] ViT-S/14 int8 store {res.path.name}: {res.units_computed} units in {res.seconds:.0f} s")
+    return res.path
+
+
 def cross_cosine(a: Path, b: Path) -> dict[str, float]:
     """Cosine between the decoded features of two stores of the same views, every row and view."""
     sa, sb = open_store(a), open_store(b)
@@ -80,6 +105,7 @@ def cross_cosine(a: Path, b: Path) -> dict[str, float]:
 
 
 def fidelity(stores: dict[str, Path]) -> dict[str, Any]:
+    """Per store (keyed as ``stores``): bytes per view, against 2 * D, and the int8 cosine."""
     out: dict[str, Any] = {}
     for dtype, path in stores.items():
         info = open_store(path).info()
@@ -92,7 +118,6 @@ def fidelity(stores: dict[str, Path]) -> dict[str, Any]:
             "fraction_of_float16_floor": info["bytes_per_view"] / (2 * d),
             "cosine_to_float32": info.get("cosine_to_float32"),
         }
-    out["cosine_int8_vs_float16"] = cross_cosine(stores["int8"], stores["float16"])
     return out
 
 
@@ -137,10 +162,12 @@ def _mean_std(xs: list[float]) -> str:
 
 
 def report(fid: dict[str, Any], acc: dict[str, dict[str, list[float]]] | None) -> None:
-    for dtype in DTYPES:
-        f = fid[dtype]
+    for name, f in fid.items():
+        if name == "cosine_int8_vs_float16":
+            continue
         line = (
-            f"{dtype:8s} D={f['feature_dim']}  {f['bytes_per_view']:.1f} bytes/view  "
+            f"{name:22s} D={f['feature_dim']}  {f['rows_x_views']} views  "
+            f"{f['bytes_per_view']:.1f} bytes/view  "
             f"= {f['fraction_of_float16_floor']:.3f} x the float16 floor 2*D"
         )
         if f["cosine_to_float32"]:
@@ -166,6 +193,9 @@ def main() -> None:
     p.add_argument("--test", type=int, default=2000, help="test images")
     p.add_argument("--views", type=int, default=3)
     p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--vit-weights", type=Path, help="also measure ViT-S/14 (timm safetensors file)")
+    p.add_argument("--vit-images", type=int, default=1024, help="test images for ViT-S/14")
+    p.add_argument("--vit-size", type=int, default=112, help="ViT-S/14 input size")
     p.add_argument("--accuracy", action="store_true", help="also train students from both stores")
     p.add_argument("--methods", nargs="+", default=["customkd", "kd"])
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
@@ -174,7 +204,10 @@ def main() -> None:
     args = p.parse_args()
     folder = ensure_fashion_mnist()
     stores = {dtype: cache_store(folder, dtype, args) for dtype in DTYPES}
-    fid = fidelity(stores)
+    fid = fidelity({f"Lite0 {dtype}": path for dtype, path in stores.items()})
+    fid["cosine_int8_vs_float16"] = cross_cosine(stores["int8"], stores["float16"])
+    if args.vit_weights:
+        fid |= fidelity({"ViT-S/14 int8": cache_vit(folder, args.vit_weights, args)})
     acc = accuracy(folder, stores, args) if args.accuracy else None
     report(fid, acc)
     if args.json:
