@@ -163,3 +163,28 @@ def _steal(path: Path, judged: bytes) -> bool:
         return False
     finally:
         tomb.unlink(missing_ok=True)
+
+
+def remove_if_stale(path: Path, *, lease_s: float = 600.0) -> bool:
+    """Housekeeping: remove the claim file ``path`` if ``is_stale``; True if this call removed it.
+
+    A claim replaced by a live one meanwhile is left in place.
+    """
+    seen = _read_raw(path)
+    return seen is not None and _stale_for_housekeeping(path, seen, lease_s) and _steal(path, seen)
+
+
+def is_stale(path: Path, *, lease_s: float = 600.0) -> bool:
+    """Housekeeping's judgement, stricter than ``try_claim``'s: a claim of a live process on this host
+    is never stale (even past its lease: the holder may be slow, not gone); others are stale when
+    their process is gone or their lease ran out."""
+    seen = _read_raw(path)
+    return seen is not None and _stale_for_housekeeping(path, seen, lease_s)
+
+
+def _stale_for_housekeeping(path: Path, raw: bytes, lease_s: float) -> bool:
+    record = _parse(raw) or {}
+    pid = record.get("pid")
+    if record.get("host") == socket.gethostname() and isinstance(pid, int) and _pid_alive(pid):
+        return False
+    return _is_stale(path, raw, lease_s)

@@ -110,6 +110,127 @@ def train(
     )
 
 
+@app.command()
+def sweep(
+    spec: SpecOpt,
+    out: Annotated[Path, typer.Option(help="sweep directory: one run directory per point, and sweep.json")],
+    grid: Annotated[
+        Optional[list[str]],
+        typer.Option(
+            "--grid",
+            help="a grid axis KEY=V1,V2,... (values parse as TOML); "
+            "KEY_A+KEY_B links two fields to one value",
+        ),
+    ] = None,
+    set_: SetOpt = None,
+    shard: Annotated[
+        Optional[str], typer.Option(help="this job's share of the points, I/N (e.g. a Slurm array task)")
+    ] = None,
+    retry_failed: Annotated[
+        bool, typer.Option("--retry-failed", help="train failed points again (default: keep them failed)")
+    ] = False,
+) -> None:
+    """Train the cartesian product of the grids from one spec; finished points are skipped."""
+    from .extract import Shard
+    from .sweep import parse_grid, run_sweep
+
+    part = Shard.parse(shard) if shard else None
+    points = run_sweep(
+        spec_path=spec,
+        out=out,
+        grid=[parse_grid(g) for g in grid or []],
+        overrides=set_ or [],
+        shard=(part.index, part.count) if part else None,
+        retry_failed=retry_failed,
+    )
+    for p in points:
+        typer.echo(f"{p.status:8s} {p.run_dir}" + (f"  ({p.error})" if p.error else ""))
+    counts = {s: sum(p.status == s for p in points) for s in ("ran", "done", "failed", "skipped")}
+    typer.echo(f"{out}: {len(points)} points: " + ", ".join(f"{n} {s}" for s, n in counts.items()))
+
+
+@app.command()
+def report(
+    dirs: Annotated[
+        list[Path], typer.Argument(help="sweep directories or run directories", show_default=False)
+    ],
+    by: Annotated[
+        Optional[list[str]], typer.Option("--by", help="group by this key (default: every key that varies)")
+    ] = None,
+    metric: Annotated[str, typer.Option(help="the test metric to summarise")] = "student_accuracy",
+    select_on: Annotated[
+        Optional[str],
+        typer.Option(
+            help="per group, choose the hyper-parameters on this validation metric (e.g. val_accuracy)"
+        ),
+    ] = None,
+    as_json: JsonOpt = False,
+    out: Annotated[
+        Optional[Path], typer.Option(help="also write PREFIX.md, PREFIX.json and PREFIX.png")
+    ] = None,
+) -> None:
+    """Mean ± std over seeds of the runs' metrics, grouped; failed and incomplete runs shown as such."""
+    from .report import build_report, load_runs, write_report
+
+    rep = build_report(load_runs(dirs), by=by, metric=metric, select_on=select_on)
+    if as_json:
+        _print_json(rep.to_json())
+    else:
+        typer.echo(rep.to_markdown(), nl=False)
+    if out is not None:
+        written = write_report(rep, out)
+        typer.echo(f"wrote {', '.join(str(p) for p in written)}", err=True)
+
+
+@app.command(name="export")
+def export_(
+    run_dir: Annotated[Path, typer.Argument(help="a finished train run directory", show_default=False)],
+    format_: Annotated[str, typer.Option("--format", help="onnx or torchscript")] = "onnx",
+    quantize: Annotated[
+        Optional[str], typer.Option(help="int8: also write a statically quantized ONNX model")
+    ] = None,
+    checkpoint: Annotated[str, typer.Option(help="best or last student of the run")] = "best",
+    out: Annotated[
+        Optional[Path], typer.Option(help="model file (default RUN_DIR/export/student.onnx or .pt)")
+    ] = None,
+    images: Annotated[int, typer.Option(help="evaluation images for the checks; 0 = all of them")] = 0,
+    runs: Annotated[int, typer.Option(help="timed batch-1 runs per latency figure")] = 100,
+) -> None:
+    """Export the run's student as ONNX or TorchScript; check parity, size, MACs and CPU latency."""
+    from .export import FORMATS, ExportError, export_student
+
+    if format_ not in FORMATS:
+        raise ExportError(f"--format {format_}: unknown; choose one of {', '.join(FORMATS)}")
+    if checkpoint not in ("best", "last"):
+        raise ExportError(f"--checkpoint {checkpoint}: choose best or last")
+    rep = export_student(
+        run_dir,
+        fmt=format_,  # type: ignore[arg-type]  # checked above
+        quantize=quantize,  # type: ignore[arg-type]  # checked by export_student
+        checkpoint=checkpoint,  # type: ignore[arg-type]
+        out=out,
+        max_images=images,
+        latency_runs=runs,
+    )
+    typer.echo(
+        f"{rep['student']} ({rep['checkpoint']}), {rep['input_size']} px: {rep['params']:,} params, "
+        f"{rep['macs'] / 1e6:.2f} M MACs; torch accuracy {_pct(rep['torch_accuracy'])} "
+        f"on {rep['num_images']} images"
+    )
+    typer.echo(
+        f"{'format':12s} {'file':>10s} {'max|dlogit|':>12s} {'top-1 agree':>12s} {'accuracy':>9s} "
+        f"{'p50/p90 ms, 1 thread':>21s} {'p50/p90 ms, ' + str(rep['threads_all']) + ' threads':>22s}"
+    )
+    for name, m in rep["formats"].items():
+        one, every = m["latency_ms"]["1"], m["latency_ms"]["all"]
+        typer.echo(
+            f"{name:12s} {m['file_bytes'] / 2**20:8.2f}MB {m['max_abs_logit_diff']:12.2e} "
+            f"{100 * m['top1_agreement']:11.2f}% {_pct(m['accuracy']):>9s} "
+            f"{one['p50']:10.3f}/{one['p90']:.3f} {every['p50']:11.3f}/{every['p90']:.3f}"
+        )
+    typer.echo(f"wrote {Path(next(iter(rep['formats'].values()))['file']).parent / 'export.json'}")
+
+
 def _pct(x: float | None) -> str:
     return "n/a" if x is None else f"{100 * x:.2f}%"
 
@@ -145,7 +266,7 @@ def ls_(
     root: Annotated[Optional[Path], typer.Argument(help="cache root (default: CUSTOMKD_CACHE_ROOT)")] = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """List the feature stores under a cache root."""
+    """List the feature stores under a cache root: state, samples x views, teacher, size, creation."""
     from .store import list_stores
 
     entries = list_stores(root or specs.cache_root())
@@ -153,8 +274,44 @@ def ls_(
         _print_json(entries)
         return
     for e in entries:
-        done = "complete" if e["complete"] else "partial"
-        typer.echo(f"{e['path']}  {e['dataset']}  {e['teacher']}  {done}  {e['size_bytes'] / 2**20:.1f} MiB")
+        size = f"{e['size_bytes'] / 2**20:.1f} MiB"
+        if e["damaged"]:
+            typer.echo(f"{e['path']}  DAMAGED  {size}  {e['error']}")
+            continue
+        state = "complete" if e["complete"] else "incomplete"
+        typer.echo(
+            f"{e['path']}  {state}  {e['dataset']}  {e['teacher']}  "
+            f"{e['num_samples']} x {e['num_views']}  {size}  {e['created'] or '-'}"
+        )
+
+
+@app.command()
+def gc(
+    root: Annotated[Optional[Path], typer.Argument(help="cache root (default: CUSTOMKD_CACHE_ROOT)")] = None,
+    older_than: Annotated[
+        float, typer.Option(help="remove incomplete stores untouched for this many days")
+    ] = 7.0,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="list what would be removed; remove nothing")
+    ] = False,
+) -> None:
+    """Remove what killed runs leave: temporary creator dirs, stale claims, old incomplete stores."""
+    from .gc import collect_garbage
+
+    res = collect_garbage(root or specs.cache_root(), older_than_days=older_than, dry_run=dry_run)
+    verb = "would remove" if dry_run else "removed"
+    for r in res.removed:
+        typer.echo(f"{verb} {r.kind:16s} {_bytes(r.bytes):>10s}  {r.path}  ({r.reason})")
+    for path, why in res.kept:
+        typer.echo(f"kept   {path}  ({why})")
+    typer.echo(f"{res.root}: {verb} {len(res.removed)} entries, {_bytes(res.bytes_freed)}")
+
+
+def _bytes(n: int) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} B"
 
 
 @app.command()

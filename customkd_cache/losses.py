@@ -92,6 +92,22 @@ def feature_mse(pred: Tensor, target: Tensor) -> Tensor:
     return F.mse_loss(pred.float(), target.float())
 
 
+def linear_cka(x: Tensor, y: Tensor) -> float:
+    """Linear CKA (Kornblith et al., ICML 2019) between two representations of the same N inputs.
+
+    ``x`` (N, D1), ``y`` (N, D2); both are centred over N, then
+    ``||Y^T X||_F^2 / (||X^T X||_F ||Y^T Y||_F)`` in float64. 1 means the same representation up to
+    rotation and isotropic scale; the paper's Table 6 reports it between f_s and P_t(f_t).
+    """
+    if x.shape[0] != y.shape[0] or x.shape[0] < 2:
+        raise ValueError(f"linear_cka needs the same N >= 2 rows, got {x.shape[0]} and {y.shape[0]}")
+    xc = x.double() - x.double().mean(0, keepdim=True)
+    yc = y.double() - y.double().mean(0, keepdim=True)
+    cross = (yc.T @ xc).pow(2).sum()
+    norm = (xc.T @ xc).pow(2).sum().sqrt() * (yc.T @ yc).pow(2).sum().sqrt()
+    return float(cross / norm.clamp(min=1e-300))
+
+
 def standardize(f: Tensor, mean: Tensor, std: Tensor, eps: float = 1e-6) -> Tensor:
     """``(f - mean) / (std + eps)`` in float32: ``f`` (..., D) any float dtype, ``mean``/``std`` (D,).
 
@@ -133,7 +149,7 @@ class StageBTerms:
     ``total`` (0-dim float32) carries the graph: call ``backward`` on it. The other fields are the
     *unweighted* terms, detached 0-dim float32 tensors (kept as tensors so logging them does not force
     a device sync every step), 0 where the method does not use them:
-    ``total = ce + w_gen * gen + lambda_spec * spec + kd.weight * kd + dkd.weight * dkd_ramp * dkd``,
+    ``total = ce + w_gen * gen + lambda_task * task + kd.weight * kd + dkd.weight * dkd_ramp * dkd``,
     with ``w_gen = customkd.lambda_gen`` for the CustomKD methods and ``customkd.fitnet_weight`` for
     ``fitnet``.
     """
@@ -141,7 +157,7 @@ class StageBTerms:
     total: Tensor
     ce: Tensor
     gen: Tensor
-    spec: Tensor
+    task: Tensor
     kd: Tensor
     dkd: Tensor
 
@@ -152,11 +168,22 @@ _METHOD_TERMS: dict[str, frozenset[str]] = {
     "kd": frozenset({"kd"}),
     "fitnet": frozenset({"gen"}),
     "dkd": frozenset({"dkd"}),
-    "customkd": frozenset({"gen", "spec"}),
-    "customkd+kd": frozenset({"gen", "spec", "kd"}),
-    "customkd+dkd": frozenset({"gen", "spec", "dkd"}),
+    "customkd": frozenset({"gen", "task"}),
+    "customkd+kd": frozenset({"gen", "task", "kd"}),
+    "customkd+dkd": frozenset({"gen", "task", "dkd"}),
 }
 assert set(_METHOD_TERMS) == set(METHODS), "every method in specs.METHODS needs its terms here"
+
+
+def method_terms(method: str) -> frozenset[str]:
+    """The distillation terms ``method`` adds to the labeled CE: a subset of gen, task, kd, dkd.
+
+    What a method needs follows from them: ``gen`` the student projector ``P_s``, ``task`` the
+    customizer ``P_t`` (and so stage A), ``kd``/``dkd`` the teacher probe's logits.
+    """
+    if method not in _METHOD_TERMS:
+        raise SpecError(f"method: unknown '{method}'{closest(method, METHODS)}; valid: {', '.join(METHODS)}")
+    return _METHOD_TERMS[method]
 
 
 def stage_b_loss(
@@ -185,7 +212,8 @@ def stage_b_loss(
     Terms (see ``StageBTerms`` for how they add up):
     - ``ce``: cross-entropy on the labeled rows; 0 (still attached to the graph) when there are none.
     - ``gen`` (customkd*, fitnet): ``MSE(P_s(f_s), f_t)`` over all rows.
-    - ``spec`` (customkd*): ``MSE(f_s, stopgrad(P_t(f_t)))`` over all rows. ``P_t`` runs under
+    - ``task`` (customkd*): ``MSE(f_s, stopgrad(P_t(f_t)))`` over all rows, the customized
+      task-specific term (the paper's L_spec). ``P_t`` runs under
       ``no_grad`` and in eval mode (its previous mode is restored), so stage B never changes the
       customizer, not even BatchNorm running statistics.
     - ``kd`` (kd, customkd+kd): ``kd_loss`` against ``teacher_logits`` on all rows.
@@ -197,23 +225,21 @@ def stage_b_loss(
     Raises ``SpecError`` for an unknown method and ``ValueError`` when a module or the teacher logits
     the method needs are missing (a caller bug, not a user input).
     """
-    if method not in _METHOD_TERMS:
-        raise SpecError(f"method: unknown '{method}'{closest(method, METHODS)}; valid: {', '.join(METHODS)}")
-    terms = _METHOD_TERMS[method]
+    terms = method_terms(method)
     zero = logits.new_zeros((), dtype=torch.float32)
     ce = _labeled_ce(logits, target, labeled_mask)
     total = ce
-    gen = spec = kd_term = dkd_term = zero
+    gen = task = kd_term = dkd_term = zero
 
     if "gen" in terms:
         gen = feature_mse(_required(student_projector, "student_projector", method)(f_s), f_t)
         total = total + (ck.fitnet_weight if method == "fitnet" else ck.lambda_gen) * gen
-    if "spec" in terms:
+    if "task" in terms:
         p_t = _required(customizer, "customizer", method)
         with _eval_mode(p_t), torch.no_grad():
             customized = p_t(f_t.float())
-        spec = feature_mse(f_s, customized)
-        total = total + ck.lambda_spec * spec
+        task = feature_mse(f_s, customized)
+        total = total + ck.lambda_task * task
     if "kd" in terms:
         t_logits = _required(teacher_logits, "teacher_logits", method)
         kd_term = kd_loss(logits, t_logits, temperature=kd.temperature)
@@ -230,7 +256,7 @@ def stage_b_loss(
         total=total,
         ce=ce.detach(),
         gen=gen.detach(),
-        spec=spec.detach(),
+        task=task.detach(),
         kd=kd_term.detach(),
         dkd=dkd_term.detach(),
     )

@@ -168,6 +168,9 @@ class UdaSpec(_Spec):
     source: tuple[str, ...] = Field(..., min_length=1, description="labeled source split(s)")
     target: tuple[str, ...] = Field(..., min_length=1, description="unlabeled target split(s)")
     eval: tuple[str, ...] = Field((), description="evaluation split(s); empty = the target split(s)")
+    val: tuple[str, ...] = Field(
+        (), description="held-out labeled source split(s) for validation (val_accuracy); empty = none"
+    )
 
 
 class SslSpec(_Spec):
@@ -181,6 +184,11 @@ class SslSpec(_Spec):
         "", description="list file of the unlabeled pool; empty = the rest of train_split"
     )
     eval_list: str = Field("", description="list file of evaluation ids within eval_split; empty = all of it")
+    val_list: str = Field(
+        "",
+        description="list file of held-out labeled ids within train_split for validation (never trained "
+        "on); gives val_accuracy beside the test accuracy; empty = none",
+    )
 
 
 class StudentSpec(_Spec):
@@ -191,16 +199,42 @@ class StudentSpec(_Spec):
     in22k_head: bool = False
 
 
+# Per-optimizer defaults of the stage-B learning rate and weight decay (used when the spec omits them).
+OPTIMIZER_DEFAULTS: dict[str, dict[str, float]] = {
+    "adamw": {"lr": 2e-3, "weight_decay": 0.05},
+    "sgd": {"lr": 0.05, "weight_decay": 5e-4},
+}
+
+
 class OptimSpec(_Spec):
+    """Stage B (the student and P_s): optimizer, schedule and batches."""
+
     epochs: int = Field(30, ge=1)
     batch_size: int = Field(64, ge=2)
     labeled_per_batch: float = Field(0.5, gt=0.0, le=1.0, description="labeled share of each stage-B batch")
-    lr: float = Field(0.05, gt=0.0)
-    momentum: float = Field(0.9, ge=0.0, lt=1.0)
-    weight_decay: float = Field(5e-4, ge=0.0)
+    optimizer: Literal["adamw", "sgd"] = Field(
+        "adamw",
+        description="adamw suits the feature-regression terms (their gradients are ~100x smaller than "
+        "CE/KD under SGD); sgd is SGD with (Nesterov) momentum",
+    )
+    lr: float = Field(
+        0.0, gt=0.0, allow_inf_nan=False, description="peak lr; default per optimizer: adamw 2e-3, sgd 0.05"
+    )
+    momentum: float = Field(0.9, ge=0.0, lt=1.0, description="sgd only")
+    weight_decay: float = Field(
+        0.0, ge=0.0, allow_inf_nan=False, description="default per optimizer: adamw 0.05, sgd 5e-4"
+    )
     schedule: Literal["cosine", "constant"] = "cosine"
     warmup_epochs: int = Field(0, ge=0)
     photometric: bool = Field(False, description="student-only colour jitter on top of the replayed view")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _optimizer_defaults(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        defaults = OPTIMIZER_DEFAULTS.get(str(data.get("optimizer", "adamw")), OPTIMIZER_DEFAULTS["adamw"])
+        return {**defaults, **data}
 
 
 class KdSpec(_Spec):
@@ -217,14 +251,58 @@ class DkdSpec(_Spec):
 
 
 class CustomKDSpec(_Spec):
-    lambda_gen: float = Field(1.0, ge=0.0)
-    lambda_spec: float = Field(1.0, ge=0.0)
-    projector: Literal["linear", "mlp"] = "linear"
-    standardize: bool = True
-    head_learns_in_stage_a: bool = False
-    stage_a_epochs: int = Field(1, ge=0, description="customization epochs per cycle (1:1 with stage B)")
-    stage_b_epochs: int = Field(1, ge=1)
-    stage_a_lr: float = Field(0.01, gt=0.0)
+    """CustomKD's two stages (METHOD.md): stage A customizes the teacher feature, stage B distils.
+
+    Stage A trains ``P_t`` so that the student's head classifies ``P_t(f_t)``: its budget is counted
+    in optimizer steps on labeled (row, view) pairs drawn with replacement, because a pass over a few
+    labeled rows is a single step. The customized target is bounded (``target_bound``): minimizing CE
+    through a fixed linear head otherwise grows ``||P_t(f_t)||`` without limit, and the MSE to it in
+    stage B then vanishes or explodes.
+    """
+
+    lambda_gen: float = Field(
+        1.0, ge=0.0, allow_inf_nan=False, description="weight of L_gen = MSE(P_s(f_s), f_t), task-general"
+    )
+    lambda_task: float = Field(
+        1.0,
+        ge=0.0,
+        allow_inf_nan=False,
+        description="weight of L_task = MSE(f_s, stopgrad(P_t(f_t))), the customized task-specific term "
+        "(the paper's lambda_spec)",
+    )
+    projector: Literal["linear", "mlp"] = Field("linear", description="form of P_t and P_s")
+    standardize: bool = Field(True, description="standardize f_t with the training splits' per-dim mean/std")
+    stage_a_head: Literal["student", "separate"] = Field(
+        "student",
+        description="student: the student's own head H_s classifies P_t(f_t) (the method); separate: a "
+        "randomly initialized teacher head trained with P_t in stage A (the paper's ablation)",
+    )
+    head_learns_in_stage_a: bool = Field(
+        False, description="with stage_a_head = student: update H_s in stage A too"
+    )
+    stage_a_steps: int = Field(200, ge=0, description="optimizer steps per stage-A cycle; 0 = no stage A")
+    stage_a_batch_size: int = Field(128, ge=1, description="labeled (row, view) pairs per stage-A step")
+    stage_a_optimizer: Literal["adamw", "sgd"] = "adamw"
+    stage_a_lr: float = Field(1e-3, gt=0.0, allow_inf_nan=False)
+    stage_a_weight_decay: float = Field(0.0, ge=0.0, allow_inf_nan=False)
+    stage_a_ce_target: float = Field(
+        0.0, ge=0.0, description="end a stage-A cycle early once a step's CE is below this; 0 = never"
+    )
+    stage_a_every: int = Field(
+        1,
+        ge=0,
+        description="run stage A before every N-th stage-B epoch (1 = 1:1); 0 = once, before the first",
+    )
+    stage_a_per_epoch: int = Field(
+        1, ge=1, description="stage-A cycles interleaved within each stage-B epoch that has stage A"
+    )
+    target_bound: Literal["student_rms", "fixed_rms", "none"] = Field(
+        "student_rms",
+        description="bound on the RMS of each P_t(f_t) row: student_rms = target_bound_scale x the mean "
+        "RMS of the student's features f_s on labeled images (measured before each stage-A cycle); "
+        "fixed_rms = target_bound_scale itself; none = unbounded",
+    )
+    target_bound_scale: float = Field(1.0, gt=0.0, allow_inf_nan=False)
     fitnet_weight: float = Field(1.0, ge=0.0, description="weight of the fitnet baseline's MSE")
 
 
@@ -346,7 +424,24 @@ def spec_kind(data: dict[str, Any]) -> Literal["cache", "train"]:
     return "train" if {"protocol", "method", "student"} & data.keys() else "cache"
 
 
+# Keys that were renamed: (table, old key) -> (new key, why). Refused with the new name, never mapped
+# silently, because the meaning of the value changed with some of them (passes -> optimizer steps).
+RENAMED_KEYS: dict[tuple[str, str], tuple[str, str]] = {
+    ("customkd", "lambda_spec"): ("lambda_task", "the task-specific loss term is L_task"),
+    ("customkd", "stage_a_epochs"): ("stage_a_steps", "stage A's budget is counted in optimizer steps"),
+    ("customkd", "stage_b_epochs"): ("stage_a_every", "stage A runs before every N-th stage-B epoch"),
+}
+
+
+def _refuse_renamed(data: dict[str, Any], source: str) -> None:
+    for (table, old), (new, why) in RENAMED_KEYS.items():
+        section = data.get(table)
+        if isinstance(section, dict) and old in section:
+            raise SpecError(f"{source}: {table}.{old}: renamed to {table}.{new} ({why}); use {table}.{new}")
+
+
 def validate(model: type[SpecT], data: dict[str, Any], source: str) -> SpecT:
+    _refuse_renamed(data, source)
     try:
         return model.model_validate(data)
     except ValidationError as e:

@@ -107,6 +107,35 @@ def create_projector(d_in: int, d_out: int, kind: Literal["linear", "mlp"]) -> n
     raise SpecError(f"customkd.projector: unknown kind '{kind}'; valid: linear, mlp")
 
 
+def bound_rms(z: Tensor, max_rms: Tensor) -> Tensor:
+    """Scale each row of ``z`` (B, D) down so its RMS is at most ``max_rms`` (0-dim; inf = no bound).
+
+    Rows already inside the bound are returned as they are; the scaling is differentiable, so a loss
+    on the output can still change each row's direction once its norm is at the bound.
+    """
+    rms = z.float().pow(2).mean(dim=1, keepdim=True).sqrt()
+    scale = torch.clamp(max_rms.to(rms.dtype) / rms.clamp(min=1e-12), max=1.0)
+    return z * scale.to(z.dtype)
+
+
+class Customizer(nn.Module):
+    """CustomKD's ``P_t`` (d_t -> d_s) with a bound on the RMS of each output row.
+
+    The bound is the buffer ``max_rms`` (0-dim float32, ``inf`` = none), set before each stage-A cycle
+    from ``customkd.target_bound``; it is part of the state dict, so a resumed run uses the same one.
+    """
+
+    max_rms: Tensor
+
+    def __init__(self, proj: nn.Module) -> None:
+        super().__init__()
+        self.proj = proj
+        self.register_buffer("max_rms", torch.tensor(float("inf")))
+
+    def forward(self, f_t: Tensor) -> Tensor:
+        return bound_rms(self.proj(f_t), self.max_rms)
+
+
 def save_student_checkpoint(student: Student, path: Path) -> None:
     """Write the timm model's ``state_dict`` (no projectors, no optimizer) to ``path`` atomically.
 

@@ -2,7 +2,8 @@
 
 One training epoch is one pass of stage B (knowledge distillation over labeled + unlabeled rows),
 preceded, for the ``customkd`` methods, by stage A (customizer training from cached features and
-labels only) every ``customkd.stage_b_epochs`` epochs. Every random choice is derived from
+labels only: ``customkd.stage_a_steps`` optimizer steps) every ``customkd.stage_a_every`` epochs, or
+interleaved ``customkd.stage_a_per_epoch`` times within the epoch. Every random choice is derived from
 ``(seed, epoch)``, so ``--resume`` after a kill reaches the numbers of an uninterrupted run on CPU.
 
 The run directory holds ``spec.json`` (the resolved spec), ``caches.json`` (the fingerprint of every
@@ -20,6 +21,8 @@ import os
 import sys
 import time
 from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,16 +45,14 @@ from .data import Dataset, SplitManifest, labeled_indices, open_dataset, read_la
 from .distributed import Dist
 from .errors import NonFiniteLossError, SpecError, StoreError
 from .fingerprint import request_key
-from .losses import StageBTerms, customization_loss, stage_b_loss
+from .losses import StageBTerms, customization_loss, linear_cka, method_terms, stage_b_loss
 from .probe import Probe, probe_accuracy, train_probe
 from .specs import TrainSpec, cache_root, data_path, load_cache_spec, spec_relative_path, to_dict
 from .store import FeatureStore, list_stores, open_store
-from .students import Student, create_projector, create_student, save_student_checkpoint
+from .students import Customizer, Student, create_projector, create_student, save_student_checkpoint
 
-KD_METHODS = ("kd", "customkd+kd")
-DKD_METHODS = ("dkd", "customkd+dkd")
-CUSTOM_METHODS = ("customkd", "customkd+kd", "customkd+dkd")
-LOSS_TERMS = ("total", "ce", "gen", "spec", "kd", "dkd")
+LOSS_TERMS = ("total", "ce", "gen", "task", "kd", "dkd")
+BOUND_ROWS = 128  # labeled images whose student features set the target bound (student_rms)
 
 
 # --- resolving the cache -----------------------------------------------------------------------
@@ -126,6 +127,7 @@ class Protocol:
     train_splits: tuple[str, ...]
     labeled_list_sha256: str = ""
     eval_rows: dict[str, list[int]] | None = None  # evaluation restricted to these rows (ssl.eval_list)
+    val_rows: dict[str, list[int]] = field(default_factory=dict)  # held-out labeled rows (validation)
 
     def eval_indices(self, split: str, num_samples: int) -> list[int]:
         if self.eval_rows is not None and split in self.eval_rows:
@@ -140,21 +142,32 @@ def build_protocol(spec: TrainSpec, dataset: Dataset) -> Protocol:
         assert spec.uda is not None  # guaranteed by TrainSpec validation
         for name in (*spec.uda.source, *spec.uda.target, *spec.uda.eval):
             manifest.split(name)
+        for name in spec.uda.val:
+            manifest.split(name)
+            if name in (*spec.uda.source, *spec.uda.target):
+                raise SpecError(f"uda.val: split '{name}' is also trained on; give a held-out source split")
         labeled = [Row(s, i, True) for s in spec.uda.source for i in range(len(manifest.split(s).samples))]
         unlabeled = [Row(s, i, False) for s in spec.uda.target for i in range(len(manifest.split(s).samples))]
         evals = spec.uda.eval or spec.uda.target
-        return Protocol(labeled, unlabeled, evals, (*spec.uda.source, *spec.uda.target))
+        val = {name: list(range(len(manifest.split(name).samples))) for name in spec.uda.val}
+        return Protocol(labeled, unlabeled, evals, (*spec.uda.source, *spec.uda.target), val_rows=val)
     assert spec.ssl is not None
     ssl = spec.ssl
     split = manifest.split(ssl.train_split)
     manifest.split(ssl.eval_split)
     list_path = data_path(ssl.labeled_list)
     chosen = set(_listed(split, list_path, ssl.labeled_sha256))
+    held_out = set(_listed(split, data_path(ssl.val_list))) if ssl.val_list else set()
+    if held_out & chosen:
+        raise SpecError(
+            f"ssl.val_list: {len(held_out & chosen)} ids are also in ssl.labeled_list; validation ids "
+            "must be held out from training"
+        )
     labeled = [Row(split.name, i, True) for i in sorted(chosen)]
     if ssl.unlabeled_list:
-        pool = sorted(set(_listed(split, data_path(ssl.unlabeled_list))) - chosen)
+        pool = sorted(set(_listed(split, data_path(ssl.unlabeled_list))) - chosen - held_out)
     else:
-        pool = [i for i in range(len(split.samples)) if i not in chosen]
+        pool = [i for i in range(len(split.samples)) if i not in chosen and i not in held_out]
     unlabeled = [Row(split.name, i, False) for i in pool]
     eval_rows = None
     if ssl.eval_list:
@@ -162,7 +175,8 @@ def build_protocol(spec: TrainSpec, dataset: Dataset) -> Protocol:
             ssl.eval_split: sorted(_listed(manifest.split(ssl.eval_split), data_path(ssl.eval_list)))
         }
     digest = hashlib.sha256(list_path.read_bytes()).hexdigest()
-    return Protocol(labeled, unlabeled, (ssl.eval_split,), (split.name,), digest, eval_rows)
+    val = {split.name: sorted(held_out)} if held_out else {}
+    return Protocol(labeled, unlabeled, (ssl.eval_split,), (split.name,), digest, eval_rows, val)
 
 
 def _listed(split: SplitManifest, path: Path, sha256: str = "") -> list[int]:
@@ -176,60 +190,77 @@ def _listed(split: SplitManifest, path: Path, sha256: str = "") -> list[int]:
 @dataclass
 class Models:
     student: Student
-    student_projector: nn.Module | None  # P_s: d_s -> d_t (customkd, fitnet)
-    customizer: nn.Module | None  # P_t: d_t -> d_s (customkd)
+    student_projector: nn.Module | None  # P_s: d_s -> d_t (terms with gen)
+    customizer: Customizer | None  # P_t: d_t -> d_s (terms with task)
     opt_b: torch.optim.Optimizer
     opt_a: torch.optim.Optimizer | None
+    stage_a_head: nn.Module | None = None  # a separate teacher head (customkd.stage_a_head = separate)
+
+    def _parts(self) -> dict[str, Any]:
+        parts = {
+            "student": self.student,
+            "opt_b": self.opt_b,
+            "student_projector": self.student_projector,
+            "customizer": self.customizer,
+            "opt_a": self.opt_a,
+            "stage_a_head": self.stage_a_head,
+        }
+        return {k: v for k, v in parts.items() if v is not None}
 
     def state_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"student": self.student.state_dict(), "opt_b": self.opt_b.state_dict()}
-        if self.student_projector is not None:
-            out["student_projector"] = self.student_projector.state_dict()
-        if self.customizer is not None:
-            out["customizer"] = self.customizer.state_dict()
-        if self.opt_a is not None:
-            out["opt_a"] = self.opt_a.state_dict()
-        return out
+        return {name: part.state_dict() for name, part in self._parts().items()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.student.load_state_dict(state["student"])
-        self.opt_b.load_state_dict(state["opt_b"])
-        if self.student_projector is not None:
-            self.student_projector.load_state_dict(state["student_projector"])
-        if self.customizer is not None:
-            self.customizer.load_state_dict(state["customizer"])
-        if self.opt_a is not None:
-            self.opt_a.load_state_dict(state["opt_a"])
+        for name, part in self._parts().items():
+            part.load_state_dict(state[name])
 
 
 def build_models(spec: TrainSpec, *, spec_path: Path | None, num_classes: int, teacher_dim: int) -> Models:
+    """The student and the projectors its method's terms need, with their optimizers.
+
+    The student is created first from ``spec.seed``, so every method starts from the same student.
+    """
     torch.manual_seed(spec.seed)
     student = create_student(
         spec.student, num_classes=num_classes, spec_dir=spec_path.parent if spec_path else None
     )
-    method = spec.method
-    ps = (
-        create_projector(student.feature_dim, teacher_dim, spec.customkd.projector)
-        if (method in CUSTOM_METHODS or method == "fitnet")
-        else None
-    )
+    terms, ck, o = method_terms(spec.method), spec.customkd, spec.optim
+    ps = create_projector(student.feature_dim, teacher_dim, ck.projector) if "gen" in terms else None
     pt = (
-        create_projector(teacher_dim, student.feature_dim, spec.customkd.projector)
-        if method in CUSTOM_METHODS
+        Customizer(create_projector(teacher_dim, student.feature_dim, ck.projector))
+        if "task" in terms
         else None
     )
     params = list(student.parameters()) + (list(ps.parameters()) if ps is not None else [])
-    o = spec.optim
-    opt_b = torch.optim.SGD(
-        params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay, nesterov=o.momentum > 0
-    )
-    opt_a = None
+    opt_b = create_optimizer(o.optimizer, params, lr=o.lr, weight_decay=o.weight_decay, momentum=o.momentum)
+    opt_a, head_a = None, None
     if pt is not None:
         a_params = list(pt.parameters())
-        if spec.customkd.head_learns_in_stage_a:
+        if ck.stage_a_head == "separate":
+            head_a = nn.Linear(student.feature_dim, num_classes)
+            a_params += list(head_a.parameters())
+        elif ck.head_learns_in_stage_a:
             a_params += list(student.head().parameters())
-        opt_a = torch.optim.SGD(a_params, lr=spec.customkd.stage_a_lr, momentum=0.9)
-    return Models(student, ps, pt, opt_b, opt_a)
+        opt_a = create_optimizer(
+            ck.stage_a_optimizer,
+            a_params,
+            lr=ck.stage_a_lr,
+            weight_decay=ck.stage_a_weight_decay,
+            momentum=0.9,
+        )
+    return Models(student, ps, pt, opt_b, opt_a, head_a)
+
+
+def create_optimizer(
+    kind: str, params: list[nn.Parameter], *, lr: float, weight_decay: float, momentum: float
+) -> torch.optim.Optimizer:
+    """``adamw`` (decoupled weight decay) or ``sgd`` (Nesterov momentum when ``momentum`` > 0)."""
+    if kind == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    if kind == "sgd":
+        nesterov = momentum > 0
+        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov)
+    raise SpecError(f"optimizer: unknown '{kind}'; valid: adamw, sgd")
 
 
 def lr_at(spec: TrainSpec, step: int, total: int) -> float:
@@ -273,6 +304,7 @@ class Run:
     dist: Dist
     device: torch.device
     teacher: Any = None  # the online teacher, when teacher_mode = "online"
+    bound_pixels: torch.Tensor | None = None  # (<= BOUND_ROWS, 3, s, s) labeled images, made once
 
 
 def run_train(spec: TrainSpec, *, spec_path: Path | None, out: Path, resume: bool = False) -> dict[str, Any]:
@@ -298,21 +330,40 @@ def run_train(spec: TrainSpec, *, spec_path: Path | None, out: Path, resume: boo
 
 
 def train_one_epoch(run: Run, epoch: int, state: TrainState, total_steps: int) -> None:
-    """Stage A (when due), stage B, evaluation, metrics line and checkpoint for one epoch."""
+    """Stage A (when due), stage B, evaluation, metrics line and checkpoint for one epoch.
+
+    With ``customkd.stage_a_per_epoch`` = k > 1 the epoch's stage-B batches are cut into k parts
+    and a stage-A cycle runs before each part.
+    """
     spec, out = run.spec, run.out
     t0 = time.perf_counter()
     torch.manual_seed(spec.seed * 100_003 + epoch)
     metrics: dict[str, Any] = {"epoch": epoch}
-    ck = spec.customkd
-    if run.models.customizer is not None and ck.stage_a_epochs and epoch % ck.stage_b_epochs == 0:
-        metrics["stage_a_loss"] = train_stage_a(run, epoch)
-    t_b = time.perf_counter()
-    metrics.update(train_stage_b(run, epoch, state, total_steps))
-    metrics["stage_b_seconds"] = round(time.perf_counter() - t_b, 3)
+    cycles = stage_a_cycles(run, epoch)
+    sums: dict[str, float] = defaultdict(float)
+    count, a_steps, a_seconds, t_b = 0, 0, 0.0, 0.0
+    for part in range(max(cycles, 1)):
+        if cycles:
+            t_a = time.perf_counter()
+            report = train_stage_a(run, epoch, part)
+            a_steps += report.pop("stage_a_steps")
+            metrics.update(report)  # the last cycle's state is what stage B uses
+            a_seconds += time.perf_counter() - t_a
+        t = time.perf_counter()
+        part_sums, n = train_stage_b(run, epoch, state, total_steps, part=(part, max(cycles, 1)))
+        t_b += time.perf_counter() - t
+        for key, value in part_sums.items():
+            sums[key] += value
+        count += n
+    if cycles:
+        metrics["stage_a_steps"] = a_steps
+        metrics["stage_a_seconds"] = round(a_seconds, 3)
+    metrics.update(run.dist.mean_over_ranks(dict(sums), count))
+    metrics["stage_b_seconds"] = round(t_b, 3)
     run.dist.sync_buffers(run.models.student)
-    evaluate_now = (epoch + 1) % spec.run.eval_every == 0 or epoch + 1 == spec.optim.epochs
-    if evaluate_now and run.dist.is_main:
-        metrics.update(evaluate(run))
+    final = epoch + 1 == spec.optim.epochs
+    if ((epoch + 1) % spec.run.eval_every == 0 or final) and run.dist.is_main:
+        metrics.update(evaluate(run, final=final))
         acc = metrics["student_accuracy"]
         if acc > state.best_accuracy:
             state.best_accuracy, state.best_epoch = acc, epoch
@@ -325,6 +376,18 @@ def train_one_epoch(run: Run, epoch: int, state: TrainState, total_steps: int) -
         save_checkpoint(run, state)
         _log_epoch(metrics, spec.optim.epochs)
     run.dist.barrier()
+
+
+def stage_a_cycles(run: Run, epoch: int) -> int:
+    """How many stage-A cycles run in ``epoch``: ``stage_a_per_epoch`` when due, else 0.
+
+    Due every ``stage_a_every``-th epoch (epochs 0, N, 2N, ...), or only in epoch 0 when it is 0.
+    """
+    ck = run.spec.customkd
+    if run.models.customizer is None or ck.stage_a_steps == 0:
+        return 0
+    due = epoch == 0 if ck.stage_a_every == 0 else epoch % ck.stage_a_every == 0
+    return ck.stage_a_per_epoch if due else 0
 
 
 def prepare_run(spec: TrainSpec, *, spec_path: Path | None, out: Path, resume: bool, dist: Dist) -> Run:
@@ -479,32 +542,136 @@ def _labeled_features(
 # --- stage A: feature customization (cache only) -----------------------------------------------
 
 
-def train_stage_a(run: Run, epoch: int) -> float:
-    """``stage_a_epochs`` passes over (labeled row, view) pairs: CE(H_s(P_t(f_t)), y).
+def train_stage_a(run: Run, epoch: int, cycle: int) -> dict[str, Any]:
+    """One stage-A cycle: ``customkd.stage_a_steps`` optimizer steps of CE(H(P_t(f_t)), y).
 
-    Only P_t learns (and H_s when ``customkd.head_learns_in_stage_a``)."""
-    models, spec = run.models, run.spec
-    assert models.customizer is not None and models.opt_a is not None
-    feats, labels = run.labeled
-    head = models.student.head()
-    head_learns = spec.customkd.head_learns_in_stage_a
-    for p in head.parameters():
-        p.requires_grad_(head_learns)
-    models.customizer.train()
-    rng = np.random.default_rng([spec.seed, epoch, 11])
-    order = np.concatenate([rng.permutation(len(feats)) for _ in range(spec.customkd.stage_a_epochs)])
-    losses = []
-    for i in range(0, len(order), spec.optim.batch_size):
-        idx = order[i : i + spec.optim.batch_size]
-        f_t = torch.from_numpy(feats[idx]).to(run.device)
-        loss = customization_loss(head, models.customizer, f_t, torch.from_numpy(labels[idx]).to(run.device))
-        models.opt_a.zero_grad(set_to_none=True)
-        loss.backward()
-        models.opt_a.step()
-        losses.append(loss.item())
-    for p in head.parameters():
-        p.requires_grad_(True)
-    return float(np.mean(losses)) if losses else 0.0
+    Each step draws ``stage_a_batch_size`` labeled (row, view) pairs with replacement, seeded by
+    ``(seed, epoch, cycle)``. ``H`` is the student's head (fixed unless
+    ``customkd.head_learns_in_stage_a``) or, with ``stage_a_head = separate``, a teacher head that
+    learns with ``P_t``. The bound on ``P_t``'s output is set first (``set_target_bound``). A cycle
+    stops early once a step's CE is below ``stage_a_ce_target`` (when > 0). Returns the steps run and
+    ``stage_a_report``'s figures.
+    """
+    models, ck = run.models, run.spec.customkd
+    assert models.customizer is not None and models.opt_a is not None  # stage_a_cycles checked
+    customizer, opt = models.customizer, models.opt_a
+    head = models.stage_a_head if models.stage_a_head is not None else models.student.head()
+    learns = models.stage_a_head is not None or ck.head_learns_in_stage_a
+    bound = set_target_bound(run)
+    feats = torch.from_numpy(run.labeled[0]).to(run.device)
+    labels = torch.from_numpy(run.labeled[1]).to(run.device)
+    rng = np.random.default_rng([run.spec.seed, epoch, cycle, 21])
+    steps = 0
+    with _grad_enabled(head, learns):
+        customizer.train()
+        for _ in range(ck.stage_a_steps):
+            idx = torch.from_numpy(rng.integers(0, len(labels), size=ck.stage_a_batch_size))
+            loss = customization_loss(head, customizer, feats[idx], labels[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            steps += 1
+            if ck.stage_a_ce_target > 0 and float(loss.detach()) < ck.stage_a_ce_target:
+                break
+    return {"stage_a_steps": steps, **bound, **stage_a_report(run, head, feats, labels)}
+
+
+@torch.no_grad()
+def stage_a_report(run: Run, head: nn.Module, feats: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    """CE and accuracy of ``head(P_t(f_t))`` over every labeled (row, view) pair, and the mean L2
+    norm of ``P_t(f_t)`` (to compare with ``student_feature_norm``)."""
+    assert run.models.customizer is not None
+    customizer = run.models.customizer
+    customizer.eval()
+    ce, correct, norm = 0.0, 0, 0.0
+    for i in range(0, len(labels), 4096):
+        z = customizer(feats[i : i + 4096])
+        logits = head(z).float()
+        y = labels[i : i + 4096]
+        ce += float(torch.nn.functional.cross_entropy(logits, y, reduction="sum"))
+        correct += int((logits.argmax(1) == y).sum())
+        norm += float(z.float().norm(dim=1).sum())
+    n = max(len(labels), 1)
+    return {"stage_a_ce": ce / n, "stage_a_accuracy": correct / n, "target_norm": norm / n}
+
+
+def set_target_bound(run: Run) -> dict[str, Any]:
+    """Set the customizer's RMS bound from ``customkd.target_bound``; return it and the student's
+    feature scale on labeled images (``student_feature_norm``: mean L2 norm, ``..._rms``: mean RMS).
+
+    ``student_rms``: ``target_bound_scale`` x the mean RMS of ``f_s`` over up to ``BOUND_ROWS``
+    labeled images (view 0, the student in training mode as in stage B, BatchNorm statistics
+    untouched), so the target of L_task lives at the scale of the features it is compared with.
+    """
+    ck = run.spec.customkd
+    assert run.models.customizer is not None
+    norm, rms = student_feature_scale(run)
+    bound = {"student_rms": ck.target_bound_scale * rms, "fixed_rms": ck.target_bound_scale}.get(
+        ck.target_bound, float("inf")
+    )
+    run.models.customizer.max_rms.fill_(bound)
+    return {
+        "target_bound_rms": None if math.isinf(bound) else bound,
+        "student_feature_norm": norm,
+        "student_feature_rms": rms,
+    }
+
+
+@torch.no_grad()
+def student_feature_scale(run: Run) -> tuple[float, float]:
+    """Mean L2 norm and mean RMS of the student's ``f_s`` on the bound images (``_bound_pixels``)."""
+    student = run.models.student
+    was_training = student.training
+    student.train()
+    with _frozen_batchnorm_stats(student):
+        _, f_s = student(_bound_pixels(run))
+    student.train(was_training)
+    f = f_s.float()
+    return float(f.norm(dim=1).mean()), float(f.pow(2).mean(dim=1).sqrt().mean())
+
+
+def _bound_pixels(run: Run) -> torch.Tensor:
+    """View 0 of up to ``BOUND_ROWS`` labeled rows (a seeded draw), rendered for the student once.
+
+    Called at the start of a stage-A cycle, before the epoch's stage-B loader sets its items.
+    """
+    if run.bound_pixels is None:
+        rows = run.protocol.labeled
+        rng = np.random.default_rng([run.spec.seed, 23])
+        chosen = sorted(rng.choice(len(rows), size=min(BOUND_ROWS, len(rows)), replace=False).tolist())
+        run.replay.set_items([(rows[i], 0) for i in chosen], 0)
+        run.bound_pixels = torch.stack([run.replay[k]["pixels"] for k in range(len(chosen))]).to(run.device)
+    return run.bound_pixels
+
+
+@contextmanager
+def _frozen_batchnorm_stats(module: nn.Module) -> Iterator[None]:
+    """Training-mode BatchNorm that normalizes with batch statistics but leaves its buffers as they were."""
+    saved = []
+    for m in module.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            tracked = m.num_batches_tracked.clone() if m.num_batches_tracked is not None else None
+            saved.append((m, m.momentum, tracked))
+            m.momentum = 0.0
+    try:
+        yield
+    finally:
+        for m, momentum, tracked in saved:
+            m.momentum = momentum
+            if tracked is not None and m.num_batches_tracked is not None:
+                m.num_batches_tracked.copy_(tracked)
+
+
+@contextmanager
+def _grad_enabled(module: nn.Module, enabled: bool) -> Iterator[None]:
+    """Set ``requires_grad`` of ``module``'s parameters for the block; restore True afterwards."""
+    for p in module.parameters():
+        p.requires_grad_(enabled)
+    try:
+        yield
+    finally:
+        for p in module.parameters():
+            p.requires_grad_(True)
 
 
 # --- stage B: distillation ---------------------------------------------------------------------
@@ -529,8 +696,12 @@ def _train_views(run: Run) -> int:
     return 1 if run.spec.train_views == "eval" else run.store.num_views
 
 
-def train_stage_b(run: Run, epoch: int, state: TrainState, total_steps: int) -> dict[str, float]:
-    """One stage-B epoch over labeled + unlabeled rows; returns the mean of each loss term.
+def train_stage_b(
+    run: Run, epoch: int, state: TrainState, total_steps: int, part: tuple[int, int] = (0, 1)
+) -> tuple[dict[str, float], int]:
+    """Part ``i`` of ``k`` of one stage-B epoch over labeled + unlabeled rows (``part = (i, k)``; the
+    epoch's batch plan is cut into ``k`` contiguous parts); returns the sums of each loss term (and of
+    ``f_s_norm``, the mean L2 norm of ``f_s`` per batch) and the number of steps.
 
     Under several ranks each batch of the plan is split between them (rank r takes rows r::world).
     """
@@ -539,6 +710,8 @@ def train_stage_b(run: Run, epoch: int, state: TrainState, total_steps: int) -> 
     rows = [r for b in batches for r in b]
     views = draw_views(seed=spec.seed, epoch=epoch, rows=rows, num_views=_train_views(run))
     items, index_batches = epoch_items(batches, views)
+    i, k = part
+    index_batches = index_batches[i * len(index_batches) // k : (i + 1) * len(index_batches) // k]
     if dist.world > 1:  # every rank needs a row of each batch; the plan is the same on all ranks
         index_batches = [b[dist.rank :: dist.world] for b in index_batches if len(b) >= dist.world]
     run.replay.set_items(items, epoch)
@@ -559,7 +732,7 @@ def train_stage_b(run: Run, epoch: int, state: TrainState, total_steps: int) -> 
     for batch in loader:
         for g in models.opt_b.param_groups:
             g["lr"] = lr_at(spec, state.step, total_steps)
-        terms = _stage_b_step(run, {k: v.to(run.device) for k, v in batch.items()}, dkd_ramp)
+        terms, f_s_norm = _stage_b_step(run, {k: v.to(run.device) for k, v in batch.items()}, dkd_ramp)
         _check_finite(terms, epoch, state.step, spec.method)
         models.opt_b.zero_grad(set_to_none=False)
         terms.total.backward()
@@ -569,7 +742,8 @@ def train_stage_b(run: Run, epoch: int, state: TrainState, total_steps: int) -> 
         n += 1
         for key in LOSS_TERMS:
             sums[f"loss_{key}"] += float(getattr(terms, key).detach())
-    return dist.mean_over_ranks(dict(sums), n)
+        sums["f_s_norm"] += f_s_norm
+    return dict(sums), n
 
 
 def _check_finite(terms: StageBTerms, epoch: int, step: int, method: str) -> None:
@@ -583,12 +757,14 @@ def _check_finite(terms: StageBTerms, epoch: int, step: int, method: str) -> Non
     )
 
 
-def _stage_b_step(run: Run, batch: dict[str, torch.Tensor], dkd_ramp: float) -> StageBTerms:
+def _stage_b_step(run: Run, batch: dict[str, torch.Tensor], dkd_ramp: float) -> tuple[StageBTerms, float]:
+    """The loss terms of one batch and the batch's mean L2 norm of ``f_s``."""
     spec, models = run.spec, run.models
     logits, f_s = models.student(batch["pixels"])
     f_t = _teacher_features(run, batch)
-    teacher_logits = run.probe.logits(f_t) if spec.method in (*KD_METHODS, *DKD_METHODS) else None
-    return stage_b_loss(
+    needs_logits = bool({"kd", "dkd"} & method_terms(spec.method))
+    teacher_logits = run.probe.logits(f_t) if needs_logits else None
+    terms = stage_b_loss(
         method=spec.method,
         logits=logits,
         f_s=f_s,
@@ -603,6 +779,7 @@ def _stage_b_step(run: Run, batch: dict[str, torch.Tensor], dkd_ramp: float) -> 
         ck=spec.customkd,
         dkd_ramp=dkd_ramp,
     )
+    return terms, float(f_s.detach().float().norm(dim=1).mean())
 
 
 def _teacher_features(run: Run, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -621,15 +798,35 @@ def _teacher_features(run: Run, batch: dict[str, torch.Tensor]) -> torch.Tensor:
 
 
 @torch.no_grad()
-def evaluate(run: Run) -> dict[str, Any]:
-    """Student accuracy on each evaluation split (view 0, the stored evaluation view)."""
+def evaluate(run: Run, *, final: bool = False) -> dict[str, Any]:
+    """Student accuracy on each evaluation split (view 0, the stored evaluation view), and on the
+    validation rows when the protocol has them (``val_accuracy``).
+
+    ``final``: also the linear CKA on the evaluation images between ``f_s`` and the cached teacher
+    feature ``f_t`` (every method) and between ``f_s`` and ``P_t(f_t)`` (methods with a customizer).
+    """
+    eval_rows = {s: run.protocol.eval_indices(s, run.store.num_samples(s)) for s in run.protocol.eval_splits}
+    acc, per_split, f_s = _student_accuracy(run, eval_rows, keep_features=final)
+    out: dict[str, Any] = {"student_accuracy": acc, "student_accuracy_per_split": per_split}
+    if run.protocol.val_rows:
+        val_acc, val_split, _ = _student_accuracy(run, run.protocol.val_rows, keep_features=False)
+        out.update(val_accuracy=val_acc, val_accuracy_per_split=val_split)
+    if final and f_s is not None:
+        out.update(_final_cka(run, eval_rows, f_s))
+    return out
+
+
+def _student_accuracy(
+    run: Run, rows_by_split: dict[str, list[int]], *, keep_features: bool
+) -> tuple[float, dict[str, float], torch.Tensor | None]:
+    """Accuracy over all rows, per split, and (``keep_features``) the (N, d_s) features ``f_s`` in
+    the order of ``rows_by_split``."""
     models = run.models
     models.student.eval()
     per_split: dict[str, float] = {}
+    feats: list[torch.Tensor] = []
     correct_all = total_all = 0
-    for split in run.protocol.eval_splits:
-        rows = run.protocol.eval_indices(split, run.store.num_samples(split))
-        n = len(rows)
+    for split, rows in rows_by_split.items():
         run.replay.set_items([(Row(split, r, False), 0) for r in rows], 0)
         loader = make_loader(
             run.replay,
@@ -640,12 +837,31 @@ def evaluate(run: Run) -> dict[str, Any]:
         )
         correct = 0
         for batch in loader:
-            logits, _ = models.student(batch["pixels"].to(run.device))
+            logits, f_s = models.student(batch["pixels"].to(run.device))
             correct += int((logits.argmax(1).cpu() == batch["label"]).sum())
-        per_split[split] = correct / max(n, 1)
+            if keep_features:
+                feats.append(f_s.float().cpu())
+        per_split[split] = correct / max(len(rows), 1)
         correct_all += correct
-        total_all += n
-    return {"student_accuracy": correct_all / max(total_all, 1), "student_accuracy_per_split": per_split}
+        total_all += len(rows)
+    f_s_all = torch.cat(feats) if keep_features and feats else None
+    return correct_all / max(total_all, 1), per_split, f_s_all
+
+
+def _final_cka(run: Run, rows_by_split: dict[str, list[int]], f_s: torch.Tensor) -> dict[str, float]:
+    """Linear CKA of ``f_s`` with ``f_t`` and with ``P_t(f_t)`` (view 0 of the same images)."""
+    f_t = torch.cat(
+        [
+            torch.from_numpy(run.features.get_many(s, np.asarray(r, np.int64), np.zeros(len(r), np.int64)))
+            for s, r in rows_by_split.items()
+        ]
+    ).float()
+    out = {"cka_student_teacher": linear_cka(f_s, f_t)}
+    if run.models.customizer is not None:
+        run.models.customizer.eval()
+        customized = run.models.customizer(f_t.to(run.device)).float().cpu()
+        out["cka_student_customized"] = linear_cka(f_s, customized)
+    return out
 
 
 def teacher_accuracy(run: Run) -> tuple[float, dict[str, float]]:
@@ -677,12 +893,16 @@ def summarize(run: Run, state: TrainState) -> dict[str, Any]:
         "student_accuracy_per_split": last.get("student_accuracy_per_split"),
         "teacher_accuracy": t_acc,
         "teacher_accuracy_per_split": t_split,
+        "val_accuracy": last.get("val_accuracy"),
+        "cka_student_teacher": last.get("cka_student_teacher"),
+        "cka_student_customized": last.get("cka_student_customized"),
         "best_student_accuracy": state.best_accuracy,
         "best_epoch": state.best_epoch,
         "last_epoch": state.epoch - 1,
         "epochs": run.spec.optim.epochs,
         "num_labeled": len(run.protocol.labeled),
         "num_unlabeled": len(run.protocol.unlabeled),
+        "num_val": sum(len(r) for r in run.protocol.val_rows.values()),
         "cache_fingerprint": run.store.fingerprint,
     }
 
@@ -736,6 +956,10 @@ def load_checkpoint(run: Run) -> TrainState:
 def _log_epoch(m: dict[str, Any], epochs: int) -> None:
     acc = m.get("student_accuracy")
     shown = f", student acc {100 * acc:.2f}%" if acc is not None else ""
+    if "val_accuracy" in m:
+        shown += f", val {100 * m['val_accuracy']:.2f}%"
+    if "stage_a_ce" in m:
+        shown = f", stage A CE {m['stage_a_ce']:.3f} acc {100 * m['stage_a_accuracy']:.1f}%" + shown
     print(
         f"epoch {m['epoch'] + 1}/{epochs}: loss {m['loss_total']:.4f}{shown} ({m['seconds']:.1f} s)",
         file=sys.stderr,

@@ -184,7 +184,7 @@ class TestCustomizationLoss:
 B, C, D_S, D_T = 6, 5, 4, 3
 KD = KdSpec(temperature=2.0, weight=0.7)
 DKD = DkdSpec(alpha=1.5, beta=3.0, temperature=3.0, weight=0.3)
-CK = CustomKDSpec(lambda_gen=0.5, lambda_spec=2.0, fitnet_weight=3.0)
+CK = CustomKDSpec(lambda_gen=0.5, lambda_task=2.0, fitnet_weight=3.0)
 RAMP = 0.5
 
 
@@ -231,9 +231,9 @@ USED = {
     "kd": {"kd"},
     "fitnet": {"gen"},
     "dkd": {"dkd"},
-    "customkd": {"gen", "spec"},
-    "customkd+kd": {"gen", "spec", "kd"},
-    "customkd+dkd": {"gen", "spec", "dkd"},
+    "customkd": {"gen", "task"},
+    "customkd+kd": {"gen", "task", "kd"},
+    "customkd+dkd": {"gen", "task", "dkd"},
 }
 
 
@@ -245,19 +245,19 @@ class TestStageBLoss:
     def test_terms_and_weighted_sum(self, method: str) -> None:
         batch = Batch()
         terms = batch.loss(method)
-        for name in ("gen", "spec", "kd", "dkd"):
+        for name in ("gen", "task", "kd", "dkd"):
             assert (getattr(terms, name).item() != 0.0) == (name in USED[method]), name
         w_gen = CK.fitnet_weight if method == "fitnet" else CK.lambda_gen
         expected = (
             terms.ce
             + w_gen * terms.gen
-            + CK.lambda_spec * terms.spec
+            + CK.lambda_task * terms.task
             + KD.weight * terms.kd
             + DKD.weight * RAMP * terms.dkd
         )
         assert terms.total.item() == pytest.approx(expected.item(), rel=1e-6)
         assert terms.total.requires_grad
-        assert not any(getattr(terms, n).requires_grad for n in ("ce", "gen", "spec", "kd", "dkd"))
+        assert not any(getattr(terms, n).requires_grad for n in ("ce", "gen", "task", "kd", "dkd"))
 
     def test_term_values_match_numpy(self) -> None:
         batch = Batch()
@@ -267,7 +267,7 @@ class TestStageBLoss:
         assert terms.gen.item() == pytest.approx(
             np_mse(batch.student_projector(batch.f_s), batch.f_t), rel=1e-5
         )
-        assert terms.spec.item() == pytest.approx(np_mse(batch.f_s, batch.customizer(batch.f_t)), rel=1e-5)
+        assert terms.task.item() == pytest.approx(np_mse(batch.f_s, batch.customizer(batch.f_t)), rel=1e-5)
         kd_all_rows = np_kd(z, batch.teacher_logits.double().numpy(), KD.temperature)
         assert terms.kd.item() == pytest.approx(kd_all_rows, rel=1e-5)
 

@@ -111,7 +111,7 @@ class TestCli:
     def test_check_prints_the_resolved_spec(self) -> None:
         proc = self.run("check", str(REPO / "pipelines/smoke/officehome.toml"), "--set", "method=kd")
         assert (
-            proc.returncode == 0 and '"method": "kd"' in proc.stdout and '"lambda_spec": 1.0' in proc.stdout
+            proc.returncode == 0 and '"method": "kd"' in proc.stdout and '"lambda_task": 1.0' in proc.stdout
         )
 
     def test_help_lists_the_commands(self) -> None:

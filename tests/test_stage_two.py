@@ -88,7 +88,7 @@ def test_end_to_end_cli(cached: dict[str, Path]) -> None:
     assert 0.0 <= results["student_accuracy"] <= 1.0 and 0.0 <= results["teacher_accuracy"] <= 1.0
     assert set(results["student_accuracy_per_split"]) == {"Clipart"}
     lines = (out / "metrics.jsonl").read_text().splitlines()
-    assert len(lines) == 2 and all("loss_spec" in json.loads(line) for line in lines)
+    assert len(lines) == 2 and all("loss_task" in json.loads(line) for line in lines)
     caches = json.loads((out / "caches.json").read_text())
     store = next(iter(caches))
     assert caches[store]["fingerprint"] == results["cache_fingerprint"]
@@ -118,7 +118,7 @@ def test_every_method_runs_from_the_cache(
         if name in method.split("+") or method == name:
             assert metrics[key] > 0, (method, metrics)
     if method == "student_only":
-        assert metrics["loss_kd"] == metrics["loss_gen"] == metrics["loss_spec"] == 0
+        assert metrics["loss_kd"] == metrics["loss_gen"] == metrics["loss_task"] == 0
 
 
 def test_sigkill_then_resume_reaches_the_same_numbers(cached: dict[str, Path]) -> None:

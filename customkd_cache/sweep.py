@@ -1,0 +1,414 @@
+"""Sweeps: one train spec, a cartesian grid of overrides, one run directory per point.
+
+``run_sweep`` expands the grid, validates every point's spec before anything runs, and trains each
+point that is not finished yet into ``OUT/<name>/``, where ``<name>`` is the point's grid values plus
+a short hash of its full override set (``--set`` overrides and grid values together, grid last), e.g.
+``method=kd,seed=1-3fa2c1``. ``OUT/sweep.json`` lists the union of the points of every call that used
+``OUT``: a second phase of a study adds points, and a point whose override set equals an existing one
+*is* that point.
+
+Concurrency: a point is trained only under a claim (``OUT/.claims/<hash>.claim``, the claim files of
+stage one, kept alive by a heartbeat thread), so several processes, a Slurm array (``shard=(I, N)``)
+or ``torchrun`` ranks (each rank an independent worker) never train a point twice. A killed point
+resumes from its last checkpoint (``train --resume``). A point whose loss becomes non-finite is
+recorded as failed with its message (``failed.json`` in its run directory) and the sweep goes on.
+
+A run directory is finished when it holds ``results.json``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import itertools
+import json
+import os
+import re
+import shutil
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from . import specs
+from .claims import Claim, try_claim
+from .errors import NonFiniteLossError, SpecError
+
+Status = Literal["done", "ran", "failed", "skipped"]
+SWEEP_FILE = "sweep.json"
+FAILED_FILE = "failed.json"
+LEASE_S = 600.0
+
+
+@dataclass(frozen=True)
+class SweepPoint:
+    """One point of a sweep and what this call did with it."""
+
+    name: str  # readable grid values + short hash of the full override set
+    overrides: dict[str, Any]  # grid key -> value for this point (dotted keys)
+    run_dir: Path
+    status: str  # "done" (finished before), "ran", "failed" (message kept), "skipped" (another process)
+    error: str = ""
+
+
+@dataclass(frozen=True)
+class PlannedPoint:
+    """A point before it runs: its full override set (``--set`` then grid) and its validated spec."""
+
+    point: SweepPoint
+    full: dict[str, Any]
+    spec: specs.TrainSpec
+
+
+def expand_grid(grid: Sequence[tuple[str, Sequence[Any]]]) -> list[dict[str, Any]]:
+    """The cartesian product of ``grid`` in its order (last key fastest): a list of {key: value}.
+
+    A key may link several spec fields to one value with ``+`` (``customkd.lambda_gen+customkd.
+    lambda_spec``); it stays one key here and is split by ``point_overrides``.
+
+    Raises:
+        SpecError: a key appears twice, or has no values.
+    """
+    keys = [k for k, _ in grid]
+    for key, values in grid:
+        if keys.count(key) > 1:
+            raise SpecError(f"--grid {key}: given twice; list all its values in one --grid {key}=V1,V2")
+        if not list(values):
+            raise SpecError(f"--grid {key}: no values; give --grid {key}=V1,V2,...")
+    return [dict(zip(keys, combo, strict=True)) for combo in itertools.product(*(v for _, v in grid))]
+
+
+def parse_grid(item: str) -> tuple[str, list[Any]]:
+    """``"KEY=V1,V2"`` -> ("KEY", [v1, v2]); each value parses as TOML (bare words are strings).
+
+    Commas inside brackets, braces or quotes do not split (``--grid x=[1,2],[3]``).
+    """
+    key, sep, raw = item.partition("=")
+    if not sep or not key.strip() or not raw.strip():
+        raise SpecError(f"--grid {item!r}: expected KEY=V1,V2,..., e.g. --grid method=kd,customkd")
+    values = [specs.parse_override(f"v={part}")[1] for part in _split_top_level(raw)]
+    return key.strip(), values
+
+
+def point_overrides(overrides: Sequence[str], point: dict[str, Any]) -> dict[str, Any]:
+    """The full override set of a point, dotted key -> value: ``overrides`` first, then the grid."""
+    merged: dict[str, Any] = {}
+    for item in overrides:
+        keys, value = specs.parse_override(item)
+        merged[".".join(keys)] = value
+    for key, value in point.items():
+        for part in key.split("+"):
+            merged[part.strip()] = value
+    return merged
+
+
+def point_hash(full: dict[str, Any]) -> str:
+    """Six hex digits of the sha256 of the canonical JSON of a point's full override set."""
+    return hashlib.sha256(_canonical(full).encode()).hexdigest()[:6]
+
+
+def point_name(point: dict[str, Any], full: dict[str, Any]) -> str:
+    """``key=value,...-hash``: readable, a plain directory name, unique through the hash."""
+    shown = ",".join(f"{k}={_short(v)}" for k, v in point.items())
+    return f"{shown}-{point_hash(full)}" if shown else point_hash(full)
+
+
+def load_point_spec(spec_path: Path, full: dict[str, Any]) -> specs.TrainSpec:
+    """The train spec of a point: the file with its full override set applied, validated.
+
+    Raises:
+        SpecError: the spec or an override is invalid (the spec validation's one-line message).
+    """
+    data = specs.read_toml(spec_path)
+    for key, value in full.items():
+        _set_dotted(data, key, value, spec_path)
+    return specs.validate(specs.TrainSpec, data, str(spec_path))
+
+
+def run_sweep(
+    *,
+    spec_path: Path,
+    out: Path,
+    grid: Sequence[tuple[str, Sequence[Any]]],
+    overrides: Sequence[str] = (),
+    shard: tuple[int, int] | None = None,
+    retry_failed: bool = False,
+    lease_s: float = LEASE_S,
+) -> list[SweepPoint]:
+    """Train every point of ``grid`` that is not finished; return what happened to each of this
+    call's points (in grid order; other shards' points are not listed).
+
+    ``shard=(I, N)`` takes the points whose index in this call's grid is I mod N; ``None`` takes the
+    ``torchrun`` rank's share (``RANK``/``WORLD_SIZE``), or every point. Failed points are kept as
+    failed unless ``retry_failed``.
+
+    Raises:
+        SpecError: a bad grid, override or shard, or ``out`` already holds a point of the same name
+            trained from a different spec; raised before any point runs.
+    """
+    spec_path = Path(spec_path)
+    out = Path(out)
+    index, count = _shard(shard)
+    planned = plan_points(spec_path=spec_path, out=out, grid=grid, overrides=overrides)
+    record_points(out, spec_path, planned)
+    results: list[SweepPoint] = []
+    for i, p in enumerate(planned):
+        if i % count == index:
+            done = _run_point(
+                p.point, p.spec, spec_path=spec_path, retry_failed=retry_failed, lease_s=lease_s
+            )
+            update_status(out, done)
+            results.append(done)
+    return results
+
+
+def plan_points(
+    *, spec_path: Path, out: Path, grid: Sequence[tuple[str, Sequence[Any]]], overrides: Sequence[str]
+) -> list[PlannedPoint]:
+    """Every point of the grid with its full override set and validated spec; nothing is written.
+
+    Raises:
+        SpecError: as ``run_sweep``.
+    """
+    planned = []
+    for point in expand_grid(grid):
+        full = point_overrides(overrides, point)
+        spec = load_point_spec(spec_path, full)
+        name = point_name(point, full)
+        _check_same_spec(out / name, spec)
+        planned.append(PlannedPoint(SweepPoint(name, dict(point), out / name, "pending"), full, spec))
+    return planned
+
+
+def read_sweep(out: Path) -> dict[str, Any]:
+    """``OUT/sweep.json`` ({"points": {name: {...}}}), or an empty sweep if there is none.
+
+    Raises:
+        SpecError: the file exists but is not a sweep file.
+    """
+    path = Path(out) / SWEEP_FILE
+    if not path.exists():
+        return {"points": {}}
+    try:
+        data = json.loads(path.read_text())
+    except ValueError as e:
+        raise SpecError(
+            f"{path}: not valid JSON ({e}); restore it or remove it to start the sweep afresh"
+        ) from None
+    if not isinstance(data, dict) or not isinstance(data.get("points"), dict):
+        raise SpecError(f"{path}: not a sweep file (no 'points' table); use another --out directory")
+    return data
+
+
+def record_points(out: Path, spec_path: Path, planned: Sequence[PlannedPoint]) -> None:
+    """Add the planned points to ``sweep.json`` (the union with what is there)."""
+    with _locked_sweep(out) as data:
+        for p in planned:
+            entry = data["points"].setdefault(p.point.name, {"status": "pending"})
+            entry.update(
+                overrides=p.point.overrides, full=p.full, run_dir=p.point.run_dir.name, spec=str(spec_path)
+            )
+
+
+def update_status(out: Path, point: SweepPoint) -> None:
+    """Record a point's state in ``sweep.json``: "done", or "failed" with its error; skips are not kept."""
+    if point.status == "skipped":
+        return
+    with _locked_sweep(out) as data:
+        entry = data["points"].setdefault(
+            point.name, {"overrides": point.overrides, "run_dir": point.run_dir.name}
+        )
+        entry["status"] = "failed" if point.status == "failed" else "done"
+        entry["error"] = point.error
+
+
+# --- one point ---------------------------------------------------------------------------------
+
+
+def _run_point(
+    point: SweepPoint, spec: specs.TrainSpec, *, spec_path: Path, retry_failed: bool, lease_s: float
+) -> SweepPoint:
+    run_dir = point.run_dir
+    if (run_dir / "results.json").exists():
+        return _with(point, "done")
+    if (run_dir / FAILED_FILE).exists() and not retry_failed:
+        return _with(point, "failed", _failed_message(run_dir))
+    claim = try_claim(run_dir.parent / ".claims", point.name.rsplit("-", 1)[-1], lease_s=lease_s)
+    if claim is None:
+        return _with(point, "skipped")
+    with claim, _heartbeat(claim, lease_s / 4):
+        if (run_dir / "results.json").exists():  # finished by the previous holder meanwhile
+            return _with(point, "done")
+        return _train_point(point, spec, spec_path=spec_path)
+
+
+def _train_point(point: SweepPoint, spec: specs.TrainSpec, *, spec_path: Path) -> SweepPoint:
+    from .train import run_train
+
+    run_dir = point.run_dir
+    resume = (run_dir / "checkpoints" / "last.pt").exists()
+    if not resume and run_dir.exists():  # killed before its first checkpoint: start it afresh
+        shutil.rmtree(run_dir)
+    (run_dir / FAILED_FILE).unlink(missing_ok=True)
+    try:
+        with _single_process():
+            run_train(spec, spec_path=spec_path, out=run_dir, resume=resume)
+    except NonFiniteLossError as e:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / FAILED_FILE).write_text(json.dumps({"error": str(e), "time": time.time()}) + "\n")
+        return _with(point, "failed", str(e))
+    return _with(point, "ran")
+
+
+@contextlib.contextmanager
+def _heartbeat(claim: Claim, every_s: float) -> Iterator[None]:
+    """Refresh ``claim`` every ``every_s`` seconds while the body runs (its lease never runs out)."""
+    stop = threading.Event()
+
+    def beat() -> None:
+        while not stop.wait(every_s):
+            claim.refresh()
+
+    thread = threading.Thread(target=beat, name="sweep-heartbeat", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+
+@contextlib.contextmanager
+def _single_process() -> Iterator[None]:
+    """Under ``torchrun`` each rank trains its own points alone: hide the world from ``run_train``
+    (``LOCAL_RANK`` stays, so each rank keeps its own GPU)."""
+    saved = {k: os.environ.get(k) for k in ("RANK", "WORLD_SIZE")}
+    os.environ.update(RANK="0", WORLD_SIZE="1")
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+# --- helpers -----------------------------------------------------------------------------------
+
+
+def _with(point: SweepPoint, status: Status, error: str = "") -> SweepPoint:
+    return SweepPoint(point.name, point.overrides, point.run_dir, status, error)
+
+
+def _failed_message(run_dir: Path) -> str:
+    try:
+        return str(json.loads((run_dir / FAILED_FILE).read_text()).get("error", ""))
+    except (OSError, ValueError):
+        return f"{run_dir / FAILED_FILE}: unreadable"
+
+
+def _shard(shard: tuple[int, int] | None) -> tuple[int, int]:
+    if shard is None:
+        return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    index, count = shard
+    if not 0 <= index < count:
+        raise SpecError(f"--shard {index}/{count}: need 0 <= I < N, e.g. --shard 0/4")
+    return index, count
+
+
+def _check_same_spec(run_dir: Path, spec: specs.TrainSpec) -> None:
+    """Refuse to treat a run directory trained from another spec as this point."""
+    path = run_dir / "spec.json"
+    if not path.exists():
+        return
+    try:
+        old = json.loads(path.read_text())
+    except ValueError:
+        return  # written when killed: the point is retrained
+    diff = _first_difference(old, specs.to_dict(spec))
+    if diff:
+        raise SpecError(
+            f"{path}: this point was trained from a different spec ({diff} differs); "
+            "use a new --out directory, or remove that run directory to retrain it"
+        )
+
+
+def _first_difference(a: Any, b: Any, prefix: str = "") -> str:
+    if isinstance(a, dict) and isinstance(b, dict):
+        for key in sorted(set(a) | set(b)):
+            found = _first_difference(a.get(key), b.get(key), f"{prefix}{key}.")
+            if found:
+                return found
+        return ""
+    return prefix.rstrip(".") if a != b else ""
+
+
+def _set_dotted(data: dict[str, Any], key: str, value: Any, source: Path) -> None:
+    parts = [p.strip() for p in key.split(".")]
+    if not all(parts):
+        raise SpecError(f"{source}: override key {key!r} is not a dotted field name (e.g. optim.lr)")
+    node = data
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise SpecError(f"{source}: override {key!r}: '{part}' is a value, not a table")
+        node = child
+    node[parts[-1]] = value
+
+
+@contextlib.contextmanager
+def _locked_sweep(out: Path) -> Iterator[dict[str, Any]]:
+    """``sweep.json`` read, handed to the body and written back atomically, under a claim so that
+    concurrent sweeps never lose each other's points."""
+    out.mkdir(parents=True, exist_ok=True)
+    deadline = time.monotonic() + 60.0
+    while (claim := try_claim(out / ".claims", "sweep.json", lease_s=60.0)) is None:
+        if time.monotonic() > deadline:
+            raise SpecError(
+                f"{out / '.claims'}: sweep.json stays locked; remove sweep.json.claim if no sweep runs"
+            )
+        time.sleep(0.05)
+    with claim:
+        data = read_sweep(out)
+        yield data
+        tmp = out / f".{SWEEP_FILE}.{os.getpid()}.tmp"
+        tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+        os.replace(tmp, out / SWEEP_FILE)
+
+
+def _canonical(obj: Any) -> str:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+
+
+def _short(value: Any) -> str:
+    """A value as a short, plain directory-name fragment (paths keep their last component)."""
+    text = value if isinstance(value, str) else _canonical(value)
+    if isinstance(value, str) and "/" in text:
+        text = text.rstrip("/").rsplit("/", 1)[-1]
+    text = re.sub(r"[^A-Za-z0-9._+-]", "_", text)
+    return text[:24]
+
+
+def _split_top_level(raw: str) -> list[str]:
+    parts: list[str] = []
+    current: list[str] = []
+    depth, quote = 0, ""
+    for ch in raw:
+        if quote:
+            quote = "" if ch == quote else quote
+        elif ch in "\"'":
+            quote = ch
+        elif ch in "[{":
+            depth += 1
+        elif ch in "]}":
+            depth -= 1
+        elif ch == "," and depth == 0:
+            parts.append("".join(current))
+            current = []
+            continue
+        current.append(ch)
+    parts.append("".join(current))
+    return [p.strip() for p in parts]
