@@ -117,9 +117,10 @@ class FeatureSource:
     int8 codes with their per-unit parameters) on its first use and kept. Arrays loaded before a
     ``fork`` are shared copy-on-write with DataLoader workers; a pickled copy (``spawn``) drops them
     and reloads in the new process.
-    ``in_ram=False``: features are read one unit (``store.unit_rows`` rows, one chunk) at a time and
-    the last ``cache_units`` units read are kept (LRU), so rows close together cost one read.
-    int8 codes are decoded only for the rows asked, in one vectorized step per unit (or split).
+    ``in_ram=False``: features are read one unit (``store.unit_rows`` rows, one chunk) at a time,
+    decoded and standardized in one vectorized step, and the last ``cache_units`` units are kept
+    (LRU, float32), so rows close together cost one read. In RAM, int8 codes and float16 values are
+    decoded only for the rows asked.
 
     ``standardize=(mean, std)``, each ``(D,)``: returned features are ``(f - mean) / std``, computed in
     float32; a dimension with ``std == 0`` is only centred (divided by 1), so no value is inf or NaN.
@@ -178,8 +179,8 @@ class FeatureSource:
         n = len(block.codes) if block is not None else self.store.num_samples(split)
         if not 0 <= row < n:
             raise IndexError(f"{self.store_path}: split '{split}' has rows 0..{n - 1}; asked for {row}")
-        if block is None:
-            block = self._unit(split, row // self.store.unit_rows)
+        if block is None:  # an LRU unit holds standardized float32 already
+            return self._unit(split, row // self.store.unit_rows).take_one(row, view).copy()
         return self._standardized(block.take_one(row, view))
 
     def get_many(self, split: str, rows: np.ndarray, views: np.ndarray) -> np.ndarray:
@@ -187,16 +188,15 @@ class FeatureSource:
         rows, views = np.asarray(rows, np.int64), np.asarray(views, np.int64)
         if rows.shape != views.shape or rows.ndim != 1:
             raise ValueError(f"rows {rows.shape} and views {views.shape} must be 1-d of one length")
-        return self._standardized(self._gather(split, rows, views))
+        return self._gather(split, rows, views)
 
     def all_views(self, split: str, rows: np.ndarray) -> np.ndarray:
         """Every view of ``rows``: ``(k, V, D)`` float32 (for the teacher probe and stage A)."""
         rows = np.asarray(rows, np.int64).reshape(-1)
-        return self._standardized(self._gather(split, rows, None))
+        return self._gather(split, rows, None)
 
     def _gather(self, split: str, rows: np.ndarray, views: np.ndarray | None) -> np.ndarray:
-        """Features of ``rows`` (and ``views``, else all views), in the order asked: the stored float
-        dtype, or float32 decoded from int8."""
+        """Standardized float32 features of ``rows`` (and ``views``, else all views), in the order asked."""
         # In RAM mode the loaded block answers alone, so a forked worker of a parent that preloaded
         # its splits never opens the store.
         data = self._split_array(split) if self.in_ram else None
@@ -206,7 +206,7 @@ class FeatureSource:
                 f"{self.store_path}: split '{split}' has rows 0..{n - 1}; asked for {rows.tolist()}"
             )
         if data is not None:
-            return data.take(rows, views)
+            return self._standardized(data.take(rows, views))
         return self._gather_units(split, rows, views)
 
     def _gather_units(self, split: str, rows: np.ndarray, views: np.ndarray | None) -> np.ndarray:
@@ -245,14 +245,15 @@ class FeatureSource:
             return self._units[key]
         store = self.store
         rows = store.units(split)[unit]
-        codes = store.read_codes(split, rows.start, rows.stop)
-        scale = offset = None
+        decoded = store.read_codes(split, rows.start, rows.stop)
         if store.quantized:
             if split not in self._params:  # one read of every unit's parameters per split
                 self._params[split] = store.quant_params(split)
-            all_scale, all_offset = self._params[split]
-            scale, offset = all_scale[unit : unit + 1], all_offset[unit : unit + 1]
-        block = _Block(codes, rows.start, store.unit_rows, scale, offset)
+            scale, offset = self._params[split]
+            decoded = dequantize(decoded, scale[unit], offset[unit])
+        # Decoded and standardized once per read: a block-shuffled epoch uses every row of a unit it
+        # reads, and an item then costs one row copy.
+        block = _Block(self._standardized(decoded), rows.start, store.unit_rows)
         self._units[key] = block
         while len(self._units) > self.cache_units:
             self._units.popitem(last=False)
