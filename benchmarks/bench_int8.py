@@ -61,6 +61,7 @@ def cache_store(folder: Path, dtype: str, args: argparse.Namespace) -> Path:
             f"views.num_views={args.views}",
             f"store.dtype={dtype}",
             f"run.num_workers={args.workers}",
+            f"run.threads={args.threads}",
         ],
     )
     res = extract.run_cache(spec, spec_path=CACHE_SPEC, shard=extract.Shard(), progress=False)
@@ -147,6 +148,7 @@ def accuracy(
                     f"ssl.labeled_list={lists['labeled']}",
                     f"ssl.unlabeled_list={lists['pool']}",
                     f"run.num_workers={args.workers}",
+                    f"run.threads={args.threads}",
                 ]
                 spec = load_train_spec(TRAIN_SPEC, sets)
                 res = run_train(spec, spec_path=TRAIN_SPEC, out=args.work / f"{method}_{dtype}_s{seed}")
@@ -193,6 +195,9 @@ def main() -> None:
     p.add_argument("--test", type=int, default=2000, help="test images")
     p.add_argument("--views", type=int, default=3)
     p.add_argument("--workers", type=int, default=2)
+    p.add_argument(
+        "--threads", type=int, default=1, help="torch threads (run.threads); 1 is fastest on a busy machine"
+    )
     p.add_argument("--vit-weights", type=Path, help="also measure ViT-S/14 (timm safetensors file)")
     p.add_argument("--vit-images", type=int, default=1024, help="test images for ViT-S/14")
     p.add_argument("--vit-size", type=int, default=112, help="ViT-S/14 input size")
