@@ -15,13 +15,16 @@ store (goal: the int8 mean within one std of the float16 mean).
     python -m benchmarks.bench_int8 --vit-weights FILE       # also ViT-S/14 (DINOv2 architecture)
     python -m benchmarks.bench_int8 --accuracy --json out.json
 
-Stores go under CUSTOMKD_CACHE_ROOT; run directories under ``--work``.
+Stores go under CUSTOMKD_CACHE_ROOT; run directories under ``--work``, where finished runs are
+reused, so seeds can run in parallel (``--seeds 0``, ``--seeds 1``, ...) before one run with every
+seed prints the comparison.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import sys
 from pathlib import Path
@@ -150,8 +153,15 @@ def accuracy(
                     f"run.num_workers={args.workers}",
                     f"run.threads={args.threads}",
                 ]
-                spec = load_train_spec(TRAIN_SPEC, sets)
-                res = run_train(spec, spec_path=TRAIN_SPEC, out=args.work / f"{method}_{dtype}_s{seed}")
+                out = args.work / f"{method}_{dtype}_s{seed}"
+                if (out / "results.json").is_file():  # finished earlier (e.g. by a parallel --seeds run)
+                    res = json.loads((out / "results.json").read_text())
+                else:
+                    spec = load_train_spec(TRAIN_SPEC, sets)
+                    # evaluate once, after the last epoch: the figure compared is the final accuracy
+                    spec = load_train_spec(TRAIN_SPEC, [*sets, f"run.eval_every={spec.optim.epochs}"])
+                    shutil.rmtree(out, ignore_errors=True)  # a run killed earlier starts again
+                    res = run_train(spec, spec_path=TRAIN_SPEC, out=out)
                 acc = 100 * float(res["student_accuracy"])
                 results[method][dtype].append(acc)
                 log(f"[int8] {method} {dtype} seed {seed}: {acc:.2f} %")
@@ -220,7 +230,7 @@ def main() -> None:
         args.json.write_text(
             json.dumps(
                 {
-                    "args": vars(args) | {"work": str(args.work), "json": str(args.json)},
+                    "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
                     "fidelity": fid,
                     "accuracy": acc,
                 },
