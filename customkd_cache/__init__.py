@@ -5,4 +5,4 @@ stage two (``train``) trains the customizer, projectors and student from those s
 """
 
 __version__ = "0.1.0"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2

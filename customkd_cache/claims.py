@@ -132,6 +132,11 @@ def _is_stale(path: Path, raw: bytes, lease_s: float) -> bool:
     return record.get("host") == socket.gethostname() and isinstance(pid, int) and not _pid_alive(pid)
 
 
+def pid_alive(pid: int) -> bool:
+    """Whether a process of this id runs on this host (someone else's counts as running)."""
+    return _pid_alive(pid)
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)

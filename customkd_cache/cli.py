@@ -50,6 +50,10 @@ def check(
     """Validate a cache or train spec and print it resolved (defaults filled in)."""
     spec = specs.load_any_spec(file, set_ or [])
     kind = "train" if isinstance(spec, specs.TrainSpec) else "cache"
+    if isinstance(spec, specs.CacheSpec):
+        from .teachers import check_teacher_name
+
+        check_teacher_name(spec.teacher)
     typer.echo(f"# {file}: valid {kind} spec", err=True)
     typer.echo(json.dumps(specs.to_dict(spec), indent=2))
 
@@ -63,6 +67,9 @@ def cache(
     ] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="print the plan; compute nothing")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bar")] = False,
+    repair: Annotated[
+        bool, typer.Option("--repair", help="recompute damaged units first (what `verify` reports)")
+    ] = False,
 ) -> None:
     """Stage one: run the teacher over every view of the dataset and write the feature store."""
     from . import extract
@@ -79,7 +86,13 @@ def cache(
         typer.echo(f"views x dim  {cspec.views.num_views} x {plan.teacher.feature_dim} ({cspec.store.dtype})")
         typer.echo(f"est. size    {plan.estimated_bytes() / 2**20:.1f} MiB (uncompressed)")
         return
-    res = extract.run_cache(cspec, spec_path=spec, shard=part, progress=not quiet)
+    command = ["customkd-cache", "cache", "--spec", str(spec.resolve())]
+    command += [x for item in set_ or [] for x in ("--set", item)]
+    res = extract.run_cache(
+        cspec, spec_path=spec, shard=part, progress=not quiet, repair=repair, command=command
+    )
+    for line in res.repaired:
+        typer.echo(f"{res.path}: repaired {line}", err=True)
     state = "complete" if res.complete else "partial (other shards still running)"
     typer.echo(
         f"{res.path}: {state}; computed {res.units_computed} units, skipped {res.units_skipped} done; "
@@ -321,10 +334,12 @@ def verify(
     """Check a store: every unit present, shapes, finite values, checksums. Exit 1 if damaged."""
     from .store import open_store
 
-    problems = open_store(_store_path(store)).verify()
+    opened = open_store(_store_path(store))
+    problems = opened.verify()
     for p in problems:
         typer.echo(f"{store}: {p}", err=True)
     if problems:
+        typer.echo(f"{store}: repair with: {opened.repair_command()}", err=True)
         raise typer.Exit(1)
     typer.echo(f"{store}: ok")
 

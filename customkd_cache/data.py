@@ -18,6 +18,7 @@ it fails when loaded, naming the file; ``check_images`` finds them all up front,
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
 import io
@@ -26,7 +27,8 @@ import os
 import pickle
 import stat
 import struct
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path, PurePosixPath
@@ -277,16 +279,19 @@ class Dataset:
 
 
 class _FileReader:
-    """Images are files at ``root / id``."""
+    """Images are files at ``root / id``; one of more than ``max_pixels`` pixels is refused."""
+
+    def __init__(self, max_pixels: int | None = None) -> None:
+        self.max_pixels = max_pixels
 
     def load(self, root: Path, split: str, sample: Sample) -> Image.Image:
         path = root / sample.id
-        return _decode(path, str(path), _skip_hint(sample.id))
+        return _decode(path, str(path), _skip_hint(sample.id), max_pixels=self.max_pixels)
 
     def size(self, root: Path, split: str, sample: Sample) -> tuple[int, int]:
         path = root / sample.id
         try:
-            with Image.open(path) as im:
+            with _opened(path, self.max_pixels) as im:
                 w, h = im.size
                 orientation = _orientation(im)
         except _DECODE_ERRORS as e:
@@ -376,7 +381,8 @@ def open_dataset(spec: DatasetSpec) -> Dataset:
             for s in splits
         ]
     manifest = Manifest(spec.kind, listing.classes, tuple(splits), skipped)
-    return Dataset(manifest, root, listing.reader)
+    reader = _FileReader(spec.max_pixels) if isinstance(listing.reader, _FileReader) else listing.reader
+    return Dataset(manifest, root, reader)
 
 
 def check_images(ds: Dataset) -> list[str]:
@@ -450,9 +456,38 @@ def _is_hidden(name: str) -> bool:
 
 
 def _subdirs(folder: Path) -> list[str]:
-    """Names of the non-hidden sub-folders of ``folder``, sorted by code point."""
-    with os.scandir(folder) as it:
-        return sorted(e.name for e in it if not _is_hidden(e.name) and e.is_dir())
+    """Names of the non-hidden sub-folders of ``folder``, sorted by code point.
+
+    Raises DatasetError for an unreadable folder or a link that leads nowhere (dangling or a loop):
+    it may be a class folder, and dropping it would shift every label after it.
+    """
+    out = []
+    for e in _entries(folder):
+        if _is_hidden(e.name):
+            continue
+        if _followed(e, "is_dir"):
+            out.append(e.name)
+        elif e.is_symlink() and not _followed(e, "is_file"):
+            raise DatasetError(f"{folder / e.name}: link to nothing (dangling or a loop); fix or remove it")
+    return sorted(out)
+
+
+def _followed(e: os.DirEntry[str], test: str) -> bool:
+    """``e.is_dir()`` or ``e.is_file()``, where a link loop counts as neither."""
+    try:
+        return bool(getattr(e, test)())
+    except OSError:  # ELOOP
+        return False
+
+
+def _entries(folder: Path) -> list[os.DirEntry[str]]:
+    try:
+        with os.scandir(folder) as it:
+            return list(it)
+    except OSError as e:
+        raise DatasetError(
+            f"{folder}: cannot list this folder ({e.strerror or e}); fix its permissions"
+        ) from None
 
 
 def _scan_images(root: Path, rel: str) -> list[tuple[str, int]]:
@@ -461,15 +496,19 @@ def _scan_images(root: Path, rel: str) -> list[tuple[str, int]]:
     stack = [rel]
     while stack:
         prefix = stack.pop()
-        with os.scandir(root / prefix) as it:
-            for e in it:
-                if _is_hidden(e.name):
-                    continue
-                # Linked sub-folders are not followed: a link to a parent would never end.
-                if e.is_dir(follow_symlinks=False):
-                    stack.append(f"{prefix}/{e.name}")
-                elif os.path.splitext(e.name)[1].lower() in IMAGE_EXTENSIONS and e.is_file():
-                    found.append((_checked_id(f"{prefix}/{e.name}", root), e.stat().st_size))
+        for e in _entries(root / prefix):
+            if _is_hidden(e.name):
+                continue
+            # Linked sub-folders are not followed: a link to a parent would never end.
+            if e.is_dir(follow_symlinks=False):
+                stack.append(f"{prefix}/{e.name}")
+            elif os.path.splitext(e.name)[1].lower() in IMAGE_EXTENSIONS:
+                if not _followed(e, "is_file"):  # a dangling or looping link: never dropped silently
+                    raise DatasetError(
+                        f"{root / prefix / e.name}: not a readable image file (dangling link, loop or "
+                        "special file); fix it, remove it, or list it in dataset.skip_list"
+                    )
+                found.append((_checked_id(f"{prefix}/{e.name}", root), e.stat().st_size))
     found.sort()
     return found
 
@@ -482,8 +521,10 @@ def _checked_id(sample_id: str, root: Path) -> str:
         raise DatasetError(
             f"{str(root / sample_id)!r}: file name is not valid UTF-8; rename the file"
         ) from None
-    if "\n" in sample_id or "\r" in sample_id:
-        raise DatasetError(f"{str(root / sample_id)!r}: file name contains a line break; rename the file")
+    if "\n" in sample_id or "\r" in sample_id or "\0" in sample_id:
+        raise DatasetError(
+            f"{str(root / sample_id)!r}: file name contains a line break or NUL; rename the file"
+        )
     return sample_id
 
 
@@ -492,7 +533,13 @@ def _class_folder_split(name: str, root: Path, rel: str, classes: Sequence[str])
     samples: list[Sample] = []
     for label, cls in enumerate(classes):
         prefix = f"{rel}/{cls}" if rel else cls
-        samples.extend(Sample(i, label, size) for i, size in _scan_images(root, prefix))
+        found = _scan_images(root, prefix)
+        if not found:
+            raise DatasetError(
+                f"{root / prefix}: class folder holds no images (extensions "
+                f"{', '.join(sorted(IMAGE_EXTENSIONS))}, any case); add its images or remove the folder"
+            )
+        samples.extend(Sample(i, label, size) for i, size in found)
     if not samples:
         raise DatasetError(
             f"{root / rel}: no images found (extensions {', '.join(sorted(IMAGE_EXTENSIONS))}, any case)"
@@ -614,6 +661,8 @@ def _read_list_file(path: Path, root: Path) -> list[_ListLine]:
             raise DatasetError(
                 f"{path}:{lineno}: expected `relative/path label` with a label >= 0, got {line!r}"
             )
+        if "\0" in line:
+            raise DatasetError(f"{path}:{lineno}: entry contains a NUL byte; fix the line")
         rel = PurePosixPath(parts[0].strip())
         if rel.is_absolute() or ".." in rel.parts:
             raise DatasetError(f"{path}:{lineno}: {rel} must be a path inside the dataset root {root}")
@@ -646,10 +695,23 @@ def _list_list_file(spec: DatasetSpec, root: Path) -> _Listing:
             raise DatasetError(f"{p}: two list files share the split name '{p.stem}'; rename one")
     selected = _select_splits(spec, root, stems, stems)
     lines = {p.stem: _read_list_file(p, root) for p in paths if p.stem in selected}
+    _check_list_labels(lines)
     top = max(x.label for entries in lines.values() for x in entries)
     classes = tuple(str(i) for i in range(top + 1))
     splits = [_list_split(name, lines[name]) for name in selected]
     return _Listing(classes, splits, _FileReader())
+
+
+def _check_list_labels(lines: dict[str, list[_ListLine]]) -> None:
+    """Labels are class indices, so with every class listed at least once a label is below the
+    number of entries; a larger one is a typo, refused before it sizes the class table."""
+    entries = [x for part in lines.values() for x in part]
+    for x in entries:
+        if x.label >= len(entries):
+            raise DatasetError(
+                f"{x.file}:{x.lineno}: label {x.label} is not below the {len(entries)} listed entries; "
+                "labels are class indices 0..C-1: fix the label"
+            )
 
 
 def _list_split(name: str, entries: list[_ListLine]) -> SplitManifest:
@@ -748,8 +810,11 @@ def _read_cifar_split(files: tuple[Path, ...], label_key: str) -> tuple[np.ndarr
     images, labels = [], []
     for path in files:
         data = _unpickle(path)
-        x = np.asarray(_field(data, "data", path))
-        y = np.asarray(_field(data, label_key, path), dtype=np.int64)
+        try:
+            x = np.asarray(_field(data, "data", path))
+            y = np.asarray(_field(data, label_key, path), dtype=np.int64).reshape(-1)
+        except (TypeError, ValueError, OverflowError) as e:
+            raise DatasetError(f"{path}: malformed CIFAR batch ({e}); re-download the dataset") from None
         if x.dtype != np.uint8 or x.ndim != 2 or x.shape[1] != 3072 or len(y) != len(x):
             raise DatasetError(
                 f"{path}: expected 'data' uint8 (N, 3072) and N labels, got {x.dtype} {x.shape} and "
@@ -894,7 +959,15 @@ _LISTERS = {
 
 # --- decoding ----------------------------------------------------------------------------------
 
-_DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, Image.DecompressionBombError)
+_DECODE_ERRORS = (
+    OSError,
+    SyntaxError,
+    ValueError,
+    EOFError,
+    struct.error,
+    Image.DecompressionBombError,
+    Image.DecompressionBombWarning,
+)
 # What a malformed EXIF block can raise inside Pillow; it must not make a readable image fail.
 _EXIF_ERRORS = (OSError, SyntaxError, ValueError, struct.error, KeyError, TypeError, IndexError)
 _SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
@@ -915,13 +988,32 @@ def decode_image(source: Path | bytes, *, name: str) -> Image.Image:
     return _decode(source, name, _SKIP_HINT)
 
 
-def _decode(source: Path | bytes, name: str, hint: str) -> Image.Image:
+def _decode(source: Path | bytes, name: str, hint: str, *, max_pixels: int | None = None) -> Image.Image:
     try:
-        with Image.open(source if isinstance(source, Path) else io.BytesIO(source)) as im:
+        with _opened(source if isinstance(source, Path) else io.BytesIO(source), max_pixels) as im:
             im.load()
             return _to_rgb(_exif_transposed(im))
     except _DECODE_ERRORS as e:
         raise DatasetError(f"{name}: unreadable image ({_reason(e)}); {hint}") from e
+
+
+class _TooLarge(ValueError):
+    pass
+
+
+@contextlib.contextmanager
+def _opened(source: Path | io.BytesIO, max_pixels: int | None) -> Iterator[Image.Image]:
+    """``Image.open`` that refuses an image of more than ``max_pixels`` before decoding it, and
+    treats Pillow's DecompressionBombWarning as the error it is."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        with Image.open(source) as im:
+            if max_pixels is not None and im.width * im.height > max_pixels:
+                raise _TooLarge(
+                    f"{im.width}x{im.height} px is more than dataset.max_pixels = {max_pixels}; "
+                    "raise dataset.max_pixels if the image is genuine"
+                )
+            yield im
 
 
 def _reason(e: BaseException) -> str:
@@ -971,6 +1063,10 @@ def write_labeled_list(manifest: Manifest, split: str, *, per_class: int, seed: 
     """
     if per_class < 1:
         raise DatasetError(f"{out}: per_class must be >= 1, got {per_class}")
+    if seed < 0:
+        raise DatasetError(f"--seed {seed}: the seed must be >= 0")
+    if out.is_dir():
+        raise DatasetError(f"--out {out}: is a directory; give the path of the list file to write")
     samples = manifest.split(split).samples
     labels = np.fromiter((s.label for s in samples), dtype=np.int64, count=len(samples))
     rng = np.random.default_rng(seed)

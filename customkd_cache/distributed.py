@@ -5,8 +5,10 @@ computes the loss on its share of every batch, gradients are averaged across ran
 all-reduce per step (the arithmetic of ``DistributedDataParallel``, without its bucketing and
 overlap, which keeps optional modules such as projectors out of DDP's unused-parameter checks), and
 rank 0 evaluates and writes. BatchNorm running statistics are taken from rank 0 before each
-evaluation. Backend: nccl on CUDA, gloo on CPU. A single process needs none of this: ``Dist`` is
-then a no-op.
+evaluation. Backend: nccl on CUDA, gloo on CPU; every collective's tensor lives on the process
+group's device (``Dist.device``), since nccl has no CPU tensors. A single process needs none of
+this: ``Dist`` is then a no-op. ``resolve_device`` turns ``run.device`` into a torch device for
+both stages.
 """
 
 from __future__ import annotations
@@ -17,6 +19,26 @@ from types import TracebackType
 import torch
 import torch.distributed as tdist
 from torch import nn
+
+from .errors import SpecError
+
+
+def resolve_device(name: str) -> torch.device:
+    """``"auto"`` -> ``cuda`` when available, else ``cpu``; other names are checked (``SpecError``)."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise SpecError(f"run.device = {name!r}: not a device name; use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0 or (dev.index is not None and dev.index >= count):
+            raise SpecError(
+                f"run.device = {name!r}: this machine has {count} CUDA device(s); "
+                "use run.device = 'auto' or 'cpu'"
+            )
+    return dev
 
 
 class Dist:
@@ -32,6 +54,8 @@ class Dist:
         local = int(os.environ.get("LOCAL_RANK", "0"))
         use_cuda = torch.cuda.is_available() and device != "cpu"
         dev = torch.device(f"cuda:{local}") if use_cuda else torch.device("cpu")
+        if use_cuda:
+            torch.cuda.set_device(dev)  # nccl's collectives and barriers use the current device
         if world > 1 and not tdist.is_initialized():
             tdist.init_process_group("nccl" if use_cuda else "gloo")
         return cls(rank, world, local, dev)
@@ -58,7 +82,7 @@ class Dist:
         if self.world == 1:
             return
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-        flat = torch.cat([g.reshape(-1) for g in grads])
+        flat = torch.cat([g.reshape(-1) for g in grads]).to(self.device)
         tdist.all_reduce(flat)
         flat /= self.world
         offset = 0
@@ -74,9 +98,11 @@ class Dist:
         """Per-key mean of values summed over ``count`` steps on every rank."""
         keys = sorted(sums)
         if self.world > 1:
-            t = torch.tensor([sums[k] for k in keys] + [float(count)], dtype=torch.float64)
+            values = [sums[k] for k in keys] + [float(count)]
+            t = torch.tensor(values, dtype=torch.float64, device=self.device)
             tdist.all_reduce(t)
-            sums, count = dict(zip(keys, t[:-1].tolist(), strict=True)), int(t[-1])
+            reduced = t.cpu().tolist()
+            sums, count = dict(zip(keys, reduced[:-1], strict=True)), int(reduced[-1])
         return {k: sums[k] / max(count, 1) for k in keys}
 
     def sync_buffers(self, module: nn.Module) -> None:
@@ -84,4 +110,9 @@ class Dist:
         if self.world == 1:
             return
         for b in module.buffers():
-            tdist.broadcast(b, src=0)
+            if b.device == self.device:
+                tdist.broadcast(b, src=0)
+            else:  # a buffer kept elsewhere travels through the group's device
+                on_group = b.to(self.device)
+                tdist.broadcast(on_group, src=0)
+                b.copy_(on_group)

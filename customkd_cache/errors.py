@@ -32,6 +32,10 @@ class StoreError(CustomKDError, RuntimeError):
     """A feature store is missing, incomplete, or does not match what was asked for."""
 
 
+class RunDirError(CustomKDError, ValueError):
+    """A run directory cannot be used as asked (unreadable or foreign checkpoint, other spec on resume)."""
+
+
 class NonFiniteFeatureError(CustomKDError, FloatingPointError):
     """The teacher produced NaN or Inf features; the message names the sample ids."""
 

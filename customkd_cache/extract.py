@@ -9,14 +9,16 @@ store: units are split between shards, and claims keep two processes off the sam
 
 from __future__ import annotations
 
+import contextlib
+import importlib.metadata
 import os
 import platform
 import socket
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -27,11 +29,12 @@ from torch.utils.data import Dataset as TorchDataset
 
 from . import __version__, claims
 from .data import Dataset, open_dataset
+from .distributed import resolve_device
 from .errors import SpecError, StoreError
 from .fingerprint import cache_identity, dataset_identity, fingerprint, request_key
 from .specs import CacheSpec, cache_root, to_dict
-from .store import FeatureStore, SplitInit, create_or_open_store, store_name
-from .teachers import Teacher, create_teacher, fidelity_cosine, resolve_device
+from .store import FeatureStore, SplitInit, create_or_open_store, num_units, store_name
+from .teachers import Teacher, create_teacher, fidelity_cosine
 from .views import render_view, sample_views, to_tensor
 
 POLL_S = 0.5
@@ -61,7 +64,7 @@ class Shard:
         return cls(int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1")))
 
 
-@dataclass
+@dataclass(frozen=True, kw_only=True)
 class CachePlan:
     """Everything resolved before any feature is computed."""
 
@@ -80,7 +83,7 @@ class CachePlan:
         return n * self.spec.views.num_views * (self.teacher.feature_dim * itemsize + 4 * 4 + 1)
 
 
-@dataclass
+@dataclass(frozen=True, kw_only=True)
 class CacheResult:
     path: Path
     fingerprint: str
@@ -90,6 +93,7 @@ class CacheResult:
     images: int
     seconds: float  # the whole call, planning included
     work_seconds: float  # decoding, teacher passes and writes only
+    repaired: tuple[str, ...] = ()  # what ``repair=True`` undid, one line each
 
 
 def plan_cache(spec: CacheSpec, *, spec_path: Path | None, shard: Shard) -> CachePlan:
@@ -105,25 +109,38 @@ def plan_cache(spec: CacheSpec, *, spec_path: Path | None, shard: Shard) -> Cach
     )
     fp = fingerprint(identity)
     path = cache_root() / store_name(dataset=spec.dataset.kind, teacher=spec.teacher.name, fingerprint=fp)
-    units = [
-        (name, u)
-        for name, n in splits.items()
-        for u in range((n + spec.store.unit_rows - 1) // spec.store.unit_rows)
-    ]
+    units = [(name, u) for name, n in splits.items() for u in range(num_units(n, spec.store.unit_rows))]
     mine = [unit for i, unit in enumerate(units) if i % shard.count == shard.index]
     rkey = request_key(spec=spec, manifest_digest=manifest.digest())
-    return CachePlan(spec, dataset, teacher, identity, fp, rkey, path, mine)
+    return CachePlan(
+        spec=spec,
+        dataset=dataset,
+        teacher=teacher,
+        identity=identity,
+        fingerprint=fp,
+        request_key=rkey,
+        path=path,
+        units=mine,
+    )
 
 
-def open_plan_store(plan: CachePlan) -> FeatureStore:
-    """Create the store (race-safe) or open the existing one with the same fingerprint."""
-    manifest = plan.dataset.manifest
-    inits = {
+def split_inits(dataset: Dataset) -> dict[str, SplitInit]:
+    """The ids and labels of every split of the dataset manifest, in order."""
+    return {
         s.name: SplitInit(
             ids=[x.id for x in s.samples], labels=np.array([x.label for x in s.samples], np.int64)
         )
-        for s in manifest.splits
+        for s in dataset.manifest.splits
     }
+
+
+def open_plan_store(plan: CachePlan, *, command: Sequence[str] = ()) -> FeatureStore:
+    """Create the store (race-safe) or open the existing one with the same fingerprint.
+
+    ``command``: the command line that made it, recorded so that ``verify`` can print the repair.
+    """
+    manifest = plan.dataset.manifest
+    inits = split_inits(plan.dataset)
     extra: dict[str, Any] = {
         "request_key": plan.request_key,
         "classes": list(manifest.classes),
@@ -135,7 +152,7 @@ def open_plan_store(plan: CachePlan) -> FeatureStore:
         plan.path,
         fingerprint=plan.fingerprint,
         identity=plan.identity,
-        provenance=provenance(plan.spec),
+        provenance=provenance(plan.spec, command=command),
         splits=inits,
         num_views=plan.spec.views.num_views,
         feature_dim=plan.teacher.feature_dim,
@@ -146,33 +163,32 @@ def open_plan_store(plan: CachePlan) -> FeatureStore:
     )
 
 
-def provenance(spec: CacheSpec) -> dict[str, Any]:
-    """Resolved spec, library versions, host and time: recorded, never hashed."""
-    import numcodecs
-    import timm
-    import zarr
+# Libraries whose versions travel with a store (key -> distribution name), read from the installed
+# metadata so that provenance imports none of them.
+_VERSIONED = {
+    "torch": "torch",
+    "timm": "timm",
+    "zarr": "zarr",
+    "numcodecs": "numcodecs",
+    "numpy": "numpy",
+    "open_clip": "open_clip_torch",
+}
 
-    versions = {
-        "customkd_cache": __version__,
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "timm": timm.__version__,
-        "zarr": zarr.__version__,
-        "numcodecs": numcodecs.__version__,
-        "numpy": np.__version__,
-    }
-    try:
-        import open_clip
 
-        versions["open_clip"] = open_clip.__version__
-    except ImportError:  # open_clip is optional for timm-only caches
-        pass
+def provenance(spec: CacheSpec, *, command: Sequence[str] = ()) -> dict[str, Any]:
+    """Resolved spec, library versions, host, time and the making command: recorded, never hashed."""
+    versions = {"customkd_cache": __version__, "python": platform.python_version()}
+    for key, dist in _VERSIONED.items():
+        # a library that is not installed (open_clip for timm-only caches) is left out
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+            versions[key] = importlib.metadata.version(dist)
     return {
         "spec": to_dict(spec),
         "versions": versions,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "host": socket.gethostname(),
         "argv": sys.argv,
+        "command": list(command),
     }
 
 
@@ -248,9 +264,7 @@ class _UnitBatches:
                 if self._done(unit):
                     pending.remove(unit)
                     continue
-                claim = claims.try_claim(
-                    self.store.claim_dir(unit[0]), f"unit-{unit[1]:06d}", lease_s=self.lease_s
-                )
+                claim = self._claim(unit)
                 if claim is None:
                     continue
                 if self._done(unit):  # finished by another process between our check and our claim
@@ -265,6 +279,18 @@ class _UnitBatches:
                     yield [(unit[0], r) for r in range(start, min(start + self.batch, rows.stop))]
             if pending and not progressed:
                 time.sleep(POLL_S)
+
+    def _claim(self, unit: tuple[str, int]) -> claims.Claim | None:
+        try:
+            return claims.try_claim(
+                self.store.claim_dir(unit[0]), f"unit-{unit[1]:06d}", lease_s=self.lease_s
+            )
+        except OSError as e:  # a read-only or full store directory
+            raise StoreError(
+                f"{self.store.path}: cannot claim split '{unit[0]}' unit {unit[1]} ({e.strerror or e}); the "
+                "store is incomplete and not writable here: finish it where it can be written, or set "
+                "CUSTOMKD_CACHE_ROOT to a directory you can write"
+            ) from None
 
     def _done(self, unit: tuple[str, int]) -> bool:
         return self.store.unit_done(*unit)
@@ -321,15 +347,24 @@ def run_cache(
     shard: Shard,
     lease_s: float = 600.0,
     progress: bool = True,
+    repair: bool = False,
+    command: Sequence[str] = (),
 ) -> CacheResult:
-    """Compute this shard's missing units and write them; finalize every split that is whole."""
+    """Compute this shard's missing units and write them; finalize every split that is whole.
+
+    ``repair``: first check this shard's done units (every array against the unit's sha256) and the
+    stored ids, labels and statistics, and mark what is damaged for recompute (``FeatureStore.repair``);
+    the run then rewrites it, giving the bytes of an undamaged store. ``command``: the command line,
+    recorded in a new store's provenance.
+    """
     t0 = time.perf_counter()
     plan = plan_cache(spec, spec_path=spec_path, shard=shard)
     device = resolve_device(spec.run.device)
-    plan.teacher = plan.teacher.to(device)
+    plan.teacher.to(device)  # moves the module in place, like nn.Module.to
     if spec.run.threads:
         torch.set_num_threads(spec.run.threads)
-    store = open_plan_store(plan)
+    store = open_plan_store(plan, command=command)
+    repaired = tuple(store.repair(split_inits(plan.dataset), plan.units)) if repair else ()
     views = spec.views.num_views
     rows_per_batch = max(1, spec.run.batch_size // views)
     sampler = _UnitBatches(store, plan.units, rows_per_batch, lease_s)
@@ -375,14 +410,15 @@ def run_cache(
     if not complete and shard.count == 1:
         raise StoreError(f"{store.path}: some units are still missing after the run; rerun to finish them")
     return CacheResult(
-        store.path,
-        plan.fingerprint,
-        computed,
-        sampler.skipped,
-        complete,
-        images,
-        time.perf_counter() - t0,
-        work,
+        path=store.path,
+        fingerprint=plan.fingerprint,
+        units_computed=computed,
+        units_skipped=sampler.skipped,
+        complete=complete,
+        images=images,
+        seconds=time.perf_counter() - t0,
+        work_seconds=work,
+        repaired=repaired,
     )
 
 

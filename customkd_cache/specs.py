@@ -15,10 +15,10 @@ directory of the spec file; absolute paths are used as they are. Stores live und
 from __future__ import annotations
 
 import os
+import tomllib
 from pathlib import Path
 from typing import Any, Literal, TypeVar, Union
 
-import tomllib
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import SpecError, closest
@@ -50,7 +50,8 @@ DEFAULT_ROOTS: dict[str, str] = {
 
 
 class _Spec(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # no NaN or Inf in any float field: `lr = inf` is a typo, never a setting
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 # --- shared sections ---------------------------------------------------------------------------
@@ -67,6 +68,12 @@ class DatasetSpec(_Spec):
     )
     lists: tuple[str, ...] = Field((), description="list_file kind: list files `path label`, one split each")
     skip_list: str = Field("", description="file of sample ids to leave out (recorded in the manifest)")
+    max_pixels: int = Field(
+        64_000_000,
+        ge=1,
+        description="largest image (width x height) decoded; a larger one is refused naming the file, "
+        "since a small compressed file can decode to gigabytes per worker",
+    )
 
     @field_validator("max_per_split")
     @classmethod
@@ -280,10 +287,10 @@ class CustomKDSpec(_Spec):
     head_learns_in_stage_a: bool = Field(
         False, description="with stage_a_head = student: update H_s in stage A too"
     )
-    stage_a_steps: int = Field(200, ge=0, description="optimizer steps per stage-A cycle; 0 = no stage A")
-    stage_a_batch_size: int = Field(128, ge=1, description="labeled (row, view) pairs per stage-A step")
+    stage_a_steps: int = Field(100, ge=0, description="optimizer steps per stage-A cycle; 0 = no stage A")
+    stage_a_batch_size: int = Field(64, ge=1, description="labeled (row, view) pairs per stage-A step")
     stage_a_optimizer: Literal["adamw", "sgd"] = "adamw"
-    stage_a_lr: float = Field(1e-3, gt=0.0, allow_inf_nan=False)
+    stage_a_lr: float = Field(2e-3, gt=0.0, allow_inf_nan=False)
     stage_a_weight_decay: float = Field(0.0, ge=0.0, allow_inf_nan=False)
     stage_a_ce_target: float = Field(
         0.0, ge=0.0, description="end a stage-A cycle early once a step's CE is below this; 0 = never"
@@ -417,6 +424,10 @@ def read_toml(path: Path) -> dict[str, Any]:
             return tomllib.load(f)
     except tomllib.TOMLDecodeError as e:
         raise SpecError(f"{path}: not valid TOML: {e}") from None
+    except UnicodeDecodeError as e:
+        raise SpecError(f"{path}: not UTF-8 text (byte {e.start}); save the spec as UTF-8") from None
+    except OSError as e:
+        raise SpecError(f"{path}: cannot read the spec ({e.strerror or e})") from None
 
 
 def spec_kind(data: dict[str, Any]) -> Literal["cache", "train"]:

@@ -9,10 +9,10 @@ feature dims and ``U = ceil(N / unit_rows)`` work units:
 
 - ``features`` (N, V, D) ``dtype``, chunks (unit_rows, V, D): one chunk file per work unit.
 - ``boxes`` (N, V, 4) float32 normalized x0, y0, x1, y1; ``flips`` (N, V) uint8; chunked like features.
-- ``ids`` (N,) UTF-8 strings and ``labels`` (N,) int64, written in full at creation.
+- ``ids`` (N,) UTF-8 strings and ``labels`` (N,) int64, chunked by unit, written in full at creation.
 - ``done`` (U,) uint8, one uncompressed file per unit: a unit is done only if its marker reads 1.
-- ``unit_sum``, ``unit_sumsq`` (U, D) float64 and ``unit_sha256`` (U, 32) uint8: per-unit sums over
-  rows and views of the features as stored, and the sha256 of the unit's stored bytes (C order).
+- ``unit_sum``, ``unit_sumsq`` (U, D) float64: per-unit sums over rows and views of the features as
+  stored; ``unit_sha256`` (U, 32) uint8: the sha256 of every array of the unit (see ``unit_digest``).
 - ``mean``, ``std`` (D,) float32 over the N * V stored rows, then the ``stats_done`` (1,) marker.
 
 ``dtype = "int8"`` stores per-unit, per-dimension affine codes: ``features`` holds int8 codes ``q`` and
@@ -21,8 +21,14 @@ as ``q * scale + offset`` (``dequantize``). A unit's parameters map the minimum 
 dimension over its rows and views to -128 and 127; they depend on the unit's features alone, so
 independent writers and resumed runs give identical bytes. ``quant_cosine`` (U, 2) float64 records,
 per unit, the sum and the minimum over its rows and views of the cosine between the decoded and the
-float32 features, measured at write time. For int8 stores ``unit_sum``/``unit_sumsq``, ``mean`` and
-``std`` are over the decoded features, and the reads below return decoded float32.
+float32 features, measured at write time. All three are unit data (hashed with the unit). For int8
+stores ``unit_sum``/``unit_sumsq``, ``mean`` and ``std`` are over the decoded features, and the reads
+below return decoded float32 (``read_codes`` the codes).
+
+``_LAYOUT`` is the one table of these arrays (creation and ``verify`` both read it). The arrays of a
+unit are every array of the split whose first axis runs over rows or units, except the bookkeeping
+ones (``done``, ``unit_sha256``); each unit's hash covers all of them, so readers refuse a unit whose
+features, boxes, flips, ids, labels or sums changed after it was written.
 
 Writers own whole units (two processes writing parts of one chunk lose rows), write a unit's data
 first and its ``done`` marker last, and every file is written by rename, so a kill at any moment
@@ -35,17 +41,20 @@ This module is the only one that imports zarr.
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import json
 import math
 import os
 import re
+import shlex
 import shutil
+import socket
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import zarr
@@ -53,6 +62,7 @@ from zarr.codecs import ZstdCodec
 from zarr.storage import LocalStore
 
 from . import FORMAT_VERSION
+from .claims import pid_alive
 from .errors import NonFiniteFeatureError, StoreError, closest
 
 DTYPES: tuple[str, ...] = ("float16", "float32", "int8")
@@ -79,11 +89,64 @@ _SHOW_IDS = 5  # sample ids named in an error message; the count says how many m
 
 
 @dataclass(frozen=True)
+class _ArrayLayout:
+    """One array of a split. ``per``: what axis 0 runs over (``"row"``: N samples, chunked by unit;
+    ``"unit"``: U units, one chunk each; ``"split"``: no such axis, one chunk). ``tail``: the other
+    axes, ``"V"``/``"D"`` standing for views and feature dims. ``dtype``: ``"store"`` for the store's
+    dtype, ``"str"`` for UTF-8 strings. ``unit_data``: covered by the unit's sha256."""
+
+    per: Literal["row", "unit", "split"]
+    tail: tuple[int | str, ...]
+    dtype: str
+    compressed: bool
+    unit_data: bool
+
+
+_LAYOUT: dict[str, _ArrayLayout] = {
+    "features": _ArrayLayout("row", ("V", "D"), "store", True, True),
+    "boxes": _ArrayLayout("row", ("V", 4), "float32", True, True),
+    "flips": _ArrayLayout("row", ("V",), "uint8", True, True),
+    "ids": _ArrayLayout("row", (), "str", True, True),
+    "labels": _ArrayLayout("row", (), "int64", True, True),
+    "done": _ArrayLayout("unit", (), "uint8", False, False),
+    "unit_sum": _ArrayLayout("unit", ("D",), "float64", False, True),
+    "unit_sumsq": _ArrayLayout("unit", ("D",), "float64", False, True),
+    "unit_sha256": _ArrayLayout("unit", (32,), "uint8", False, False),
+    "mean": _ArrayLayout("split", ("D",), "float32", False, False),
+    "std": _ArrayLayout("split", ("D",), "float32", False, False),
+    "stats_done": _ArrayLayout("split", (1,), "uint8", False, False),
+}
+# The arrays an int8 store adds to ``_LAYOUT`` (see ``_layout``).
+_QUANT_LAYOUT: dict[str, _ArrayLayout] = {
+    "quant_scale": _ArrayLayout("unit", ("D",), "float32", False, True),
+    "quant_offset": _ArrayLayout("unit", ("D",), "float32", False, True),
+    "quant_cosine": _ArrayLayout("unit", (2,), "float64", False, True),
+}
+# Arrays of a split that never belong to a unit's hashed data, whatever their shape.
+_BOOKKEEPING = frozenset(name for name, a in _LAYOUT.items() if not a.unit_data)
+
+
+def _layout(dtype: str) -> dict[str, _ArrayLayout]:
+    """The arrays of a split of a store of ``dtype``."""
+    return _LAYOUT | _QUANT_LAYOUT if dtype == QUANTIZED_DTYPE else _LAYOUT
+
+
+@dataclass(frozen=True)
 class SplitInit:
     """What creating a split needs: the sample ids and labels from the dataset manifest, in order."""
 
     ids: Sequence[str]
     labels: np.ndarray  # (N,) int64
+
+
+def num_units(num_samples: int, unit_rows: int) -> int:
+    """``ceil(num_samples / unit_rows)``: the work units (== chunks) of a split."""
+    return -(-num_samples // unit_rows)
+
+
+def unit_ranges(num_samples: int, unit_rows: int) -> list[range]:
+    """Contiguous row ranges, one per work unit; the last may be short."""
+    return [range(start, min(start + unit_rows, num_samples)) for start in range(0, num_samples, unit_rows)]
 
 
 # --- naming, creating, opening, listing ---------------------------------------------------------
@@ -283,6 +346,7 @@ class FeatureStore:
         self._group = group
         self._arrays: dict[tuple[str, str], zarr.Array] = {}
         self._ids: dict[str, tuple[str, ...]] = {}
+        self._unit_names: dict[str, dict[str, str]] = {}
 
     def __repr__(self) -> str:
         splits = list(self.split_names)
@@ -294,12 +358,11 @@ class FeatureStore:
         return int(self._array(split, "features").shape[0])
 
     def num_units(self, split: str) -> int:
-        return -(-self.num_samples(split) // self.unit_rows)
+        return num_units(self.num_samples(split), self.unit_rows)
 
     def units(self, split: str) -> list[range]:
         """Contiguous row ranges, one per work unit (== one chunk); the last may be short."""
-        n, u = self.num_samples(split), self.unit_rows
-        return [range(start, min(start + u, n)) for start in range(0, n, u)]
+        return unit_ranges(self.num_samples(split), self.unit_rows)
 
     def claim_dir(self, split: str) -> Path:
         """Where claims on this split's units live: ``<store>/.claims/<split>`` (not a zarr node)."""
@@ -379,24 +442,33 @@ class FeatureStore:
                 fix="set store.dtype = 'float32' in the cache spec",
             )
         total, total_sq = _unit_sums(decoded)
-        digest = np.frombuffer(hashlib.sha256(stored.tobytes()).digest(), dtype=np.uint8)
         self._require_writable()
+        written = {
+            "features": stored,
+            "boxes": boxes,
+            "flips": flips,
+            "unit_sum": total,
+            "unit_sumsq": total_sq,
+            **quant,
+        }
         try:
             if self.unit_done(split, unit):
                 self._array(split, "done")[unit] = 0
                 self._array(split, "stats_done")[0] = 0
-            for name, value in quant.items():
-                self._array(split, name)[unit] = value
-            self._array(split, "features")[rows.start : rows.stop] = stored
-            self._array(split, "boxes")[rows.start : rows.stop] = boxes
-            self._array(split, "flips")[rows.start : rows.stop] = flips
+            for name in ("features", "boxes", "flips"):
+                self._array(split, name)[rows.start : rows.stop] = written[name]
             self._array(split, "unit_sum")[unit] = total
             self._array(split, "unit_sumsq")[unit] = total_sq
-            self._array(split, "unit_sha256")[unit] = digest
+            for name, value in quant.items():
+                self._array(split, name)[unit] = value
+            # the rest of the unit's arrays (ids, labels, any other) as they are on disk now
+            data = written | self._read_unit_data(split, unit, skip=tuple(written))
+            self._array(split, "unit_sha256")[unit] = unit_digest(data)
             self._array(split, "done")[unit] = 1
-        except PermissionError as e:
+        except OSError as e:  # read-only directory, disk full, quota
             raise StoreError(
-                f"{self.path}: cannot write ({e.strerror}); use a cache root you can write"
+                f"{self.path}: cannot write split '{split}' unit {unit} ({e.strerror or e}); free space "
+                "or use a cache root you can write, then rerun (the unit is not marked done)"
             ) from None
 
     def finalize_split(self, split: str) -> bool:
@@ -410,14 +482,86 @@ class FeatureStore:
         if self._marker(split, "stats_done"):
             return True
         self._require_writable()
+        mean, std = self._stats_from_sums(split)
+        try:
+            self._array(split, "mean")[:] = mean
+            self._array(split, "std")[:] = std
+            self._array(split, "stats_done")[0] = 1
+        except OSError as e:  # disk full, quota, read-only directory
+            raise StoreError(
+                f"{self.path}: cannot write the statistics of split '{split}' ({e.strerror or e}); "
+                "free space or use a cache root you can write, then rerun"
+            ) from None
+        return True
+
+    def _stats_from_sums(self, split: str) -> tuple[np.ndarray, np.ndarray]:
+        """(D,) float32 mean and population std from the unit sums (what ``finalize_split`` writes)."""
         total, total_sq, count = self.raw_sums(split)
         mean = total / count
         # population variance from exact-order float64 sums; clamp the rounding below zero
         var = np.maximum(total_sq / count - mean * mean, 0.0)
-        self._array(split, "mean")[:] = mean.astype(np.float32)
-        self._array(split, "std")[:] = np.sqrt(var).astype(np.float32)
-        self._array(split, "stats_done")[0] = 1
-        return True
+        return mean.astype(np.float32), np.sqrt(var).astype(np.float32)
+
+    def repair(self, splits: Mapping[str, SplitInit], units: Sequence[tuple[str, int]]) -> list[str]:
+        """Undo damage so that a cache run recomputes it; return what was repaired, one line each.
+
+        ``splits``: the dataset manifest's ids and labels, rewritten where the store's differ (they
+        are inputs, never recomputed). ``units``: the (split, unit) pairs to check; a done unit whose
+        arrays fail their sha256, hold NaN/Inf or cannot be read is marked not done. Mean/std that
+        disagree with the unit sums are marked not written. Raises StoreError if read-only.
+        """
+        self._require_writable()
+        repaired: list[str] = []
+        try:
+            for split, init in splits.items():
+                if self._rewrite_rows(split, init):
+                    repaired.append(f"split '{split}': ids/labels rewritten from the dataset manifest")
+            for split, unit in units:
+                if not self.unit_done(split, unit):
+                    continue
+                problem, _ = self._unit_problem(split, unit)
+                if problem is not None:
+                    self._array(split, "done")[unit] = 0
+                    self._array(split, "stats_done")[0] = 0
+                    repaired.append(f"{self._where(split, unit)}: {problem}; marked for recompute")
+            for split in self.split_names:
+                if self._marker(split, "stats_done") and self._stats_problem(split):
+                    self._array(split, "stats_done")[0] = 0
+                    repaired.append(f"split '{split}': mean/std disagree with the unit sums; rewritten")
+        except OSError as e:
+            raise StoreError(
+                f"{self.path}: cannot repair ({e.strerror or e}); use a store you can write"
+            ) from None
+        return repaired
+
+    def _rewrite_rows(self, split: str, init: SplitInit) -> bool:
+        """Rewrite ids and labels from the manifest where they differ; whether anything changed."""
+        ids = np.array([str(x) for x in init.ids], dtype=object)
+        labels = np.asarray(init.labels, dtype=np.int64)
+        changed = False
+        for name, want in (("ids", ids), ("labels", labels)):
+            arr = self._array(split, name)
+            for rows in self.units(split):
+                try:
+                    same = np.array_equal(
+                        np.asarray(arr[rows.start : rows.stop]).astype(want.dtype),
+                        want[rows.start : rows.stop],
+                    )
+                except Exception:  # an unreadable chunk is rewritten too
+                    same = False
+                if not same:
+                    arr[rows.start : rows.stop] = want[rows.start : rows.stop]
+                    changed = True
+        if changed:
+            self._ids.pop(split, None)
+        return changed
+
+    def repair_command(self) -> str:
+        """The command that repairs this store: the cache command it was made with plus ``--repair``."""
+        command = self.attrs.get("provenance", {}).get("command")
+        if isinstance(command, list) and command and all(isinstance(x, str) for x in command):
+            return shlex.join([*command, "--repair"])
+        return "customkd-cache cache --spec SPEC --repair (SPEC: the cache spec this store was made from)"
 
     # --- status
 
@@ -441,43 +585,39 @@ class FeatureStore:
         return np.asarray(self._array(split, "labels")[:], dtype=np.int64)
 
     def read_unit(self, split: str, unit: int) -> np.ndarray:
-        """(n, V, D) features of one work unit, one chunk read (see ``read_rows``)."""
+        """(n, V, D) features of one work unit, one chunk read, checked against the unit's sha256:
+        the stored float dtype, or float32 decoded from an int8 store.
+
+        Raises StoreError if the unit is not done or is damaged (naming it and the repair command).
+        """
         rows = self._unit_range(split, unit)
         return self.read_rows(split, rows.start, rows.stop)
 
     def read_rows(self, split: str, start: int, stop: int) -> np.ndarray:
-        """(stop - start, V, D) features of contiguous rows: the stored float dtype, or float32 decoded
-        from an int8 store. Read whole units for speed.
+        """(stop - start, V, D) features of contiguous rows (see ``read_unit``); read whole units for
+        speed.
 
         Raises ValueError for a range outside [0, N], StoreError if a spanned unit is not done.
         """
-        codes = self.read_codes(split, start, stop)
-        if not self.quantized:
-            return codes
-        first, last = start // self.unit_rows, -(-stop // self.unit_rows)
-        scale, offset = self.quant_params(split, range(first, last))
-        per_row = np.arange(start, stop) // self.unit_rows - first
-        return dequantize(codes, scale[per_row, None], offset[per_row, None])
+        return self._read_features(split, start, stop, decode=True)
 
     def read_split(self, split: str) -> np.ndarray:
-        """(N, V, D) features of the whole split (see ``read_rows``). StoreError if any unit is not done."""
+        """(N, V, D) features of the whole split (see ``read_unit``), unit by unit, each checked
+        against its sha256.
+
+        Raises StoreError if any unit is not done or is damaged.
+        """
         return self.read_rows(split, 0, self.num_samples(split))
 
     def read_codes(self, split: str, start: int, stop: int) -> np.ndarray:
-        """(stop - start, V, D) features as stored (int8 codes for an int8 store), not decoded.
-
-        Raises ValueError for a range outside [0, N], StoreError if a spanned unit is not done.
-        """
-        n = self.num_samples(split)
-        if not 0 <= start <= stop <= n:
-            raise ValueError(f"rows [{start}, {stop}) outside split '{split}' of {n} samples")
-        first, last = start // self.unit_rows, -(-stop // self.unit_rows)
-        self._require_done(split, range(first, last))
-        return np.asarray(self._array(split, "features")[start:stop])
+        """(stop - start, V, D) features as stored (int8 codes for an int8 store), not decoded;
+        checked like ``read_rows``."""
+        return self._read_features(split, start, stop, decode=False)
 
     def quant_params(self, split: str, units: range | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(len(units), D) float32 ``scale`` and ``offset`` of an int8 store's units (default: all), so
-        unit ``units[i]`` decodes as ``dequantize(codes, scale[i], offset[i])``.
+        unit ``units[i]`` decodes as ``dequantize(codes, scale[i], offset[i])``. Not checked against
+        the units' sha256 (``read_codes`` checks them).
 
         Raises StoreError for a store that is not int8 or a unit that is not done.
         """
@@ -490,11 +630,39 @@ class FeatureStore:
             self._array(split, "quant_offset")[units.start : units.stop], dtype=np.float32
         )
 
+    def _read_features(self, split: str, start: int, stop: int, *, decode: bool) -> np.ndarray:
+        n = self.num_samples(split)
+        if not 0 <= start <= stop <= n:
+            raise ValueError(f"rows [{start}, {stop}) outside split '{split}' of {n} samples")
+        first, last = start // self.unit_rows, -(-stop // self.unit_rows)
+        self._require_done(split, range(first, last))
+        decoded = decode and self.quantized
+        out = np.empty(
+            (stop - start, self.num_views, self.feature_dim), np.float32 if decoded else self.dtype
+        )
+        for unit in range(first, last):
+            rows = self.units(split)[unit]
+            lo, hi = max(rows.start, start), min(rows.stop, stop)
+            data = self._checked_unit(split, unit)
+            part = data["features"][lo - rows.start : hi - rows.start]
+            if decoded:
+                part = dequantize(part, data["quant_scale"], data["quant_offset"])
+            out[lo - start : hi - start] = part
+        return out
+
     def read_boxes(self, split: str) -> tuple[np.ndarray, np.ndarray]:
-        """(N, V, 4) float32 boxes and (N, V) bool flips. StoreError if any unit is not done."""
+        """(N, V, 4) float32 boxes and (N, V) bool flips, every unit checked against its sha256.
+
+        Raises StoreError if any unit is not done or is damaged.
+        """
         self._require_done(split, range(self.num_units(split)))
-        boxes = np.asarray(self._array(split, "boxes")[:], dtype=np.float32)
-        return boxes, np.asarray(self._array(split, "flips")[:]).astype(bool)
+        n, v = self.num_samples(split), self.num_views
+        boxes, flips = np.empty((n, v, 4), np.float32), np.empty((n, v), bool)
+        for unit, rows in enumerate(self.units(split)):
+            data = self._checked_unit(split, unit)
+            boxes[rows.start : rows.stop] = data["boxes"]
+            flips[rows.start : rows.stop] = data["flips"].astype(bool)
+        return boxes, flips
 
     def stats(self, split: str) -> tuple[np.ndarray, np.ndarray]:
         """(D,) float32 mean and population std over the N * V stored rows.
@@ -646,33 +814,42 @@ class FeatureStore:
             problems.append(
                 f"split '{split}': every unit is done but mean/std are missing (rerun cache to finalize)"
             )
+        elif not missing and not problems and self._stats_problem(split):
+            problems.append(f"split '{split}': mean/std disagree with the unit sums")
         return problems
 
+    def _stats_problem(self, split: str) -> bool:
+        """Whether the stored mean/std differ from what the unit sums give (or cannot be read)."""
+        try:
+            mean, std = self._stats_from_sums(split)
+            got_mean = np.asarray(self._array(split, "mean")[:], dtype=np.float32)
+            got_std = np.asarray(self._array(split, "std")[:], dtype=np.float32)
+        except StoreError:
+            raise
+        except Exception:  # an unreadable chunk
+            return True
+        return not (np.array_equal(mean, got_mean) and np.array_equal(std, got_std))
+
     def _verify_shapes(self, split: str) -> list[str]:
-        n, u, v, d = self.num_samples(split), self.num_units(split), self.num_views, self.feature_dim
-        expected = {
-            "features": ((n, v, d), self.dtype),
-            "boxes": ((n, v, 4), np.dtype("float32")),
-            "flips": ((n, v), np.dtype("uint8")),
-            "ids": ((n,), None),
-            "labels": ((n,), np.dtype("int64")),
-            "done": ((u,), np.dtype("uint8")),
-            "unit_sum": ((u, d), np.dtype("float64")),
-            "unit_sumsq": ((u, d), np.dtype("float64")),
-            "unit_sha256": ((u, 32), np.dtype("uint8")),
-            "mean": ((d,), np.dtype("float32")),
-            "std": ((d,), np.dtype("float32")),
-            "stats_done": ((1,), np.dtype("uint8")),
-        }
-        if self.quantized:
-            expected.update({name: ((u, d), np.dtype("float32")) for name in QUANT_ARRAYS})
-            expected["quant_cosine"] = ((u, 2), np.dtype("float64"))
+        try:
+            n, u = self.num_samples(split), self.num_units(split)
+        except StoreError as e:
+            return [f"split '{split}': array 'features' is {_why(e)}; remove the store and rebuild it"]
+        dims = {"V": self.num_views, "D": self.feature_dim}
         problems = []
-        for name, (shape, dtype) in expected.items():
+        for name, layout in _layout(self.attrs["dtype"]).items():
+            shape = _shape(layout, n=n, units=u, dims=dims)
+            dtype = (
+                None
+                if layout.dtype == "str"
+                else self.dtype
+                if layout.dtype == "store"
+                else np.dtype(layout.dtype)
+            )
             try:
                 arr = self._array(split, name)
-            except StoreError:
-                problems.append(f"split '{split}': array '{name}' is missing")
+            except StoreError as e:
+                problems.append(f"split '{split}': array '{name}' is {_why(e)}")
                 continue
             if tuple(arr.shape) != shape or (dtype is not None and np.dtype(arr.dtype) != dtype):
                 problems.append(
@@ -682,39 +859,82 @@ class FeatureStore:
         return problems
 
     def _verify_unit(self, split: str, unit: int) -> list[str]:
-        rows = self._unit_range(split, unit)
-        where = f"split '{split}' unit {unit} (rows {rows.start}-{rows.stop - 1})"
-        try:
-            stored = np.ascontiguousarray(
-                self._array(split, "features")[rows.start : rows.stop], dtype=self.dtype
-            )
-            digest = bytes(np.asarray(self._array(split, "unit_sha256")[unit], dtype=np.uint8))
-            total = np.asarray(self._array(split, "unit_sum")[unit], dtype=np.float64)
-            total_sq = np.asarray(self._array(split, "unit_sumsq")[unit], dtype=np.float64)
-            decoded = stored
-            if self.quantized:
-                scale, offset = self.quant_params(split, range(unit, unit + 1))
-                decoded = dequantize(stored, scale[0], offset[0])
-        except Exception as e:  # a damaged chunk fails to decode with codec-specific errors
-            return [
-                f"{where}: unreadable ({type(e).__name__}: {e}); "
-                f"delete {self._chunk_file(split, unit)} and rerun"
-            ]
-        bad = np.flatnonzero(~np.isfinite(decoded).reshape(len(rows), -1).all(axis=1))
-        if bad.size:
-            return [f"{where}: NaN/Inf in {bad.size} rows ({self._shown_ids(split, rows.start + bad)})"]
-        if hashlib.sha256(stored.tobytes()).digest() != digest:
-            return [
-                f"{where}: stored bytes do not match their sha256 (corrupt {self._chunk_file(split, unit)})"
-            ]
-        recomputed = _unit_sums(decoded)
-        if not (np.array_equal(recomputed[0], total) and np.array_equal(recomputed[1], total_sq)):
-            what = "features and quant_scale/quant_offset" if self.quantized else "features"
-            return [f"{where}: unit_sum/unit_sumsq disagree with the stored {what}"]
-        return []
+        problem, _ = self._unit_problem(split, unit)
+        return [] if problem is None else [f"{self._where(split, unit)}: {problem}"]
 
-    def _chunk_file(self, split: str, unit: int) -> Path:
-        return self.path / split / "features" / "c" / str(unit) / "0" / "0"
+    def _where(self, split: str, unit: int) -> str:
+        rows = self._unit_range(split, unit)
+        return f"split '{split}' unit {unit} (rows {rows.start}-{rows.stop - 1})"
+
+    def unit_array_names(self, split: str) -> dict[str, str]:
+        """The arrays of a unit's data: name -> ``"row"`` or ``"unit"`` (what axis 0 runs over).
+
+        Every array of the layout marked as unit data, plus any other array of the split whose first
+        axis has N (rows) or U (units) entries; bookkeeping arrays (markers, hashes, mean/std) never.
+        """
+        if split not in self._unit_names:
+            names = {name: a.per for name, a in _layout(self.attrs["dtype"]).items() if a.unit_data}
+            n, u = self.num_samples(split), self.num_units(split)
+            try:
+                listed = sorted(self._group[split].array_keys())  # type: ignore[union-attr]
+            except Exception as e:  # a damaged group or array metadata
+                raise StoreError(
+                    f"{self.path}: split '{split}' cannot be listed ({_short(e)}); the store is damaged"
+                ) from None
+            for name in listed:
+                if name in names or name in _BOOKKEEPING:
+                    continue
+                first = tuple(self._array(split, name).shape[:1])
+                if first == (u,):
+                    names[name] = "unit"
+                elif first == (n,):
+                    names[name] = "row"
+            self._unit_names[split] = dict(sorted(names.items()))
+        return self._unit_names[split]
+
+    def _read_unit_data(self, split: str, unit: int, *, skip: tuple[str, ...] = ()) -> dict[str, np.ndarray]:
+        """The unit's slice of every unit array (rows of per-row arrays, the entry of per-unit ones)."""
+        rows = self._unit_range(split, unit)
+        out = {}
+        for name, per in self.unit_array_names(split).items():
+            if name not in skip:
+                arr = self._array(split, name)
+                out[name] = np.asarray(arr[rows.start : rows.stop] if per == "row" else arr[unit])
+        return out
+
+    def _unit_problem(self, split: str, unit: int) -> tuple[str | None, dict[str, np.ndarray]]:
+        """What is wrong with a done unit (None if nothing) and its data as read."""
+        try:
+            data = self._read_unit_data(split, unit)
+            digest = np.asarray(self._array(split, "unit_sha256")[unit], dtype=np.uint8)
+        except StoreError:
+            raise
+        except Exception as e:  # a damaged chunk fails to decode with codec-specific errors
+            return f"unreadable ({_short(e)})", {}
+        stored = np.ascontiguousarray(data["features"], dtype=self.dtype)
+        if self.quantized:
+            stored = dequantize(stored, data["quant_scale"], data["quant_offset"])
+        bad = np.flatnonzero(~np.isfinite(stored).reshape(len(stored), -1).all(axis=1))
+        if bad.size:
+            start = self._unit_range(split, unit).start
+            return f"NaN/Inf in {bad.size} rows ({self._shown_ids(split, start + bad)})", data
+        if not np.array_equal(unit_digest(data), digest):
+            names = ", ".join(data)
+            return f"its arrays ({names}) do not match their sha256: changed or lost since written", data
+        total, total_sq = _unit_sums(stored)
+        if not (np.array_equal(total, data["unit_sum"]) and np.array_equal(total_sq, data["unit_sumsq"])):
+            return "unit_sum/unit_sumsq disagree with the stored features", data
+        return None, data
+
+    def _checked_unit(self, split: str, unit: int) -> dict[str, np.ndarray]:
+        """The unit's arrays as read, after checking them; StoreError naming the unit and the repair."""
+        problem, data = self._unit_problem(split, unit)
+        if problem is not None:
+            raise StoreError(
+                f"{self.path}: {self._where(split, unit)} is damaged: {problem}; nothing damaged is used: "
+                f"repair the store with `{self.repair_command()}`"
+            )
+        return data
 
     def _check_layout(self, attrs: Mapping[str, Any], num_samples: Mapping[str, int]) -> None:
         """A store found at a create path must match what the caller would have created."""
@@ -745,6 +965,11 @@ class FeatureStore:
             except KeyError:
                 raise StoreError(
                     f"{self.path}: array '{split}/{name}' is missing; the store is damaged"
+                ) from None
+            except Exception as e:  # unreadable zarr.json of the array: zarr raises several types
+                raise StoreError(
+                    f"{self.path}: array '{split}/{name}' has unreadable metadata ({_short(e)}); the store "
+                    "is damaged: remove it and rebuild it with `customkd-cache cache`"
                 ) from None
             if not isinstance(node, zarr.Array):
                 raise StoreError(f"{self.path}: '{split}/{name}' is not an array; the store is damaged")
@@ -789,6 +1014,7 @@ class FeatureStore:
             return
         done = self.done_units(split)
         missing = [k for k in units if not done[k]]
+
         if missing:
             raise StoreError(
                 f"{self.path}: split '{split}' has {len(missing)} unit(s) not done (first: {missing[0]}; "
@@ -889,9 +1115,10 @@ def _build_and_rename(path: Path, attrs: dict[str, Any], splits: Mapping[str, Sp
 
     Losing the rename to a concurrent creator is fine: the caller opens the winner's store.
     """
-    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex}"
+    tmp = path.parent / f".{path.name}.tmp-{_host_tag()}-{os.getpid()}-{uuid.uuid4().hex}"
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
+        _remove_dead_builds(path)
         root = zarr.create_group(LocalStore(tmp), zarr_format=3, attributes=attrs)
         for name, init in splits.items():
             _create_split(root.create_group(name), init, attrs)
@@ -908,43 +1135,70 @@ def _build_and_rename(path: Path, attrs: dict[str, Any], splits: Mapping[str, Sp
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _host_tag() -> str:
+    return _UNSAFE.sub("_", socket.gethostname()).replace("-", "_") or "host"
+
+
+def _remove_dead_builds(path: Path) -> None:
+    """Remove build directories of ``path`` left by killed processes of this host (a kill skips the
+    cleanup); builds of live processes and of other hosts are left alone."""
+    prefix = f".{path.name}.tmp-{_host_tag()}-"
+    for child in path.parent.glob(f"{glob.escape(prefix)}*"):
+        pid = child.name[len(prefix) :].split("-", 1)[0]
+        if pid.isdigit() and not pid_alive(int(pid)):
+            shutil.rmtree(child, ignore_errors=True)
+
+
 def _create_split(group: zarr.Group, init: SplitInit, attrs: Mapping[str, Any]) -> None:
-    n, v, d, u = len(init.ids), attrs["num_views"], attrs["feature_dim"], attrs["unit_rows"]
-    units = -(-n // u)
-    data: Any = [ZstdCodec(level=ZSTD_LEVEL, checksum=True)] if attrs["compressor"] == "zstd" else None
-    group.create_array(
-        "features", shape=(n, v, d), chunks=(u, v, d), dtype=attrs["dtype"], compressors=data, fill_value=0
-    )
-    group.create_array(
-        "boxes", shape=(n, v, 4), chunks=(u, v, 4), dtype="float32", compressors=data, fill_value=0
-    )
-    group.create_array("flips", shape=(n, v), chunks=(u, v), dtype="uint8", compressors=data, fill_value=0)
-    ids = group.create_array("ids", shape=(n,), chunks=(n,), dtype=str, compressors=data)
-    ids[:] = np.array([str(s) for s in init.ids], dtype=object)
-    labels = group.create_array(
-        "labels", shape=(n,), chunks=(n,), dtype="int64", compressors=data, fill_value=0
-    )
-    labels[:] = np.asarray(init.labels, dtype=np.int64)
-    # markers and per-unit records: one tiny uncompressed file per unit, owned by the unit's writer
-    group.create_array("done", shape=(units,), chunks=(1,), dtype="uint8", compressors=None, fill_value=0)
-    for name in ("unit_sum", "unit_sumsq"):
-        group.create_array(
-            name, shape=(units, d), chunks=(1, d), dtype="float64", compressors=None, fill_value=0
-        )
-    group.create_array(
-        "unit_sha256", shape=(units, 32), chunks=(1, 32), dtype="uint8", compressors=None, fill_value=0
-    )
-    if attrs["dtype"] == QUANTIZED_DTYPE:
-        for name in QUANT_ARRAYS:
-            group.create_array(
-                name, shape=(units, d), chunks=(1, d), dtype="float32", compressors=None, fill_value=0
-            )
-        group.create_array(
-            "quant_cosine", shape=(units, 2), chunks=(1, 2), dtype="float64", compressors=None, fill_value=0
-        )
-    for name in ("mean", "std"):
-        group.create_array(name, shape=(d,), chunks=(d,), dtype="float32", compressors=None, fill_value=0)
-    group.create_array("stats_done", shape=(1,), chunks=(1,), dtype="uint8", compressors=None, fill_value=0)
+    n, u = len(init.ids), attrs["unit_rows"]
+    units, dims = num_units(n, u), {"V": attrs["num_views"], "D": attrs["feature_dim"]}
+    zstd: Any = [ZstdCodec(level=ZSTD_LEVEL, checksum=True)] if attrs["compressor"] == "zstd" else None
+    for name, layout in _layout(attrs["dtype"]).items():
+        shape = _shape(layout, n=n, units=units, dims=dims)
+        chunks = {"row": (u, *shape[1:]), "unit": (1, *shape[1:]), "split": shape}[layout.per]
+        kwargs: dict[str, Any] = {"dtype": str} if layout.dtype == "str" else {"fill_value": 0}
+        if layout.dtype not in ("str", "store"):
+            kwargs["dtype"] = layout.dtype
+        elif layout.dtype == "store":
+            kwargs["dtype"] = attrs["dtype"]
+        # markers and per-unit records: one tiny uncompressed file per unit, owned by the unit's writer
+        compressors = zstd if layout.compressed else None
+        group.create_array(name, shape=shape, chunks=chunks, compressors=compressors, **kwargs)
+    group["ids"][:] = np.array([str(s) for s in init.ids], dtype=object)  # type: ignore[index]
+    group["labels"][:] = np.asarray(init.labels, dtype=np.int64)  # type: ignore[index]
+
+
+def _shape(layout: _ArrayLayout, *, n: int, units: int, dims: Mapping[str, int]) -> tuple[int, ...]:
+    tail = tuple(dims[x] if isinstance(x, str) else x for x in layout.tail)
+    return {"row": (n, *tail), "unit": (units, *tail), "split": tail}[layout.per]
+
+
+def unit_digest(arrays: Mapping[str, np.ndarray]) -> np.ndarray:
+    """(32,) uint8 sha256 of a unit's arrays: for each name in sorted order, the name, dtype, shape and
+    bytes (little-endian, C order; strings as UTF-8, each preceded by its length)."""
+    h = hashlib.sha256()
+    for name in sorted(arrays):
+        x = np.asarray(arrays[name])
+        h.update(name.encode() + b"\0")
+        if x.dtype.kind in "OUT":
+            h.update(f"str{x.shape}".encode())
+            for item in x.reshape(-1).tolist():
+                b = str(item).encode()
+                h.update(len(b).to_bytes(8, "little") + b)
+        else:
+            x = np.ascontiguousarray(x, dtype=x.dtype.newbyteorder("<"))
+            h.update(f"{x.dtype.str}{x.shape}".encode() + x.tobytes())
+    return np.frombuffer(h.digest(), dtype=np.uint8)
+
+
+def _short(e: BaseException) -> str:
+    """``Type: first line of the message`` (zarr and codec errors can span lines)."""
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0][:200]}" if lines else type(e).__name__
+
+
+def _why(e: StoreError) -> str:
+    return "unreadable" if "unreadable" in str(e) else "missing"
 
 
 def _shaped(x: np.ndarray, shape: tuple[int, ...], name: str) -> np.ndarray:

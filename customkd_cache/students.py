@@ -10,6 +10,7 @@ semi-supervised literature, which importing this module registers in timm's mode
 from __future__ import annotations
 
 import difflib
+import math
 import os
 from pathlib import Path
 from typing import Any, Literal
@@ -113,6 +114,8 @@ def bound_rms(z: Tensor, max_rms: Tensor) -> Tensor:
     Rows already inside the bound are returned as they are; the scaling is differentiable, so a loss
     on the output can still change each row's direction once its norm is at the bound.
     """
+    if math.isinf(float(max_rms)):  # no graph through inf / rms: its gradient would be 0 * inf = NaN
+        return z
     rms = z.float().pow(2).mean(dim=1, keepdim=True).sqrt()
     scale = torch.clamp(max_rms.to(rms.dtype) / rms.clamp(min=1e-12), max=1.0)
     return z * scale.to(z.dtype)

@@ -33,7 +33,8 @@ from typing import Any, Literal
 
 import torch
 
-from .errors import SpecError, TeacherError, WeightsError, closest
+from .distributed import resolve_device
+from .errors import TeacherError, WeightsError, closest
 from .specs import TeacherSpec
 from .views import INTERPOLATIONS
 from .weights import file_sha256, first_mismatch, load_state_dict_into, read_state_dict, resolve_weights_file
@@ -97,7 +98,7 @@ class Teacher:
 
     @property
     def dtype(self) -> torch.dtype:
-        return torch.bfloat16 if self.spec.precision == "bf16" else torch.float32
+        return _compute_dtype(self.spec)
 
     def identity(self) -> dict[str, Any]:
         """Everything that changes the features, as JSON-able data (no absolute paths)."""
@@ -133,6 +134,15 @@ class Teacher:
         return self.forward_fn(self.module, x).float()
 
 
+def check_teacher_name(spec: TeacherSpec) -> None:
+    """Raise ``TeacherError`` (naming the closest valid name) when timm or open_clip has no model
+    ``spec.name`` (or no such pretrained tag); builds nothing."""
+    if spec.source == "timm":
+        _check_timm_name(spec.name)
+    else:
+        _check_open_clip_name(spec)
+
+
 def create_teacher(
     spec: TeacherSpec, *, spec_dir: Path | None = None, device: str | torch.device = "cpu"
 ) -> Teacher:
@@ -144,10 +154,7 @@ def create_teacher(
     """
     _hub_offline()
     target = device if isinstance(device, torch.device) else resolve_device(device)
-    if spec.source == "timm":
-        _check_timm_name(spec.name)
-    else:
-        _check_open_clip_name(spec)
+    check_teacher_name(spec)
     path, source = _locate_weights(spec, spec_dir)
     build = _build_timm if spec.source == "timm" else _build_open_clip
     with _seeded(spec.init_seed):
@@ -156,28 +163,18 @@ def create_teacher(
     digest = file_sha256(path) if path is not None else state_digest(module)
     if spec.precision == "bf16":
         module.to(torch.bfloat16)
-    teacher = Teacher(spec, module, preprocess, 0, digest, source, forward, spec_dir=spec_dir)
-    teacher.to(target)
-    teacher.feature_dim = _probe_feature_dim(teacher)
-    return teacher
-
-
-def resolve_device(name: str) -> torch.device:
-    """``"auto"`` -> ``cuda`` when available, else ``cpu``; other names are checked (``SpecError``)."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(name)
-    except (RuntimeError, ValueError):
-        raise SpecError(f"run.device = {name!r}: not a device name; use auto, cpu, cuda or cuda:N") from None
-    if dev.type == "cuda":
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if count == 0 or (dev.index is not None and dev.index >= count):
-            raise SpecError(
-                f"run.device = {name!r}: this machine has {count} CUDA device(s); "
-                "use run.device = 'auto' or 'cpu'"
-            )
-    return dev
+    module.to(target)
+    return Teacher(
+        spec=spec,
+        module=module,
+        preprocess=preprocess,
+        feature_dim=_probe_feature_dim(spec, module, preprocess, forward, device=target),
+        weights_digest=digest,
+        weights_source=source,
+        forward_fn=forward,
+        device=target,
+        spec_dir=spec_dir,
+    )
 
 
 def fidelity_cosine(teacher: Teacher, x: torch.Tensor) -> float:
@@ -555,13 +552,26 @@ def _preprocess(spec: TeacherSpec, mean: Any, std: Any, interpolation: str, crop
     return Preprocess(spec.input_size, (m[0], m[1], m[2]), (s[0], s[1], s[2]), interpolation, crop_pct)
 
 
-def _probe_feature_dim(teacher: Teacher) -> int:
-    """Run one zero image through the teacher: the feature size, and an early check of its shape."""
-    size = teacher.preprocess.input_size
-    out = teacher.features(torch.zeros(1, 3, size, size))
+def _compute_dtype(spec: TeacherSpec) -> torch.dtype:
+    """The dtype of the weights and the inputs: bfloat16 in bf16 precision, else float32."""
+    return torch.bfloat16 if spec.precision == "bf16" else torch.float32
+
+
+@torch.inference_mode()
+def _probe_feature_dim(
+    spec: TeacherSpec,
+    module: torch.nn.Module,
+    preprocess: Preprocess,
+    forward: ForwardFn,
+    *,
+    device: torch.device,
+) -> int:
+    """Run one zero image through the network: the feature size, and an early check of its shape."""
+    size = preprocess.input_size
+    out = forward(module, torch.zeros(1, 3, size, size, device=device, dtype=_compute_dtype(spec)))
     if out.ndim != 2 or out.shape[0] != 1:
         raise TeacherError(
-            f"teacher.feature = {teacher.spec.feature!r} on {teacher.spec.name} gives shape "
+            f"teacher.feature = {spec.feature!r} on {spec.name} gives shape "
             f"{tuple(out.shape)}, not one vector per image; use feature = 'pooled'"
         )
     return int(out.shape[1])

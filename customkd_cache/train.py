@@ -18,6 +18,7 @@ import hashlib
 import json
 import math
 import os
+import pickle
 import sys
 import time
 from collections import defaultdict
@@ -42,10 +43,11 @@ from .cached_data import (
     stage_b_batches,
 )
 from .data import Dataset, SplitManifest, labeled_indices, open_dataset, read_labeled_list
-from .distributed import Dist
-from .errors import NonFiniteLossError, SpecError, StoreError
+from .distributed import Dist, resolve_device
+from .errors import NonFiniteLossError, RunDirError, SpecError, StoreError
 from .fingerprint import request_key
 from .losses import StageBTerms, customization_loss, linear_cka, method_terms, stage_b_loss
+from .online import create_online_teacher
 from .probe import Probe, probe_accuracy, train_probe
 from .specs import TrainSpec, cache_root, data_path, load_cache_spec, spec_relative_path, to_dict
 from .store import FeatureStore, list_stores, open_store
@@ -392,8 +394,8 @@ def stage_a_cycles(run: Run, epoch: int) -> int:
 
 def prepare_run(spec: TrainSpec, *, spec_path: Path | None, out: Path, resume: bool, dist: Dist) -> Run:
     """Resolve data, cache, probe and models; write spec.json and caches.json (rank 0)."""
-    from .teachers import resolve_device
-
+    if resume:
+        check_resume(out, spec)
     device = dist.device if dist.world > 1 else resolve_device(spec.run.device)
     dataset = open_dataset(spec.dataset)
     digest = dataset.manifest.digest()
@@ -411,7 +413,7 @@ def prepare_run(spec: TrainSpec, *, spec_path: Path | None, out: Path, resume: b
     stats = train_stats if spec.customkd.standardize else None
     features = FeatureSource(store.path, in_ram=spec.run.features_in_ram, standardize=stats)
     num_classes = len(dataset.manifest.classes)
-    teacher = _online_teacher(spec, spec_path, store, device) if spec.teacher_mode == "online" else None
+    teacher = create_online_teacher(spec, spec_path, store, device) if spec.teacher_mode == "online" else None
     views = 1 if spec.train_views == "eval" else store.num_views
     labeled = _labeled_features(features, store, protocol.labeled, views)  # probe and every stage A
     probe = fit_probe(spec, labeled, num_classes, None if stats else train_stats)
@@ -424,42 +426,22 @@ def prepare_run(spec: TrainSpec, *, spec_path: Path | None, out: Path, resume: b
             m.to(device)
     probe = probe.to(device)
     return Run(
-        spec,
-        out,
-        dataset,
-        store,
-        protocol,
-        features,
-        probe,
-        models,
-        replay,
-        num_classes,
-        stats,
-        labeled,
-        dist,
-        device,
-        teacher,
+        spec=spec,
+        out=out,
+        dataset=dataset,
+        store=store,
+        protocol=protocol,
+        features=features,
+        probe=probe,
+        models=models,
+        replay=replay,
+        num_classes=num_classes,
+        stats=stats,
+        labeled=labeled,
+        dist=dist,
+        device=device,
+        teacher=teacher,
     )
-
-
-def _online_teacher(
-    spec: TrainSpec, spec_path: Path | None, store: FeatureStore, device: torch.device
-) -> Any:
-    """The teacher of the cache spec, run on the fly (the reference for cache fidelity)."""
-    if not spec.cache.spec:
-        raise SpecError("teacher_mode = 'online' needs cache.spec (the teacher is built from it)")
-    from .teachers import create_teacher
-
-    cpath = spec_relative_path(spec.cache.spec, spec_path)
-    cspec = load_cache_spec(cpath, [])
-    teacher = create_teacher(cspec.teacher, spec_dir=cpath.parent, device=device)
-    cached = store.attrs.get("identity", {}).get("teacher", {}).get("weights_digest")
-    if cached != teacher.weights_digest:
-        raise StoreError(
-            f"{store.path}: made with teacher weights {str(cached)[:12]}, but {cpath} gives "
-            f"{teacher.weights_digest[:12]}; the online teacher must be the cached one"
-        )
-    return teacher
 
 
 def _replay_dataset(
@@ -910,9 +892,61 @@ def summarize(run: Run, state: TrainState) -> dict[str, Any]:
 # --- run directory -----------------------------------------------------------------------------
 
 
+# Spec sections that may change on --resume: how the run is executed, not what it computes.
+RESUMABLE_SECTIONS = ("run",)
+
+
+def check_resume(out: Path, spec: TrainSpec) -> None:
+    """Refuse to resume a run in ``out`` with a spec that differs from its ``spec.json`` in anything
+    but ``RESUMABLE_SECTIONS``; checked before anything in ``out`` is written.
+
+    Raises RunDirError naming the differing keys (dotted), or when a checkpoint has no spec.json.
+    """
+    _check_out_dir(out)
+    path = out / "spec.json"
+    if not path.exists():
+        if (out / "checkpoints" / "last.pt").exists():
+            raise RunDirError(
+                f"{path}: missing beside a checkpoint; cannot check the resume, start a new --out"
+            )
+        return
+    try:
+        old = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise RunDirError(f"{path}: unreadable ({e}); cannot check the resume, start a new --out") from None
+    new = json.loads(json.dumps(to_dict(spec)))
+    differ = [k for k in _differing_keys(old, new) if k.split(".")[0] not in RESUMABLE_SECTIONS]
+    if differ:
+        shown = ", ".join(differ[:10]) + (f" ... ({len(differ)} keys)" if len(differ) > 10 else "")
+        raise RunDirError(
+            f"--resume {out}: the spec differs from the run's spec.json in {shown}; resume with the same "
+            f"spec (only [{', '.join(RESUMABLE_SECTIONS)}] may change) or start a new --out"
+        )
+
+
+def _differing_keys(old: Any, new: Any, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two JSON objects (a whole value when not both dicts)."""
+    if not (isinstance(old, dict) and isinstance(new, dict)):
+        return [] if old == new else [prefix or "(the whole spec)"]
+    out: list[str] = []
+    for key in sorted(set(old) | set(new)):
+        dotted = f"{prefix}.{key}" if prefix else str(key)
+        if key not in old or key not in new:
+            out.append(dotted)
+        else:
+            out += _differing_keys(old[key], new[key], dotted)
+    return out
+
+
+def _check_out_dir(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise SpecError(f"--out {out}: is a file, not a directory; give a directory for the run")
+
+
 def _prepare_out(
     out: Path, spec: TrainSpec, store: FeatureStore, protocol: Protocol, *, resume: bool
 ) -> None:
+    _check_out_dir(out)
     if out.exists() and any(out.iterdir()) and not resume:
         raise SpecError(
             f"--out {out}: directory is not empty; pass --resume to continue that run or choose a new one"
@@ -933,23 +967,52 @@ def save_checkpoint(run: Run, state: TrainState) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     blob = {"models": run.models.state_dict(), "state": state.__dict__, "fingerprint": run.store.fingerprint}
     tmp = path.with_suffix(".tmp")
-    torch.save(blob, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(blob, tmp)
+        os.replace(tmp, path)
+    except OSError as e:  # disk full, quota: keep the last good checkpoint, leave no partial file
+        tmp.unlink(missing_ok=True)
+        raise RunDirError(
+            f"{path}: cannot write the checkpoint ({e.strerror or e}); free space, then rerun with --resume "
+            f"(it continues from epoch {max(state.epoch - 1, 0)})"
+        ) from None
 
 
 def load_checkpoint(run: Run) -> TrainState:
+    """The state saved after the last finished epoch (a fresh state when there is none).
+
+    The checkpoint is loaded with ``weights_only=True``: it holds tensors and plain containers only,
+    and a run directory may be shared, so nothing in it may run code. Lines of ``metrics.jsonl``
+    beyond the checkpointed epochs (logged, then killed before the checkpoint) are dropped.
+
+    Raises RunDirError for a checkpoint that is unreadable, holds anything else, or was trained on
+    another cache.
+    """
     path = run.out / "checkpoints" / "last.pt"
-    if not path.exists():
-        return TrainState()
-    blob = torch.load(path, map_location="cpu", weights_only=False)
-    if blob["fingerprint"] != run.store.fingerprint:
-        raise StoreError(f"{path}: checkpoint was trained on another cache; start a new --out directory")
-    run.models.load_state_dict(blob["models"])
-    state = TrainState(**blob["state"])
+    state = _read_checkpoint(run, path) if path.exists() else TrainState()
     metrics = run.out / "metrics.jsonl"
-    if metrics.exists():  # drop lines of an epoch that was logged but not checkpointed
+    if metrics.exists():
         lines = metrics.read_text().splitlines()[: state.epoch]
         metrics.write_text("".join(line + "\n" for line in lines))
+    return state
+
+
+def _read_checkpoint(run: Run, path: Path) -> TrainState:
+    fix = f"remove {path} to restart the run from epoch 0, or start a new --out directory"
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+        fingerprint, models, state = blob["fingerprint"], blob["models"], TrainState(**blob["state"])
+    except pickle.UnpicklingError:
+        raise RunDirError(
+            f"{path}: holds objects other than tensors and plain containers, refused unloaded (loading "
+            f"them could run code); {fix}"
+        ) from None
+    except Exception as e:  # truncated or foreign file: several types
+        reason = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+        raise RunDirError(f"{path}: not a loadable checkpoint of this tool ({reason}); {fix}") from None
+    if fingerprint != run.store.fingerprint:
+        raise RunDirError(f"{path}: checkpoint was trained on another cache; start a new --out directory")
+    run.models.load_state_dict(models)
     return state
 
 

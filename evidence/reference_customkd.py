@@ -37,7 +37,7 @@ def pixels(images: np.ndarray, model: nn.Module) -> torch.Tensor:
 
 def run(args: argparse.Namespace) -> dict[str, float]:
     torch.manual_seed(args.seed)
-    torch.set_num_threads(2)
+    torch.set_num_threads(1)
     store = open_store(args.store)
     f_train = np.asarray(store.read_split("train")[:, 0], np.float32)  # (N, D) view 0
     f_test = np.asarray(store.read_split("test")[:, 0], np.float32)
@@ -61,15 +61,15 @@ def run(args: argparse.Namespace) -> dict[str, float]:
         loss.backward()
         opt_p.step()
     opt_b = torch.optim.AdamW([*student.parameters(), *p_s.parameters()], lr=2e-3, weight_decay=0.05)
-    opt_a = torch.optim.AdamW(p_t.parameters(), lr=1e-3, weight_decay=0.0)
+    opt_a = torch.optim.AdamW(p_t.parameters(), lr=2e-3, weight_decay=0.0)
     steps_per_epoch = len(pool) // 96
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt_b, args.epochs * steps_per_epoch)
     rng = np.random.default_rng(args.seed)
     head = student.get_classifier()
     for _epoch in range(args.epochs):
         if args.method == "customkd":  # stage A: CE(H_s(P_t(f_t)), y), H_s fixed
-            for _ in range(200):
-                b = rng.choice(lab, 128)
+            for _ in range(100):
+                b = rng.choice(lab, 64)
                 z = p_t(ft_tr[b])
                 if args.bound:  # scale each row down to the student's mean feature RMS
                     with torch.no_grad():

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from customkd_cache import fakedata
 from customkd_cache.specs import DatasetSpec
+from customkd_cache.testing import fakedata
 
 # Split sizes and class counts of the ``fake_specs`` datasets (see the ``fake_sizes`` fixture).
 _SIZES = {

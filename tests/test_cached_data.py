@@ -23,7 +23,6 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from customkd_cache import fakedata
 from customkd_cache.cached_data import (
     FeatureSource,
     ReplayDataset,
@@ -38,6 +37,7 @@ from customkd_cache.cached_data import (
 from customkd_cache.data import Dataset, open_dataset
 from customkd_cache.specs import CacheSpec, DatasetSpec, ViewsSpec
 from customkd_cache.store import SplitInit, create_or_open_store, open_store
+from customkd_cache.testing import fakedata
 from customkd_cache.views import render_view, sample_views, to_tensor
 
 SPLITS = {"src": 10, "tgt": 7}

@@ -111,3 +111,22 @@ def test_two_processes_stealing_one_stale_claim(tmp_path: Path) -> None:
     assert [p.exitcode for p in procs] == [0, 0]
     assert [a + b for a, b in zip(*won, strict=True)] == [1] * RACE_KEYS
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(f"unit-{i}.claim" for i in range(RACE_KEYS))
+
+
+def test_an_unwritable_store_is_a_store_error_naming_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``cache`` on an incomplete store it cannot write (a read-only share): one line, no traceback."""
+    from types import SimpleNamespace
+
+    from customkd_cache import claims, extract
+    from customkd_cache.errors import StoreError
+
+    def refused(*args: Any, **kwargs: Any) -> None:
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(claims, "try_claim", refused)
+    store = SimpleNamespace(path=tmp_path / "s.zarr", claim_dir=lambda split: tmp_path / split)
+    sampler = extract._UnitBatches(store, [("train", 0)], batch=1, lease_s=1.0)  # type: ignore[arg-type]
+    with pytest.raises(StoreError, match=r"s\.zarr: cannot claim split 'train' unit 0 \(Permission denied\)"):
+        sampler._claim(("train", 0))

@@ -6,6 +6,7 @@ import gzip
 import hashlib
 import io
 import json
+import os
 import pickle
 import shutil
 import struct
@@ -16,7 +17,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from customkd_cache import fakedata
 from customkd_cache.data import (
     OFFICEHOME_CLASSES,
     OFFICEHOME_DOMAINS,
@@ -30,6 +30,7 @@ from customkd_cache.data import (
 )
 from customkd_cache.errors import DatasetError
 from customkd_cache.specs import DatasetKind, DatasetSpec
+from customkd_cache.testing import fakedata
 
 KINDS: tuple[str, ...] = typing.get_args(DatasetKind)
 Sizes = dict[str, tuple[int, dict[str, int]]]
@@ -603,3 +604,103 @@ class TestBadInput:
         with pytest.raises(DatasetError) as excinfo:
             open_dataset(DatasetSpec(kind="cifar10", root=str(root)))
         _one_line_error(excinfo, "data_batch_3")
+
+
+class TestNothingDroppedOrUnbounded:
+    """Input that used to crash, exhaust memory or vanish silently: each is one DatasetError line."""
+
+    def _folder(self, tmp_path: Path) -> Path:
+        return fakedata.write_image_folder(tmp_path / "folder", per_class=1)
+
+    def test_a_dangling_image_link_is_named(self, tmp_path: Path) -> None:
+        root = self._folder(tmp_path)
+        (root / "cat" / "gone.jpg").symlink_to(tmp_path / "nowhere.jpg")
+        with pytest.raises(DatasetError) as excinfo:
+            open_dataset(DatasetSpec(kind="image_folder", root=str(root)))
+        _one_line_error(excinfo, "gone.jpg", "dangling")
+
+    def test_a_looping_class_folder_link_is_named(self, tmp_path: Path) -> None:
+        root = self._folder(tmp_path)
+        (root / "loop").symlink_to(root / "loop")
+        with pytest.raises(DatasetError) as excinfo:
+            open_dataset(DatasetSpec(kind="image_folder", root=str(root)))
+        _one_line_error(excinfo, "loop", "loop")
+
+    def test_an_unreadable_class_folder_is_named(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        root = self._folder(tmp_path)
+        real = os.scandir
+
+        def scandir(path: typing.Any) -> typing.Any:
+            if Path(path).name == "dog":
+                raise PermissionError(13, "Permission denied")
+            return real(path)
+
+        monkeypatch.setattr(os, "scandir", scandir)
+        with pytest.raises(DatasetError) as excinfo:
+            open_dataset(DatasetSpec(kind="image_folder", root=str(root)))
+        _one_line_error(excinfo, "dog", "Permission denied")
+
+    def test_an_empty_class_folder_is_named(self, tmp_path: Path) -> None:
+        root = self._folder(tmp_path)
+        (root / "empty").mkdir()
+        with pytest.raises(DatasetError) as excinfo:
+            open_dataset(DatasetSpec(kind="image_folder", root=str(root)))
+        _one_line_error(excinfo, "empty", "no images")
+
+    def test_a_huge_list_label_is_refused_before_it_sizes_the_classes(self, tmp_path: Path) -> None:
+        lists = fakedata.write_list_file(tmp_path / "listed", num_classes=2, per_class=1)
+        text = lists.read_text().splitlines()
+        lists.write_text("\n".join([*text[:-1], text[-1].rsplit(" ", 1)[0] + " 999999999999"]) + "\n")
+        with pytest.raises(DatasetError) as excinfo:
+            open_dataset(DatasetSpec(kind="list_file", root=str(lists.parent), lists=(str(lists),)))
+        _one_line_error(excinfo, f"{lists}:2", "999999999999")
+
+    def test_a_nul_byte_in_a_list_entry(self, tmp_path: Path) -> None:
+        lists = fakedata.write_list_file(tmp_path / "listed", num_classes=2, per_class=1)
+        lists.write_text(lists.read_text().replace("img 000", "img\x00000", 1))
+        with pytest.raises(DatasetError) as excinfo:
+            open_dataset(DatasetSpec(kind="list_file", root=str(lists.parent), lists=(str(lists),)))
+        _one_line_error(excinfo, f"{lists}:1", "NUL")
+
+    def test_an_image_over_the_pixel_limit_is_refused_before_decoding(self, tmp_path: Path) -> None:
+        root = self._folder(tmp_path)
+        small = Image.open(next((root / "cat").iterdir()))
+        limit = small.width * small.height - 1
+        ds = open_dataset(DatasetSpec(kind="image_folder", root=str(root), max_pixels=limit))
+        for read in (ds.load_image, ds.image_size):
+            with pytest.raises(DatasetError) as excinfo:
+                read("all", 0)
+            _one_line_error(excinfo, "cat", "dataset.max_pixels")
+
+    def test_a_decompression_bomb_warning_is_an_error(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        root = self._folder(tmp_path)
+        small = Image.open(next((root / "cat").iterdir()))
+        monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", small.width * small.height - 1)
+        ds = open_dataset(DatasetSpec(kind="image_folder", root=str(root)))
+        with pytest.raises(DatasetError) as excinfo:
+            ds.load_image("all", 0)
+        _one_line_error(excinfo, "cat", "decompression bomb")
+
+    @pytest.mark.parametrize("labels", [["a", "b"], 7])
+    def test_a_malformed_cifar_batch(self, tmp_path: Path, labels: typing.Any) -> None:
+        root = fakedata.write_cifar10(tmp_path / "c10", n_train=10, n_test=5)
+        with (root / "cifar-10-batches-py" / "test_batch").open("wb") as f:
+            pickle.dump({b"data": np.zeros((2, 3072), np.uint8), b"labels": labels}, f)
+        with pytest.raises(DatasetError) as excinfo:
+            open_dataset(DatasetSpec(kind="cifar10", root=str(root)))
+        _one_line_error(excinfo, "test_batch")
+
+    def test_labels_out_that_is_a_directory_and_a_negative_seed(
+        self, fake_specs: dict[str, DatasetSpec], tmp_path: Path
+    ) -> None:
+        manifest = open_dataset(fake_specs["image_folder"]).manifest
+        with pytest.raises(DatasetError) as excinfo:
+            write_labeled_list(manifest, "all", per_class=1, seed=0, out=tmp_path)
+        _one_line_error(excinfo, str(tmp_path), "directory")
+        with pytest.raises(DatasetError) as excinfo:
+            write_labeled_list(manifest, "all", per_class=1, seed=-1, out=tmp_path / "l.txt")
+        _one_line_error(excinfo, "--seed -1")

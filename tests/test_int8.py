@@ -21,9 +21,9 @@ import zarr
 from test_stage_one import SMOKE, chunk_bytes, cli, env_for, only_store, popen, smoke_args
 from test_store import _create, _snapshot, _unit, _write_all
 
-from customkd_cache import fakedata
 from customkd_cache.cached_data import FeatureSource
 from customkd_cache.store import create_or_open_store, dequantize, open_store, quantize_unit
+from customkd_cache.testing import fakedata
 
 TRAIN_SPEC = Path(__file__).resolve().parents[1] / "pipelines" / "smoke" / "officehome.toml"
 EPS32 = float(np.finfo(np.float32).eps)

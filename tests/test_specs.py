@@ -77,6 +77,11 @@ class TestOverrides:
         with pytest.raises(SpecError, match="teacher.nmae"):
             specs.validate(specs.CacheSpec, specs.apply_overrides(MINIMAL, ["teacher.nmae=x"]), "f.toml")
 
+    @pytest.mark.parametrize("value", ["inf", "nan", "-inf"])
+    def test_no_infinite_or_nan_floats(self, value: str) -> None:
+        with pytest.raises(SpecError, match="optim.lr"):
+            specs.load_train_spec(REPO / "pipelines/smoke/officehome.toml", [f"optim.lr={value}"])
+
     def test_malformed_override(self) -> None:
         with pytest.raises(SpecError, match="KEY=VALUE"):
             specs.apply_overrides(MINIMAL, ["run.batch_size"])
@@ -107,6 +112,22 @@ class TestCli:
             and "surprise" in proc.stderr
             and "Traceback" not in proc.stderr
         )
+
+    def test_a_spec_that_is_not_utf8_exits_2_with_one_line(self, tmp_path: Path) -> None:
+        bad = tmp_path / "latin1.toml"
+        bad.write_bytes('method = "\u00e9"\n'.encode("latin-1"))
+        proc = self.run("check", str(bad))
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr
+        assert (
+            proc.stderr.strip().count("\n") == 0 and "latin1.toml" in proc.stderr and "UTF-8" in proc.stderr
+        )
+
+    def test_check_names_an_unknown_teacher(self) -> None:
+        proc = self.run(
+            "check", str(REPO / "cache_specs/smoke/officehome.toml"), "--set", "teacher.name=test_vitt"
+        )
+        assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0
+        assert "test_vitt" in proc.stderr and "did you mean" in proc.stderr
 
     def test_check_prints_the_resolved_spec(self) -> None:
         proc = self.run("check", str(REPO / "pipelines/smoke/officehome.toml"), "--set", "method=kd")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shlex
 import shutil
 import signal
 import subprocess
@@ -21,7 +22,7 @@ import numpy as np
 import pytest
 import zarr
 
-from customkd_cache import fakedata
+from customkd_cache.testing import fakedata
 
 REPO = Path(__file__).resolve().parents[1]
 SMOKE = REPO / "cache_specs" / "smoke" / "officehome.toml"
@@ -172,6 +173,23 @@ class TestStore:
         proc = cli("verify", str(copy), env=env_for(tmp_path), check=False)
         assert proc.returncode == 1
         assert "Art" in proc.stderr
+
+    def test_the_repair_that_verify_prints_restores_the_store(self, reference: Path, tmp_path: Path) -> None:
+        copy = tmp_path / reference.name
+        shutil.copytree(reference, copy)
+        (copy / "Art" / "features" / "c" / "1" / "0" / "0").unlink()  # a lost chunk
+        labels = zarr.open_array(str(copy / "Clipart" / "labels"), mode="r+")
+        labels[0:16] = np.roll(np.asarray(labels[0:16]), 1)  # shifted labels
+        proc = cli("verify", str(copy), env=env_for(tmp_path), check=False)
+        assert proc.returncode == 1
+        assert "'Art' unit 1" in proc.stderr and "'Clipart' unit 0" in proc.stderr
+        repair = proc.stderr.strip().splitlines()[-1].split("repair with: ", 1)[1]
+        program, *args = shlex.split(repair)
+        assert program == "customkd-cache" and args[-1] == "--repair"
+        cli(*args, env=env_for(tmp_path))
+        assert cli("verify", str(copy), env=env_for(tmp_path)).stdout.strip().endswith("ok")
+        assert_same_arrays(copy, reference)
+        assert chunk_bytes(copy) == chunk_bytes(reference)
 
 
 class TestNothingLost:

@@ -11,19 +11,22 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
+import zarr
 
-from customkd_cache import fakedata
 from customkd_cache.distributed import Dist
 from customkd_cache.specs import load_train_spec
+from customkd_cache.testing import fakedata
 from customkd_cache.train import prepare_run, run_train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -98,7 +101,7 @@ def test_end_to_end_cli(cached: dict[str, Path]) -> None:
     model = timm.create_model(
         "mobilenetv3_small_050", num_classes=65, checkpoint_path=str(out / "student_last.pth")
     )
-    state = torch.load(out / "checkpoints" / "last.pt", weights_only=False)["models"]["student"]
+    state = torch.load(out / "checkpoints" / "last.pt", weights_only=True)["models"]["student"]
     assert any(k.endswith("conv_stem.weight") for k in state)
     assert model.conv_stem.weight.shape[0] > 0
 
@@ -268,6 +271,113 @@ class TestRefusals:
         assert "other samples" in proc.stderr
 
 
+def _train(
+    world: dict[str, Path], out: Path, *extra: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    args = ["train", "--spec", str(TRAIN_SPEC), "--set", f"dataset.root={world['root']}", "--out", str(out)]
+    return cli(*args, *extra, env=env or env_for(world), check=False)
+
+
+def _refused(proc: subprocess.CompletedProcess[str], *words: str) -> None:
+    """Exit 2 with one line on stderr that names every word."""
+    assert proc.returncode == 2, proc.stderr
+    lines = [x for x in proc.stderr.strip().splitlines() if not x.startswith("epoch ")]
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    for word in words:
+        assert word in lines[0], (word, lines[0])
+
+
+@pytest.fixture(scope="module")
+def finished(cached: dict[str, Path]) -> Path:
+    """A finished one-epoch run directory (copy it before changing it)."""
+    out = cached["base"] / "finished"
+    proc = _train(cached, out, "--set", "optim.epochs=1")
+    assert proc.returncode == 0, proc.stderr
+    return out
+
+
+class _Planted:
+    """Unpickling this runs a command: what a planted checkpoint would do."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[Any, tuple[str]]:
+        return (os.system, (f"touch {self.marker}",))
+
+
+class TestResume:
+    def test_a_planted_checkpoint_is_refused_without_running(
+        self, cached: dict[str, Path], finished: Path, tmp_path: Path
+    ) -> None:
+        out = tmp_path / "run"
+        shutil.copytree(finished, out)
+        marker = tmp_path / "ran"
+        torch.save({"models": _Planted(marker)}, out / "checkpoints" / "last.pt")
+        _refused(_train(cached, out, "--set", "optim.epochs=1", "--resume"), "last.pt", "refused")
+        assert not marker.exists()
+
+    def test_a_truncated_checkpoint_is_refused(
+        self, cached: dict[str, Path], finished: Path, tmp_path: Path
+    ) -> None:
+        out = tmp_path / "run"
+        shutil.copytree(finished, out)
+        ckpt = out / "checkpoints" / "last.pt"
+        ckpt.write_bytes(ckpt.read_bytes()[: ckpt.stat().st_size // 2])
+        _refused(_train(cached, out, "--set", "optim.epochs=1", "--resume"), "last.pt", "remove")
+
+    def test_another_spec_is_refused_before_spec_json_changes(
+        self, cached: dict[str, Path], finished: Path, tmp_path: Path
+    ) -> None:
+        out = tmp_path / "run"
+        shutil.copytree(finished, out)
+        before = (out / "spec.json").read_bytes()
+        extra = ("--set", "optim.epochs=1", "--set", "optim.lr=0.5", "--set", "method=kd", "--resume")
+        _refused(_train(cached, out, *extra), "method", "optim.lr")
+        assert (out / "spec.json").read_bytes() == before
+        # run settings may change
+        proc = _train(cached, out, "--set", "optim.epochs=1", "--set", "run.eval_every=3", "--resume")
+        assert proc.returncode == 0, proc.stderr
+
+    def test_a_kill_before_the_first_checkpoint_leaves_no_duplicate_metrics(
+        self, cached: dict[str, Path], finished: Path, tmp_path: Path
+    ) -> None:
+        out = tmp_path / "run"
+        shutil.copytree(finished, out)
+        shutil.rmtree(out / "checkpoints")  # the epoch was logged, then the run was killed
+        (out / "results.json").unlink()
+        assert _train(cached, out, "--set", "optim.epochs=1", "--resume").returncode == 0
+        assert len((out / "metrics.jsonl").read_text().splitlines()) == 1
+
+    def test_out_that_is_a_file(self, cached: dict[str, Path], tmp_path: Path) -> None:
+        out = tmp_path / "file"
+        out.write_text("x")
+        _refused(_train(cached, out), str(out), "directory")
+
+
+def _damage_lost_chunk(store: Path) -> str:
+    (store / "Art" / "features" / "c" / "0" / "0" / "0").unlink()
+    return "'Art' unit 0"
+
+
+def _damage_shifted_labels(store: Path) -> str:
+    labels = zarr.open_array(str(store / "Clipart" / "labels"), mode="r+")
+    labels[0:8] = np.roll(np.asarray(labels[0:8]), 1)
+    return "'Clipart' unit 0"
+
+
+@pytest.mark.parametrize("damage", [_damage_lost_chunk, _damage_shifted_labels])
+def test_a_damaged_store_is_refused_naming_the_unit_and_the_repair(
+    cached: dict[str, Path], tmp_path: Path, damage: Any
+) -> None:
+    source = next(p for p in cached["caches"].iterdir() if p.suffix == ".zarr")
+    store = tmp_path / "caches" / source.name
+    shutil.copytree(source, store)
+    unit = damage(store)
+    env = env_for(cached) | {"CUSTOMKD_CACHE_ROOT": str(store.parent)}
+    _refused(_train(cached, tmp_path / "r", env=env), unit, "damaged", "--repair")
+
+
 def test_online_teacher_sees_the_cached_views(
     cached: dict[str, Path], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
@@ -335,3 +445,24 @@ def test_torchrun_two_ranks_track_one_process(cached: dict[str, Path], tmp_path:
     r2 = json.loads((tmp_path / "two" / "results.json").read_text())
     assert r1["teacher_accuracy"] == r2["teacher_accuracy"]
     assert abs(r1["student_accuracy"] - r2["student_accuracy"]) <= 0.05
+
+
+def test_disk_full_while_checkpointing_keeps_no_partial_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from types import SimpleNamespace
+
+    from customkd_cache.errors import RunDirError
+    from customkd_cache.train import TrainState, save_checkpoint
+
+    def full(obj: Any, path: Path) -> None:
+        Path(path).write_bytes(b"partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full)
+    run = SimpleNamespace(
+        out=tmp_path, models=SimpleNamespace(state_dict=dict), store=SimpleNamespace(fingerprint="f")
+    )
+    with pytest.raises(RunDirError, match="No space left on device.*--resume"):
+        save_checkpoint(run, TrainState(epoch=1))  # type: ignore[arg-type]
+    assert list((tmp_path / "checkpoints").iterdir()) == []

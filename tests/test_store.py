@@ -13,6 +13,8 @@ import numpy as np
 import pytest
 import zarr
 
+from customkd_cache import FORMAT_VERSION
+from customkd_cache import store as store_module
 from customkd_cache.errors import NonFiniteFeatureError, StoreError
 from customkd_cache.store import (
     FeatureStore,
@@ -114,7 +116,7 @@ class TestCreateOpen:
         for s in (store, again):
             assert s.split_names == ("train", "val-a_1")
             assert (s.num_views, s.feature_dim, s.unit_rows, s.fingerprint) == (V, D, UNIT, FP)
-            assert s.attrs["note"] == "hi" and s.attrs["format_version"] == 1
+            assert s.attrs["note"] == "hi" and s.attrs["format_version"] == FORMAT_VERSION
             assert s.ids("train")[3] == "img/003.jpg"
             np.testing.assert_array_equal(s.labels("val-a_1"), [2, 0, 1])
             assert s.labels("train").dtype == np.int64
@@ -196,6 +198,19 @@ class TestCreateOpen:
         assert len(calls) == 2  # the rename was tried and lost
         assert [p.name for p in tmp_path.iterdir()] == ["s.zarr"]
         np.testing.assert_array_equal(loser.done_units("train"), [True, False, False])
+
+    def test_a_build_left_by_a_killed_creator_is_removed(self, tmp_path: Path) -> None:
+        dead = multiprocessing.get_context("spawn").Process(target=int)
+        dead.start()
+        dead.join()
+        tag = store_module._host_tag()
+        left = tmp_path / f".s.zarr.tmp-{tag}-{dead.pid}-0123"
+        alive = tmp_path / f".s.zarr.tmp-{tag}-{os.getpid()}-4567"
+        other = tmp_path / ".s.zarr.tmp-elsewhere-1-89ab"
+        for d in (left, alive, other):
+            d.mkdir()
+        _create(tmp_path / "s.zarr")
+        assert not left.exists() and alive.exists() and other.exists()
 
     def test_read_only_directory(self, tmp_path: Path) -> None:
         store = _create(tmp_path / "s.zarr")
@@ -365,6 +380,127 @@ class TestVerify:
         problems = open_store(store.path).verify()
         assert len(problems) == 1 and "'train' unit 1" in problems[0]
         assert ("sha256" if compressor == "none" else "unreadable") in problems[0]
+
+
+def _complete(path: Path, **kw: Any) -> FeatureStore:
+    store = _create(path, **kw)
+    _write_all(store)
+    assert store.finalize_split("train") and store.finalize_split("val-a_1")
+    return store
+
+
+def _shift(store: FeatureStore, split: str, name: str, rows: range) -> None:
+    """Roll one array's values over ``rows`` by one row, as a misplaced write would."""
+    arr = zarr.open_array(str(store.path / split / name), mode="r+")
+    arr[rows.start : rows.stop] = np.roll(np.asarray(arr[rows.start : rows.stop]), 1, axis=0)
+
+
+class TestDamage:
+    """Every array of a unit is covered by its sha256: verify reports damage, reads refuse it, and
+    ``repair`` (what ``cache --repair`` runs) undoes it so a rerun restores the bytes."""
+
+    @pytest.mark.parametrize("name", ["features", "boxes", "flips", "ids", "labels"])
+    def test_a_shifted_array_is_reported_and_refused(self, tmp_path: Path, name: str) -> None:
+        store = _complete(tmp_path / "s.zarr")
+        unit = store.units("train")[1]
+        _shift(store, "train", name, unit)
+        problems = open_store(store.path).verify()
+        assert len(problems) == 1 and "'train' unit 1" in problems[0] and "sha256" in problems[0]
+        with pytest.raises(StoreError, match=r"unit 1 .*damaged.*--repair"):
+            open_store(store.path).read_boxes("train")
+        with pytest.raises(StoreError, match="unit 1"):
+            open_store(store.path).read_split("train")
+
+    @pytest.mark.parametrize("compressor", ["zstd", "none"])
+    def test_a_deleted_chunk_is_refused_not_read_as_zeros(self, tmp_path: Path, compressor: str) -> None:
+        store = _complete(tmp_path / "s.zarr", compressor=compressor)
+        _chunk(store, "train", 1).unlink()
+        reader = open_store(store.path)
+        reader.read_unit("train", 0)  # the other units stay readable
+        for read in (lambda: reader.read_unit("train", 1), lambda: reader.read_rows("train", 2, 6)):
+            with pytest.raises(StoreError, match=r"split 'train' unit 1 \(rows 4-7\) is damaged"):
+                read()
+        assert "'train' unit 1" in reader.verify()[0]
+
+    def test_a_corrupt_zstd_chunk_is_one_line(self, tmp_path: Path) -> None:
+        store = _complete(tmp_path / "s.zarr")
+        data = bytearray(_chunk(store, "train", 1).read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        _chunk(store, "train", 1).write_bytes(bytes(data))
+        with pytest.raises(StoreError) as err:
+            open_store(store.path).read_split("train")
+        assert "unit 1" in str(err.value) and "unreadable" in str(err.value) and "\n" not in str(err.value)
+
+    def test_an_array_added_to_the_layout_is_hashed_too(self, tmp_path: Path) -> None:
+        store = _create(tmp_path / "s.zarr")
+        units = len(store.units("train"))
+        extra = zarr.open_group(str(store.path / "train"), mode="r+").create_array(
+            "unit_scale", shape=(units, D), chunks=(1, D), dtype="float32", fill_value=1
+        )
+        store = open_store(store.path, writable=True)
+        assert store.unit_array_names("train")["unit_scale"] == "unit"
+        _write_all(store)
+        assert store.finalize_split("train") and store.finalize_split("val-a_1")
+        assert open_store(store.path).verify() == []
+        extra[1] = np.full(D, 2, np.float32)
+        problems = open_store(store.path).verify()
+        assert len(problems) == 1 and "unit_scale" in problems[0] and "unit 1" in problems[0]
+
+    def test_stats_that_disagree_with_the_unit_sums(self, tmp_path: Path) -> None:
+        store = _complete(tmp_path / "s.zarr")
+        zarr.open_array(str(store.path / "train" / "mean"), mode="r+")[0] = 123
+        assert open_store(store.path).verify() == ["split 'train': mean/std disagree with the unit sums"]
+
+    def test_repair_then_rewrite_restores_the_bytes(self, tmp_path: Path) -> None:
+        store = _complete(tmp_path / "s.zarr", compressor="none")
+        before = _snapshot(store.path)
+        _chunk(store, "train", 0).unlink()
+        _shift(store, "train", "labels", store.units("train")[2])
+        zarr.open_array(str(store.path / "val-a_1" / "std"), mode="r+")[0] = 7
+        writer = open_store(store.path, writable=True)
+        all_units = [(s, u) for s in writer.split_names for u in range(writer.num_units(s))]
+        repaired = writer.repair(_splits(), all_units)
+        assert len(repaired) == 3, repaired  # labels rewritten, unit 0 cleared, val stats cleared
+        np.testing.assert_array_equal(writer.done_units("train"), [False, True, True])
+        writer.write_unit("train", 0, **_unit(writer, "train", 0))
+        assert writer.finalize_split("train") and writer.finalize_split("val-a_1")
+        assert writer.verify() == [] and _snapshot(store.path) == before
+
+    def test_the_repair_command_comes_from_the_provenance(self, tmp_path: Path) -> None:
+        command = ["customkd-cache", "cache", "--spec", "/specs/my spec.toml", "--set", "dataset.root=/d"]
+        store = _create(tmp_path / "s.zarr", provenance={"command": command})
+        assert store.repair_command() == (
+            "customkd-cache cache --spec '/specs/my spec.toml' --set dataset.root=/d --repair"
+        )
+        assert "SPEC" in _create(tmp_path / "t.zarr").repair_command()
+
+    def test_a_corrupt_array_zarr_json_is_reported(self, tmp_path: Path) -> None:
+        store = _complete(tmp_path / "s.zarr")
+        (store.path / "train" / "boxes" / "zarr.json").write_text("{not json")
+        reader = open_store(store.path)
+        assert any("'boxes'" in p and "unreadable" in p for p in reader.verify())
+        with pytest.raises(StoreError, match="damaged"):
+            reader.read_boxes("train")
+
+    def test_disk_full_is_a_store_error_and_leaves_the_unit_not_done(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        store = _create(tmp_path / "s.zarr")
+        real = zarr.Array.__setitem__
+
+        def full(self: zarr.Array, key: Any, value: Any) -> None:
+            if self.path in ("train/boxes", "val-a_1/mean"):
+                raise OSError(28, "No space left on device")
+            real(self, key, value)
+
+        monkeypatch.setattr(zarr.Array, "__setitem__", full)
+        with pytest.raises(StoreError, match="No space left on device"):
+            store.write_unit("train", 0, **_unit(store, "train", 0))
+        assert not store.unit_done("train", 0)
+        for unit in range(len(store.units("val-a_1"))):
+            store.write_unit("val-a_1", unit, **_unit(store, "val-a_1", unit))
+        with pytest.raises(StoreError, match="statistics of split 'val-a_1'.*No space"):
+            store.finalize_split("val-a_1")
 
 
 class TestListAndInfo:

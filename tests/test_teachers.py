@@ -13,9 +13,10 @@ from typing import Any
 import pytest
 import torch
 
+from customkd_cache.distributed import resolve_device
 from customkd_cache.errors import SpecError, TeacherError, WeightsError
 from customkd_cache.specs import TeacherSpec
-from customkd_cache.teachers import Teacher, create_teacher, fidelity_cosine, resolve_device
+from customkd_cache.teachers import Teacher, create_teacher, fidelity_cosine
 from customkd_cache.views import INTERPOLATIONS
 
 ASSETS = Path(__file__).parent / "assets"
