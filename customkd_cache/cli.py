@@ -266,8 +266,10 @@ def info(
     if as_json:
         _print_json(data)
         return
-    for key in ("path", "complete", "fingerprint", "num_samples", "num_views", "feature_dim", "dtype"):
-        typer.echo(f"{key:12s} {data.get(key)}")
+    keys = ("path", "complete", "fingerprint", "num_samples", "num_views", "feature_dim", "dtype")
+    for key in (*keys, "bytes_per_view", "cosine_to_float32"):
+        if key in data:  # the cosine only for int8 stores
+            typer.echo(f"{key:12s} {data[key]}")
     teacher = data.get("teacher") or {}
     typer.echo(f"{'teacher':12s} {teacher.get('source')}:{teacher.get('name')} ({teacher.get('feature')})")
 

@@ -153,7 +153,9 @@ class ViewsSpec(_Spec):
 
 
 class StoreSpec(_Spec):
-    dtype: Literal["float16", "float32"] = "float16"
+    dtype: Literal["float16", "float32", "int8"] = Field(
+        "float16", description="int8: per-unit, per-dimension affine codes (about half of float16)"
+    )
     unit_rows: int = Field(256, ge=1, description="rows per work unit (one chunk file per array)")
     compressor: Literal["zstd", "none"] = "zstd"
 

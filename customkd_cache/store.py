@@ -15,6 +15,16 @@ feature dims and ``U = ceil(N / unit_rows)`` work units:
   stored; ``unit_sha256`` (U, 32) uint8: the sha256 of every array of the unit (see ``unit_digest``).
 - ``mean``, ``std`` (D,) float32 over the N * V stored rows, then the ``stats_done`` (1,) marker.
 
+``dtype = "int8"`` stores per-unit, per-dimension affine codes: ``features`` holds int8 codes ``q`` and
+``quant_scale``, ``quant_offset`` (U, D) float32 hold each unit's parameters, so a feature reads back
+as ``q * scale + offset`` (``dequantize``). A unit's parameters map the minimum and maximum of each
+dimension over its rows and views to -128 and 127; they depend on the unit's features alone, so
+independent writers and resumed runs give identical bytes. ``quant_cosine`` (U, 2) float64 records,
+per unit, the sum and the minimum over its rows and views of the cosine between the decoded and the
+float32 features, measured at write time. All three are unit data (hashed with the unit). For int8
+stores ``unit_sum``/``unit_sumsq``, ``mean`` and ``std`` are over the decoded features, and the reads
+below return decoded float32 (``read_codes`` the codes).
+
 ``_LAYOUT`` is the one table of these arrays (creation and ``verify`` both read it). The arrays of a
 unit are every array of the split whose first axis runs over rows or units, except the bookkeeping
 ones (``done``, ``unit_sha256``); each unit's hash covers all of them, so readers refuse a unit whose
@@ -34,6 +44,7 @@ import contextlib
 import glob
 import hashlib
 import json
+import math
 import os
 import re
 import shlex
@@ -54,7 +65,10 @@ from . import FORMAT_VERSION
 from .claims import pid_alive
 from .errors import NonFiniteFeatureError, StoreError, closest
 
-DTYPES: tuple[str, ...] = ("float16", "float32")
+DTYPES: tuple[str, ...] = ("float16", "float32", "int8")
+QUANTIZED_DTYPE = "int8"  # stored as per-unit affine codes (see the module docstring)
+QUANT_ARRAYS = ("quant_scale", "quant_offset")  # what decoding needs, beside the codes
+_Q_MIN, _Q_MAX = -128, 127
 COMPRESSORS: tuple[str, ...] = ("zstd", "none")
 ZSTD_LEVEL = 3
 CLAIMS_DIR = ".claims"
@@ -102,8 +116,19 @@ _LAYOUT: dict[str, _ArrayLayout] = {
     "std": _ArrayLayout("split", ("D",), "float32", False, False),
     "stats_done": _ArrayLayout("split", (1,), "uint8", False, False),
 }
+# The arrays an int8 store adds to ``_LAYOUT`` (see ``_layout``).
+_QUANT_LAYOUT: dict[str, _ArrayLayout] = {
+    "quant_scale": _ArrayLayout("unit", ("D",), "float32", False, True),
+    "quant_offset": _ArrayLayout("unit", ("D",), "float32", False, True),
+    "quant_cosine": _ArrayLayout("unit", (2,), "float64", False, True),
+}
 # Arrays of a split that never belong to a unit's hashed data, whatever their shape.
 _BOOKKEEPING = frozenset(name for name, a in _LAYOUT.items() if not a.unit_data)
+
+
+def _layout(dtype: str) -> dict[str, _ArrayLayout]:
+    """The arrays of a split of a store of ``dtype``."""
+    return _LAYOUT | _QUANT_LAYOUT if dtype == QUANTIZED_DTYPE else _LAYOUT
 
 
 @dataclass(frozen=True)
@@ -316,7 +341,8 @@ class FeatureStore:
         self.num_views: int = int(attrs["num_views"])
         self.feature_dim: int = int(attrs["feature_dim"])
         self.unit_rows: int = int(attrs["unit_rows"])
-        self.dtype = np.dtype(attrs["dtype"]).newbyteorder("<")
+        self.dtype = np.dtype(attrs["dtype"]).newbyteorder("<")  # as stored on disk
+        self.quantized: bool = attrs["dtype"] == QUANTIZED_DTYPE
         self._group = group
         self._arrays: dict[tuple[str, str], zarr.Array] = {}
         self._ids: dict[str, tuple[str, ...]] = {}
@@ -359,7 +385,8 @@ class FeatureStore:
         """Write one whole work unit, then mark it done.
 
         Args:
-            features: (n, V, D) float, n == len(units(split)[unit]); stored cast to the store dtype.
+            features: (n, V, D) float, n == len(units(split)[unit]); stored cast to the store dtype
+                (int8: quantized with this unit's parameters, see ``quantize_unit``).
             boxes: (n, V, 4) float32 normalized crop boxes. flips: (n, V) bool.
 
         Everything is checked before anything is written. A failure midway leaves the unit not done;
@@ -368,7 +395,8 @@ class FeatureStore:
         Raises:
             ValueError: wrong shapes (expected vs got), non-float features, non-finite boxes.
             NonFiniteFeatureError: NaN/Inf features, or values the store dtype cannot hold (float16
-                overflow); the message names the split and the first sample ids.
+                overflow, an int8 range beyond float32); the message names the split and the first
+                sample ids.
             StoreError: the store was opened read-only or its directory cannot be written.
         """
         rows = self._unit_range(split, unit)
@@ -387,16 +415,33 @@ class FeatureStore:
             what="the teacher produced NaN/Inf features",
             fix="check those images or run the teacher with teacher.precision = 'fp32'",
         )
-        with np.errstate(over="ignore"):  # overflow is reported below with the sample ids
-            stored = np.ascontiguousarray(features, dtype=self.dtype)
-        self._check_finite(
-            split,
-            unit,
-            stored,
-            what=f"features exceed the {self.dtype.name} range",
-            fix="set store.dtype = 'float32' in the cache spec",
-        )
-        total, total_sq = _unit_sums(stored)
+        quant: dict[str, np.ndarray] = {}
+        if self.quantized:
+            stored, scale, offset = quantize_unit(features)
+            decoded = dequantize(stored, scale, offset)
+            self._check_finite(
+                split,
+                unit,
+                decoded,
+                what="features span more than the float32 range",
+                fix="set store.dtype = 'float32' in the cache spec",
+            )
+            quant = {
+                "quant_scale": scale,
+                "quant_offset": offset,
+                "quant_cosine": _cosine_record(features, decoded),
+            }
+        else:
+            with np.errstate(over="ignore"):  # overflow is reported below with the sample ids
+                stored = decoded = np.ascontiguousarray(features, dtype=self.dtype)
+            self._check_finite(
+                split,
+                unit,
+                stored,
+                what=f"features exceed the {self.dtype.name} range",
+                fix="set store.dtype = 'float32' in the cache spec",
+            )
+        total, total_sq = _unit_sums(decoded)
         self._require_writable()
         written = {
             "features": stored,
@@ -404,6 +449,7 @@ class FeatureStore:
             "flips": flips,
             "unit_sum": total,
             "unit_sumsq": total_sq,
+            **quant,
         }
         try:
             if self.unit_done(split, unit):
@@ -413,6 +459,8 @@ class FeatureStore:
                 self._array(split, name)[rows.start : rows.stop] = written[name]
             self._array(split, "unit_sum")[unit] = total
             self._array(split, "unit_sumsq")[unit] = total_sq
+            for name, value in quant.items():
+                self._array(split, name)[unit] = value
             # the rest of the unit's arrays (ids, labels, any other) as they are on disk now
             data = written | self._read_unit_data(split, unit, skip=tuple(written))
             self._array(split, "unit_sha256")[unit] = unit_digest(data)
@@ -537,38 +585,70 @@ class FeatureStore:
         return np.asarray(self._array(split, "labels")[:], dtype=np.int64)
 
     def read_unit(self, split: str, unit: int) -> np.ndarray:
-        """(n, V, D) stored dtype: one work unit, one chunk read, checked against the unit's sha256.
+        """(n, V, D) features of one work unit, one chunk read, checked against the unit's sha256:
+        the stored float dtype, or float32 decoded from an int8 store.
 
         Raises StoreError if the unit is not done or is damaged (naming it and the repair command).
         """
-        self._require_done(split, range(unit, unit + 1))
-        return self._checked_unit(split, unit)["features"]
+        rows = self._unit_range(split, unit)
+        return self.read_rows(split, rows.start, rows.stop)
 
     def read_rows(self, split: str, start: int, stop: int) -> np.ndarray:
-        """(stop - start, V, D) stored dtype: contiguous rows; read whole units for speed.
+        """(stop - start, V, D) features of contiguous rows (see ``read_unit``); read whole units for
+        speed.
 
         Raises ValueError for a range outside [0, N], StoreError if a spanned unit is not done.
         """
+        return self._read_features(split, start, stop, decode=True)
+
+    def read_split(self, split: str) -> np.ndarray:
+        """(N, V, D) features of the whole split (see ``read_unit``), unit by unit, each checked
+        against its sha256.
+
+        Raises StoreError if any unit is not done or is damaged.
+        """
+        return self.read_rows(split, 0, self.num_samples(split))
+
+    def read_codes(self, split: str, start: int, stop: int) -> np.ndarray:
+        """(stop - start, V, D) features as stored (int8 codes for an int8 store), not decoded;
+        checked like ``read_rows``."""
+        return self._read_features(split, start, stop, decode=False)
+
+    def quant_params(self, split: str, units: range | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(len(units), D) float32 ``scale`` and ``offset`` of an int8 store's units (default: all), so
+        unit ``units[i]`` decodes as ``dequantize(codes, scale[i], offset[i])``. Not checked against
+        the units' sha256 (``read_codes`` checks them).
+
+        Raises StoreError for a store that is not int8 or a unit that is not done.
+        """
+        if not self.quantized:
+            raise StoreError(f"{self.path}: dtype {self.dtype.name} has no quantization parameters")
+        units = range(self.num_units(split)) if units is None else units
+        self._require_done(split, units)
+        scale = np.asarray(self._array(split, "quant_scale")[units.start : units.stop], dtype=np.float32)
+        return scale, np.asarray(
+            self._array(split, "quant_offset")[units.start : units.stop], dtype=np.float32
+        )
+
+    def _read_features(self, split: str, start: int, stop: int, *, decode: bool) -> np.ndarray:
         n = self.num_samples(split)
         if not 0 <= start <= stop <= n:
             raise ValueError(f"rows [{start}, {stop}) outside split '{split}' of {n} samples")
         first, last = start // self.unit_rows, -(-stop // self.unit_rows)
         self._require_done(split, range(first, last))
-        out = np.empty((stop - start, self.num_views, self.feature_dim), self.dtype)
+        decoded = decode and self.quantized
+        out = np.empty(
+            (stop - start, self.num_views, self.feature_dim), np.float32 if decoded else self.dtype
+        )
         for unit in range(first, last):
             rows = self.units(split)[unit]
             lo, hi = max(rows.start, start), min(rows.stop, stop)
-            out[lo - start : hi - start] = self._checked_unit(split, unit)["features"][
-                lo - rows.start : hi - rows.start
-            ]
+            data = self._checked_unit(split, unit)
+            part = data["features"][lo - rows.start : hi - rows.start]
+            if decoded:
+                part = dequantize(part, data["quant_scale"], data["quant_offset"])
+            out[lo - start : hi - start] = part
         return out
-
-    def read_split(self, split: str) -> np.ndarray:
-        """(N, V, D) stored dtype: the whole split, unit by unit, each checked against its sha256.
-
-        Raises StoreError if any unit is not done or is damaged.
-        """
-        return self.read_rows(split, 0, self.num_samples(split))
 
     def read_boxes(self, split: str) -> tuple[np.ndarray, np.ndarray]:
         """(N, V, 4) float32 boxes and (N, V) bool flips, every unit checked against its sha256.
@@ -636,7 +716,8 @@ class FeatureStore:
         """A JSON-able summary: path, complete, num_samples (total and per split), num_views,
         fingerprint, feature_dim, dtype, unit_rows, compressor, teacher (the identity's teacher entry
         plus feature_dim), dataset, splits (per split: num_samples, num_units, units_done, complete),
-        provenance (its flat entries), size_bytes."""
+        provenance (its flat entries), size_bytes, bytes_per_view and, for int8 stores,
+        cosine_to_float32 (see ``bytes_per_view`` and ``quant_cosine``)."""
         splits = {}
         for split in self.split_names:
             done = self.done_units(split)
@@ -666,7 +747,40 @@ class FeatureStore:
             "splits": splits,
             "provenance": _flat_entries(self.attrs["provenance"]),
             "size_bytes": self.size_bytes(),
+            "bytes_per_view": self.bytes_per_view(),
+            **({"cosine_to_float32": self.quant_cosine()} if self.quantized else {}),
         }
+
+    def bytes_per_view(self) -> float | None:
+        """Bytes on disk of the done units' feature chunks (and, for int8, their ``quant_scale`` and
+        ``quant_offset`` chunks), divided by their rows times views; None before any unit is done."""
+        total, views = 0, 0
+        arrays = ("features", *QUANT_ARRAYS) if self.quantized else ("features",)
+        for split in self.split_names:
+            units = self.units(split)
+            for unit in np.flatnonzero(self.done_units(split)).tolist():
+                views += len(units[unit]) * self.num_views
+                for name in arrays:
+                    total += _file_bytes(self.path / split / name / "c" / str(unit))
+        return total / views if views else None
+
+    def quant_cosine(self) -> dict[str, float] | None:
+        """``{"mean", "min"}`` over every stored row and view of the done units of an int8 store: the
+        cosine between the decoded and the float32 features, measured when each unit was written.
+        None before any unit is done. Raises StoreError for a store that is not int8."""
+        if not self.quantized:
+            raise StoreError(f"{self.path}: dtype {self.dtype.name} records no quantization cosine")
+        sums, mins, count = [], [], 0
+        for split in self.split_names:
+            done = np.flatnonzero(self.done_units(split))
+            if not done.size:
+                continue
+            record = np.asarray(self._array(split, "quant_cosine")[:], dtype=np.float64)[done]
+            units = self.units(split)
+            count += sum(len(units[k]) for k in done.tolist()) * self.num_views
+            sums += record[:, 0].tolist()
+            mins += record[:, 1].tolist()
+        return {"mean": math.fsum(sums) / count, "min": min(mins)} if count else None
 
     def verify(self) -> list[str]:
         """Problems found, one line each; ``[]`` when healthy. Reads every done unit.
@@ -723,7 +837,7 @@ class FeatureStore:
             return [f"split '{split}': array 'features' is {_why(e)}; remove the store and rebuild it"]
         dims = {"V": self.num_views, "D": self.feature_dim}
         problems = []
-        for name, layout in _LAYOUT.items():
+        for name, layout in _layout(self.attrs["dtype"]).items():
             shape = _shape(layout, n=n, units=u, dims=dims)
             dtype = (
                 None
@@ -759,7 +873,7 @@ class FeatureStore:
         axis has N (rows) or U (units) entries; bookkeeping arrays (markers, hashes, mean/std) never.
         """
         if split not in self._unit_names:
-            names = {name: a.per for name, a in _LAYOUT.items() if a.unit_data}
+            names = {name: a.per for name, a in _layout(self.attrs["dtype"]).items() if a.unit_data}
             n, u = self.num_samples(split), self.num_units(split)
             try:
                 listed = sorted(self._group[split].array_keys())  # type: ignore[union-attr]
@@ -798,6 +912,8 @@ class FeatureStore:
         except Exception as e:  # a damaged chunk fails to decode with codec-specific errors
             return f"unreadable ({_short(e)})", {}
         stored = np.ascontiguousarray(data["features"], dtype=self.dtype)
+        if self.quantized:
+            stored = dequantize(stored, data["quant_scale"], data["quant_offset"])
         bad = np.flatnonzero(~np.isfinite(stored).reshape(len(stored), -1).all(axis=1))
         if bad.size:
             start = self._unit_range(split, unit).start
@@ -884,8 +1000,21 @@ class FeatureStore:
             return False
 
     def _require_done(self, split: str, units: range) -> None:
+        # read only the markers of ``units``: a streaming reader asks for one unit at a time, and
+        # reading every marker each time would cost O(units) files per read
+        if not len(units):
+            return
+        try:
+            spanned = np.asarray(self._array(split, "done")[units.start : units.stop]) == 1
+        except StoreError:
+            raise
+        except Exception:  # a damaged marker; the full read below names the state
+            spanned = np.zeros(len(units), dtype=bool)
+        if spanned.all():
+            return
         done = self.done_units(split)
         missing = [k for k in units if not done[k]]
+
         if missing:
             raise StoreError(
                 f"{self.path}: split '{split}' has {len(missing)} unit(s) not done (first: {missing[0]}; "
@@ -1024,7 +1153,7 @@ def _create_split(group: zarr.Group, init: SplitInit, attrs: Mapping[str, Any]) 
     n, u = len(init.ids), attrs["unit_rows"]
     units, dims = num_units(n, u), {"V": attrs["num_views"], "D": attrs["feature_dim"]}
     zstd: Any = [ZstdCodec(level=ZSTD_LEVEL, checksum=True)] if attrs["compressor"] == "zstd" else None
-    for name, layout in _LAYOUT.items():
+    for name, layout in _layout(attrs["dtype"]).items():
         shape = _shape(layout, n=n, units=units, dims=dims)
         chunks = {"row": (u, *shape[1:]), "unit": (1, *shape[1:]), "split": shape}[layout.per]
         kwargs: dict[str, Any] = {"dtype": str} if layout.dtype == "str" else {"fill_value": 0}
@@ -1079,10 +1208,61 @@ def _shaped(x: np.ndarray, shape: tuple[int, ...], name: str) -> np.ndarray:
     return x
 
 
+def quantize_unit(features: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Affine int8 codes of one unit, per dimension: ``(n, V, D)`` float -> codes ``(n, V, D)`` int8 and
+    ``scale``, ``offset`` ``(D,)`` float32, with ``features ~ codes * scale + offset``.
+
+    Each dimension's minimum and maximum over the unit's ``n * V`` rows map to -128 and 127, so a
+    decoded value is within ``scale / 2`` (plus float32 rounding) of the original; a constant
+    dimension gets ``scale = 0`` and decodes exactly. Computed in float64 from min/max and elementwise
+    operations only, so the result does not depend on summation order, SIMD width or who wrote it.
+    """
+    flat = np.asarray(features, dtype=np.float64).reshape(-1, features.shape[-1])
+    lo, hi = flat.min(axis=0), flat.max(axis=0)
+    with np.errstate(over="ignore"):  # a range beyond float32 decodes to inf and is refused by the caller
+        scale = ((hi - lo) / (_Q_MAX - _Q_MIN)).astype(np.float32)
+        offset = (lo - _Q_MIN * scale.astype(np.float64)).astype(np.float32)
+    step = np.where(scale > 0, scale, np.float32(1.0)).astype(np.float64)
+    with np.errstate(invalid="ignore"):
+        codes = np.rint((flat - offset.astype(np.float64)) / step)
+    codes = np.clip(np.nan_to_num(codes), _Q_MIN, _Q_MAX).astype(np.int8)
+    return codes.reshape(features.shape), scale, offset
+
+
+def dequantize(codes: np.ndarray, scale: np.ndarray, offset: np.ndarray) -> np.ndarray:
+    """``codes * scale + offset`` in float32: ``codes`` (..., D) int8, ``scale``/``offset`` broadcastable
+    to it (``(D,)`` for one unit, ``(k, 1, D)`` for rows of several units)."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        return codes.astype(np.float32) * scale + offset
+
+
+def _cosine_record(features: np.ndarray, decoded: np.ndarray) -> np.ndarray:
+    """(2,) float64: sum and minimum over a unit's rows and views of cos(float32 features, decoded).
+
+    Reductions run along axis 0 of C-order arrays and the sum is ``math.fsum``, so the record is the
+    same on every machine. Two zero vectors count as cosine 1, one zero vector as 0.
+    """
+    d = features.shape[-1]
+    x = np.ascontiguousarray(np.asarray(features, np.float32).reshape(-1, d).astype(np.float64).T)
+    y = np.ascontiguousarray(decoded.reshape(-1, d).astype(np.float64).T)
+    dot = np.add.reduce(x * y, axis=0)
+    norms = np.sqrt(np.add.reduce(x * x, axis=0) * np.add.reduce(y * y, axis=0))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        cos = np.where(norms > 0, dot / norms, np.where(dot == norms, 1.0, 0.0))
+    return np.array([math.fsum(cos.tolist()), cos.min()], dtype=np.float64)
+
+
 def _unit_sums(stored: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(D,) float64 sum and sum of squares over rows and views of one unit's stored features."""
     x = stored.reshape(-1, stored.shape[-1]).astype(np.float64)
     return np.add.reduce(x, axis=0), np.add.reduce(x * x, axis=0)
+
+
+def _file_bytes(path: Path) -> int:
+    """Bytes of the file at ``path``, or of every file below it (0 when absent)."""
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
 def _name_of(entry: Any, keys: tuple[str, ...]) -> str:

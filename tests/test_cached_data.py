@@ -363,13 +363,14 @@ class TestFeatureSource:
         source = FeatureSource(path, in_ram=False, standardize=None, cache_units=2)
         reads: list[tuple[str, int]] = []
         store = source.store
-        original = store.read_unit
+        original = store.read_codes
 
-        def counting(split: str, unit: int) -> np.ndarray:
-            reads.append((split, unit))
-            return original(split, unit)
+        def counting(split: str, start: int, stop: int) -> np.ndarray:
+            assert start % store.unit_rows == 0 and stop - start <= store.unit_rows  # whole units only
+            reads.append((split, start // store.unit_rows))
+            return original(split, start, stop)
 
-        store.read_unit = counting  # type: ignore[method-assign]
+        store.read_codes = counting  # type: ignore[method-assign]
         source.get_many("src", np.array([0, 1, 5, 2, 6, 3]), np.zeros(6, np.int64))
         source.get_many("src", np.array([7, 4, 0]), np.ones(3, np.int64))
         assert reads == [("src", 0), ("src", 1)]
