@@ -13,13 +13,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import time
 from pathlib import Path
 
 from customkd_cache import extract
-from customkd_cache.specs import load_cache_spec, load_train_spec
-from customkd_cache.train import run_train
+from customkd_cache.report import build_report, load_runs, write_report
+from customkd_cache.specs import load_cache_spec
+from customkd_cache.sweep import run_sweep
 from evidence.fmnist import ensure_fashion_mnist, log, read_idx, ssl_lists
 
 REPO = Path(__file__).resolve().parents[1]
@@ -66,24 +66,29 @@ def main() -> None:
         per_class=4,
         seed=args.seed,
     )
-    results = {}
-    for method in ("student_only", "customkd"):
-        out = args.out / method
-        shutil.rmtree(out, ignore_errors=True)
-        log(f"[demo] stage two: {method}, 40 labels + {args.train - 40} unlabeled, {args.epochs} epochs")
-        spec = load_train_spec(
-            TRAIN_SPEC,
-            [
-                *train_overrides,
-                f"cache.store={res.path}",
-                f"method={method}",
-                f"seed={args.seed}",
-                f"ssl.labeled_list={lists['labeled'].resolve()}",
-                f"ssl.unlabeled_list={lists['pool'].resolve()}",
-                f"optim.epochs={args.epochs}",
-            ],
-        )
-        results[method] = run_train(spec, spec_path=TRAIN_SPEC, out=out)
+    log(
+        f"[demo] stage two: student_only and customkd, 40 labels + {args.train - 40} unlabeled, "
+        f"{args.epochs} epochs"
+    )
+    sweep_dir = args.out / "sweep"
+    points = run_sweep(
+        spec_path=TRAIN_SPEC,
+        out=sweep_dir,
+        grid=[("method", ["student_only", "customkd"])],
+        overrides=[
+            *train_overrides,
+            f"cache.store={res.path}",
+            f"seed={args.seed}",
+            f"ssl.labeled_list={lists['labeled'].resolve()}",
+            f"ssl.unlabeled_list={lists['pool'].resolve()}",
+            f"optim.epochs={args.epochs}",
+        ],
+    )
+    report = build_report(load_runs([sweep_dir]), by=["method"])
+    write_report(report, args.out / "report")
+    results = {
+        str(p.overrides["method"]): json.loads((p.run_dir / "results.json").read_text()) for p in points
+    }
     minutes = (time.perf_counter() - t0) / 60
     teacher = results["customkd"]["teacher_accuracy"]
     rows = [
@@ -95,7 +100,7 @@ def main() -> None:
     print(f"{'model':58s} test accuracy")
     for name, acc in rows:
         print(f"{name:58s} {100 * acc:6.2f}%")
-    print(f"(runs in {args.out}; {minutes:.1f} min)")
+    print(f"(runs in {sweep_dir}, report in {args.out}/report.md; {minutes:.1f} min; a rerun reuses them)")
     (args.out / "table.json").write_text(json.dumps({k: v for k, v in rows}, indent=2) + "\n")
 
 
