@@ -415,14 +415,22 @@ def apply_overrides(data: dict[str, Any], overrides: list[str] | tuple[str, ...]
     out = copy.deepcopy(data)
     for item in overrides:
         keys, value = parse_override(item)
-        node = out
-        for k in keys[:-1]:
-            child = node.setdefault(k, {})
-            if not isinstance(child, dict):
-                raise SpecError(f"--set {item!r}: '{k}' is a value, not a table")
-            node = child
-        node[keys[-1]] = value
+        set_dotted(out, keys, value, where=f"--set {item!r}")
     return out
+
+
+def set_dotted(data: dict[str, Any], keys: list[str], value: Any, *, where: str) -> None:
+    """``data[k0][k1]...[kn] = value`` in place, creating missing tables.
+
+    Raises SpecError (prefixed by ``where``) when a key on the way holds a value, not a table.
+    """
+    node = data
+    for k in keys[:-1]:
+        child = node.setdefault(k, {})
+        if not isinstance(child, dict):
+            raise SpecError(f"{where}: '{k}' is a value, not a table")
+        node = child
+    node[keys[-1]] = value
 
 
 def read_toml(path: Path) -> dict[str, Any]:

@@ -350,13 +350,7 @@ def _set_dotted(data: dict[str, Any], key: str, value: Any, source: Path) -> Non
     parts = [p.strip() for p in key.split(".")]
     if not all(parts):
         raise SpecError(f"{source}: override key {key!r} is not a dotted field name (e.g. optim.lr)")
-    node = data
-    for part in parts[:-1]:
-        child = node.setdefault(part, {})
-        if not isinstance(child, dict):
-            raise SpecError(f"{source}: override {key!r}: '{part}' is a value, not a table")
-        node = child
-    node[parts[-1]] = value
+    specs.set_dotted(data, parts, value, where=f"{source}: override {key!r}")
 
 
 @contextlib.contextmanager
