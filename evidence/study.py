@@ -189,6 +189,9 @@ def protocol(
     points: dict[str, list[SweepPoint]] = {m: [] for m in methods}
     for m in methods:
         setting = chosen.get(m) or {}
+        if not setting and len(grid) == 1 and len(grid[0][1]) == 1:  # a one-point grid: nothing varies
+            setting = {"optim.optimizer": grid[0][0], "optim.lr": grid[0][1][0]}
+            chosen[m] = setting
         if not setting:  # nothing finished yet (--report-only)
             continue
         one = ((setting["optim.optimizer"], (setting["optim.lr"],)),)
