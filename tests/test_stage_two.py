@@ -27,20 +27,12 @@ import zarr
 from customkd_cache.distributed import Dist
 from customkd_cache.specs import load_train_spec
 from customkd_cache.testing import fakedata
+from customkd_cache.testing import run_cli as cli
 from customkd_cache.train import prepare_run, run_train
 
 REPO = Path(__file__).resolve().parents[1]
 CACHE_SPEC = REPO / "cache_specs" / "smoke" / "officehome.toml"
 TRAIN_SPEC = REPO / "pipelines" / "smoke" / "officehome.toml"
-
-
-def cli(*args: str, env: dict[str, str], check: bool = True) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run(
-        [sys.executable, "-m", "customkd_cache", *args], env=env, capture_output=True, text=True, timeout=600
-    )
-    if check and proc.returncode != 0:
-        raise AssertionError(f"exit {proc.returncode}\nstdout: {proc.stdout}\nstderr: {proc.stderr}")
-    return proc
 
 
 @pytest.fixture(scope="module")

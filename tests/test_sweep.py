@@ -24,6 +24,7 @@ from customkd_cache.claims import try_claim
 from customkd_cache.errors import NonFiniteLossError, SpecError
 from customkd_cache.sweep import expand_grid, parse_grid, point_hash, point_overrides, read_sweep, run_sweep
 from customkd_cache.testing import fakedata
+from customkd_cache.testing import run_cli as cli
 
 REPO = Path(__file__).resolve().parents[1]
 CACHE_SPEC = REPO / "cache_specs" / "smoke" / "officehome.toml"
@@ -200,15 +201,6 @@ def test_a_point_trained_from_another_spec_is_refused(tmp_path: Path, fake_train
 
 
 # --- end to end through the CLI ----------------------------------------------------------------
-
-
-def cli(*args: str, env: dict[str, str], check: bool = True) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run(
-        [sys.executable, "-m", "customkd_cache", *args], env=env, capture_output=True, text=True, timeout=600
-    )
-    if check and proc.returncode != 0:
-        raise AssertionError(f"exit {proc.returncode}\nstdout: {proc.stdout}\nstderr: {proc.stderr}")
-    return proc
 
 
 @pytest.fixture(scope="module")
