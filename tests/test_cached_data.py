@@ -429,6 +429,14 @@ class TestDrawViews:
         np.testing.assert_array_equal(draw_views(seed=1, epoch=3, rows=rows, num_views=1), 0)
         np.testing.assert_array_equal(draw_views(seed=1, epoch=3, rows=rows, num_views=2), 1)
 
+    def test_include_eval_draws_every_view(self) -> None:
+        rows = _rows("src", 500, True)
+        a = draw_views(seed=1, epoch=3, rows=rows, num_views=4, include_eval=True)
+        assert set(a.tolist()) == {0, 1, 2, 3}
+        np.testing.assert_array_equal(
+            a, draw_views(seed=1, epoch=3, rows=rows, num_views=4, include_eval=True)
+        )
+
 
 class TestStageBBatches:
     labeled = _rows("src", 23, True)

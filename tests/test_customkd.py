@@ -21,7 +21,15 @@ from customkd_cache.losses import linear_cka
 from customkd_cache.specs import load_cache_spec, load_train_spec
 from customkd_cache.students import bound_rms
 from customkd_cache.testing import fakedata
-from customkd_cache.train import Run, prepare_run, run_train, stage_a_cycles, stage_a_report, train_stage_a
+from customkd_cache.train import (
+    Run,
+    evaluate,
+    prepare_run,
+    run_train,
+    stage_a_cycles,
+    stage_a_report,
+    train_stage_a,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 CACHE_SPEC = REPO / "cache_specs" / "smoke" / "officehome.toml"
@@ -151,6 +159,21 @@ class TestBoundedTarget:
             assert report["target_bound_rms"] is None and bool(torch.isfinite(rms).all())
             assert rms.min().item() > 0.05
 
+    def test_relu_target_is_non_negative_and_bounded(
+        self, smoke: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        extra = ("customkd.target_bound_scale=0.05", "customkd.stage_a_steps=20", "customkd.stage_a_lr=0.05")
+        targets = {}
+        for act in ("none", "relu"):
+            run = make_run(smoke, tmp_path / act, monkeypatch, f'customkd.target_activation="{act}"', *extra)
+            train_stage_a(run, 0, 0)
+            assert run.models.customizer is not None
+            with torch.no_grad():
+                targets[act] = run.models.customizer(labeled(run)[0])
+        assert targets["none"].min().item() < 0  # a linear P_t reaches values post-activation features cannot
+        assert targets["relu"].min().item() >= 0 and targets["relu"].max().item() > 0
+        assert targets["relu"].pow(2).mean(1).sqrt().max().item() <= 0.05 * (1 + 1e-5)
+
     def test_student_rms_bound_follows_the_students_features(
         self, smoke: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     ) -> None:
@@ -231,6 +254,24 @@ def test_metrics_log_stage_a_and_validation(
         assert 0.0 <= m["val_accuracy"] <= 1.0
     assert res["num_val"] == 65 and res["val_accuracy"] == lines[-1]["val_accuracy"]
     assert -1e-6 <= res["cka_student_customized"] <= 1 + 1e-6
+
+
+def test_customized_teacher_accuracy_is_the_students_head_on_the_customized_features(
+    smoke: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    run = make_run(smoke, tmp_path / "r", monkeypatch, "customkd.stage_a_steps=30")
+    train_stage_a(run, 0, 0)
+    got = evaluate(run, final=True)["customized_teacher_accuracy"]
+    correct = total = 0
+    assert run.models.customizer is not None
+    for split in run.protocol.eval_splits:  # independently: every eval row's view-0 feature
+        rows = np.asarray(run.protocol.eval_indices(split, run.store.num_samples(split)), np.int64)
+        f_t = torch.from_numpy(run.features.get_many(split, rows, np.zeros(len(rows), np.int64)))
+        with torch.no_grad():
+            pred = run.models.student.head()(run.models.customizer(f_t)).argmax(1).numpy()
+        correct += int((pred == run.store.labels(split)[rows]).sum())
+        total += len(rows)
+    assert total > 0 and got == pytest.approx(correct / total)
 
 
 def test_a_validation_split_that_is_trained_on_is_refused(
