@@ -310,11 +310,6 @@ class CustomKDSpec(_Spec):
     stage_a_per_epoch: int = Field(
         1, ge=1, description="stage-A cycles interleaved within each stage-B epoch that has stage A"
     )
-    target_activation: Literal["none", "relu"] = Field(
-        "none",
-        description="relu: P_t(f_t) passes through a ReLU, so the customized target stays in the "
-        "non-negative range of post-activation student features (timm CNNs' pre-logits)",
-    )
     target_bound: Literal["student_rms", "fixed_rms", "none"] = Field(
         "fixed_rms",
         description="bound on the RMS of each P_t(f_t) row: fixed_rms = target_bound_scale itself; "
@@ -347,7 +342,7 @@ class TrainSpec(_Spec):
     seed: int = 0
     teacher_mode: Literal["cache", "online"] = "cache"
     train_views: Literal["random", "all", "eval"] = Field(
-        "random",
+        "all",
         description="random: each epoch replays one of the random cached views (1..V-1) per image; "
         "all: one of every cached view, the evaluation view 0 included; eval: view 0 only (the "
         "fixed-teacher setting)",

@@ -130,14 +130,13 @@ class Customizer(nn.Module):
 
     max_rms: Tensor
 
-    def __init__(self, proj: nn.Module, activation: str = "none") -> None:
+    def __init__(self, proj: nn.Module) -> None:
         super().__init__()
         self.proj = proj
-        self.act: nn.Module = nn.ReLU() if activation == "relu" else nn.Identity()
         self.register_buffer("max_rms", torch.tensor(float("inf")))
 
     def forward(self, f_t: Tensor) -> Tensor:
-        return bound_rms(self.act(self.proj(f_t)), self.max_rms)
+        return bound_rms(self.proj(f_t), self.max_rms)
 
 
 def save_student_checkpoint(student: Student, path: Path) -> None:

@@ -229,7 +229,7 @@ def build_models(spec: TrainSpec, *, spec_path: Path | None, num_classes: int, t
     terms, ck, o = method_terms(spec.method), spec.customkd, spec.optim
     ps = create_projector(student.feature_dim, teacher_dim, ck.projector) if "gen" in terms else None
     pt = (
-        Customizer(create_projector(teacher_dim, student.feature_dim, ck.projector), ck.target_activation)
+        Customizer(create_projector(teacher_dim, student.feature_dim, ck.projector))
         if "task" in terms
         else None
     )

@@ -9,8 +9,9 @@ shipped pipelines:
    methods student_only, kd, fitnet, dkd, customkd, customkd+kd, customkd+dkd.
 2. **Ablations** (customkd at its chosen hyper-parameters): loss terms (L_task only; L_gen alone is
    the fitnet row; the paper's Table 7a) and which head customizes (the student's vs a separate
-   random teacher head, with linear CKA between f_s and P_t(f_t); Table 6); and the fixed view
-   (customkd and kd replaying view 0 only, ``train_views = "eval"``).
+   random teacher head, with linear CKA between f_s and P_t(f_t); Table 6); the alternation of the
+   two stages (Table 7b); and the view policy of stage B (customkd and kd replaying the random views
+   only, or view 0 only: the fixed teacher).
 3. **UDA on a real shift** (``pipelines/digits/``): UCI digits <-> MNIST, source only
    (student_only), kd, customkd, customkd+kd.
 
@@ -49,7 +50,8 @@ UDA_CACHE = REPO / "cache_specs" / "digits" / "efficientnet_lite0.toml"
 UDA_DIRECTIONS = ("digits_to_mnist", "mnist_to_digits")
 SSL_METHODS = ("student_only", "kd", "fitnet", "dkd", "customkd", "customkd+kd", "customkd+dkd")
 UDA_METHODS = ("student_only", "kd", "customkd", "customkd+kd")
-VIEW_METHODS = ("customkd", "kd")  # rerun with train_views = "eval" (view 0 only)
+VIEW_METHODS = ("customkd", "kd")  # rerun with the other view policies:
+VIEW_POLICIES = ("random", "eval")  # random views only (1..V-1); view 0 only (the fixed teacher)
 GRID_KEYS = ("method", "optim.optimizer", "optim.lr", "seed")
 # One torch thread and one loader worker per run: with --shard 0/2 and 1/2 two runs share 2 cores
 # (two threads per run over-subscribe them and run several times slower).
@@ -164,7 +166,11 @@ def chosen_settings(points: Sequence[SweepPoint]) -> dict[str, dict[str, Any]]:
     JOBS.wait(points)
     runs = [read_run(p.run_dir, overrides=p.overrides, name=p.name) for p in points]
     report = build_report(runs, by=["method"], select_on="val_accuracy")
-    return {g.key["method"]: dict(g.chosen or {}) for g in report.groups}
+    # Only the grid's own keys: the report also names fields that follow from them (optim.weight_decay
+    # defaults per optimizer), which no point sets as an override.
+    return {
+        g.key["method"]: {k: v for k, v in (g.chosen or {}).items() if k in GRID_KEYS} for g in report.groups
+    }
 
 
 def summary(points: Sequence[SweepPoint]) -> dict[str, Any]:
@@ -174,12 +180,14 @@ def summary(points: Sequence[SweepPoint]) -> dict[str, Any]:
     g: Group = build_report(runs, by=[]).groups[0]
     val = build_report(runs, by=[], metric="val_accuracy").groups[0]
     cka = build_report(runs, by=[], metric="cka_student_customized").groups[0]
+    customized = build_report(runs, by=[], metric="customized_teacher_accuracy").groups[0]
     return {
         "test": asdict(g.last),
         "best_epoch": asdict(g.best),
         "val": asdict(val.last),
         "teacher": asdict(g.teacher),
         "cka_student_customized": asdict(cka.last),
+        "customized_teacher": asdict(customized.last),
         "failed": g.failed,
         "runs": [str(p.run_dir) for p in points],
         "fingerprints": g.fingerprints,
@@ -257,14 +265,16 @@ def run_ssl(folder: Path, plan: Plan, work: Path) -> dict[str, Any]:
             pts += JOBS.sweep(SSL_PIPELINE, work / "ablations", grid, [*common(seed), *ck_set])
         ablations[label] = {"table": group, "overrides": list(switch), **summary(pts)}
     views: dict[str, dict[str, Any]] = {}
-    for m in VIEW_METHODS:  # the fixed-teacher setting: every epoch replays view 0 only
+    for m in VIEW_METHODS:  # the other view policies, at the method's chosen setting
         chosen = table[m]["chosen"] or {"optim.optimizer": "adamw", "optim.lr": 3e-3}
-        pts = []
-        for seed in plan.seeds:
-            grid = [("method", [m]), ("train_views", ["eval"]), ("seed", [seed])]
-            hp = [f"optim.optimizer={chosen['optim.optimizer']}", f"optim.lr={chosen['optim.lr']}"]
-            pts += JOBS.sweep(SSL_PIPELINE, work / "views", grid, [*common(seed), *hp])
-        views[m] = {"chosen": chosen, **summary(pts)}
+        hp = [f"optim.optimizer={chosen['optim.optimizer']}", f"optim.lr={chosen['optim.lr']}"]
+        views[f"{m}, all (default)"] = {"chosen": chosen, "train_views": "all", **summary(points[m])}
+        for policy in VIEW_POLICIES:
+            pts = []
+            for seed in plan.seeds:
+                grid = [("method", [m]), ("train_views", [policy]), ("seed", [seed])]
+                pts += JOBS.sweep(SSL_PIPELINE, work / "views", grid, [*common(seed), *hp])
+            views[f"{m}, {policy}"] = {"chosen": chosen, "train_views": policy, **summary(pts)}
     ablations["L_gen only (= the fitnet row, at its own setting)"] = {
         "table": "loss terms (Table 7a)",
         "overrides": ["method=fitnet"],
@@ -275,7 +285,7 @@ def run_ssl(folder: Path, plan: Plan, work: Path) -> dict[str, Any]:
         "overrides": [],
         **summary(points["customkd"]),
     }
-    return {"methods": table, "ablations": ablations, "view0": views, "store": str(store)}
+    return {"methods": table, "ablations": ablations, "views": views, "store": str(store)}
 
 
 # --- UDA ---------------------------------------------------------------------------------------
@@ -348,15 +358,16 @@ def _cell(s: dict[str, Any], pct: bool = True) -> str:
 
 def methods_table(table: dict[str, Any]) -> list[str]:
     lines = [
-        "| method | chosen on validation (seed 0) | val | test, last epoch | test, best epoch | notes |",
-        "|---|---|---|---|---|---|",
+        "| method | chosen on validation (seed 0) | val | test, last epoch | test, best epoch | "
+        "customized teacher | notes |",
+        "|---|---|---|---|---|---|---|",
     ]
     for m, row in table.items():
         chosen = ", ".join(f"{k.split('.')[-1]}={v}" for k, v in row["chosen"].items())
         notes = f"{len(row['failed'])} diverged" if row["failed"] else ""
         lines.append(
             f"| {m} | {chosen} | {_cell(row['val'])} | {_cell(row['test'])} | "
-            f"{_cell(row['best_epoch'])} | {notes} |"
+            f"{_cell(row['best_epoch'])} | {_cell(row['customized_teacher'])} | {notes} |"
         )
     return lines
 
@@ -375,7 +386,8 @@ def write_report(out: Path, results: dict[str, Any], command: str, minutes: floa
         "",
         "Accuracy in %, mean ± std over seeds of the last epoch (best epoch: the best test accuracy over "
         "evaluated epochs, optimistic, shown for reference). Hyper-parameters chosen per method on the "
-        "validation split (seed 0) from the same grid.",
+        "validation split (seed 0) from the same grid. Customized teacher: the accuracy of the student's "
+        "final head on P_t(f_t) of the test images (the target CustomKD distils; compare the probe).",
         "",
         "## SSL: Fashion-MNIST, 4 labels per class, MobileNetV3-Small-0.5 at 32 px",
         "",
@@ -395,14 +407,20 @@ def write_report(out: Path, results: dict[str, Any], command: str, minutes: floa
         )
     lines += [
         "",
-        '## The fixed view: the same methods replaying view 0 only (`train_views = "eval"`)',
+        "## Which cached views stage B replays (`train_views`)",
         "",
-        "| method | setting (chosen above) | val | test, last epoch |",
-        "|---|---|---|---|",
+        "all (the default): one of every cached view per image and epoch, view 0 included; random: the "
+        "random crops only (views 1..V-1); eval: view 0 only (the fixed-teacher setting).",
+        "",
+        "| method, policy | setting (chosen above) | val | test, last epoch | customized teacher |",
+        "|---|---|---|---|---|",
     ]
-    for m, row in ssl.get("view0", {}).items():
+    for m, row in ssl.get("views", {}).items():
         chosen = ", ".join(f"{k.split('.')[-1]}={v}" for k, v in row["chosen"].items())
-        lines.append(f"| {m} | {chosen} | {_cell(row['val'])} | {_cell(row['test'])} |")
+        lines.append(
+            f"| {m} | {chosen} | {_cell(row['val'])} | {_cell(row['test'])} | "
+            f"{_cell(row['customized_teacher'])} |"
+        )
     for direction in UDA_DIRECTIONS:
         table = results["uda"][direction]
         lines += [
@@ -453,6 +471,9 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None, help="default: evidence/results (quick: WORK/results)")
     args = ap.parse_args()
     plan = QUICK if args.quick else FULL
+    args.work = (
+        args.work.resolve()
+    )  # list files are passed as absolute paths (relative ones resolve under data_root)
     index, count = (int(x) for x in args.shard.split("/"))
     JOBS.index, JOBS.count, JOBS.report_only = index, count, args.report_only
     out = args.out or (args.work / "results" if args.quick else REPO / "evidence" / "results")
