@@ -15,10 +15,11 @@ shipped pipelines:
 3. **UDA on a real shift** (``pipelines/digits/``): UCI digits <-> MNIST, source only
    (student_only), kd, customkd, customkd+kd.
 
-Protocol: every method gets the same search budget (optimizer x learning rate, the grid below; loss
-weights at their defaults), chosen per method on the validation split with seed 0 (``report
---select-on val_accuracy``), never on test; then 3 seeds (each seed its own labeled set, pool and
-validation split for SSL); mean ± std of the last epoch. Results: evidence/results/study.{md,json,png}.
+Protocol: every method gets the same search budget (optimizer x learning rate x schedule length for
+SSL, the grid below; loss weights at their defaults), chosen per method on the validation split with
+seed 0 (``report --select-on val_accuracy``), never on test; then 3 seeds (each seed its own
+labeled set, pool and validation split for SSL); mean ± std of the last epoch. Results:
+evidence/results/study.{md,json,png}.
 
     python -m evidence.study --shard 0/3 & python -m evidence.study --shard 1/3 & ...   # 3 processes
     python -m evidence.study --quick    # minutes, tiny sizes: checks the pipeline only
@@ -52,7 +53,8 @@ SSL_METHODS = ("student_only", "kd", "fitnet", "dkd", "customkd", "customkd+kd",
 UDA_METHODS = ("student_only", "kd", "customkd", "customkd+kd")
 VIEW_METHODS = ("customkd", "kd")  # rerun with the other view policies:
 VIEW_POLICIES = ("random", "eval")  # random views only (1..V-1); view 0 only (the fixed teacher)
-GRID_KEYS = ("method", "optim.optimizer", "optim.lr", "seed")
+GRID_KEYS = ("method", "optim.optimizer", "optim.lr", "optim.epochs", "seed")
+SEARCHED = ("optim.optimizer", "optim.lr", "optim.epochs")  # chosen per method on validation
 # One torch thread and one loader worker per run: with --shard 0/2 and 1/2 two runs share 2 cores
 # (two threads per run over-subscribe them and run several times slower).
 RUN = ("run.threads=1", "run.num_workers=1")
@@ -73,7 +75,7 @@ class Plan:
     n_val: int
     n_test: int
     views: int
-    epochs: int
+    epochs: tuple[int, ...]  # SSL schedule lengths searched (a hyper-parameter like the lr)
     seeds: tuple[int, ...]
     ssl_grid: tuple[tuple[str, tuple[float, ...]], ...]  # optimizer -> learning rates
     uda_grid: tuple[tuple[str, tuple[float, ...]], ...]
@@ -82,6 +84,7 @@ class Plan:
     uda_epochs: int | None = None  # default: each direction's pipeline (one epoch = one target pass)
 
 
+DEFAULT_SETTING = {"optim.optimizer": "adamw", "optim.lr": 3e-3, "optim.epochs": 10}
 # The grid: each optimizer at the learning rate that won a 4-point pilot (AdamW 1e-3/3e-3, SGD
 # 0.03/0.1) on seed 0's validation split for every baseline; 1e-3 and 0.1 were never best.
 FULL = Plan(
@@ -89,7 +92,7 @@ FULL = Plan(
     1000,
     10000,
     3,
-    10,
+    (10, 20),
     (0, 1, 2),
     (("adamw", (3e-3,)), ("sgd", (0.03,))),
     (("adamw", (3e-3,)),),
@@ -100,7 +103,7 @@ QUICK = Plan(
     100,
     300,
     2,
-    2,
+    (1, 2),
     (0, 1),
     (("adamw", (3e-3,)), ("sgd", (0.05,))),
     (("adamw", (3e-3,)),),
@@ -150,15 +153,39 @@ JOBS = Jobs()
 
 
 def sweep(
-    spec: Path, out: Path, *, methods: Sequence[str], grid: Grid, seed: int, common: list[str]
+    spec: Path,
+    out: Path,
+    *,
+    methods: Sequence[str],
+    grid: Grid,
+    epochs: Sequence[int],
+    seed: int,
+    common: list[str],
 ) -> list[SweepPoint]:
-    """One ``run_sweep`` per optimizer (its learning rates), grid keys always in ``GRID_KEYS`` order,
-    so a point of a later phase with the same values is the same run directory."""
+    """One ``run_sweep`` per schedule length and optimizer (its learning rates), grid keys always in
+    ``GRID_KEYS`` order, so a point of a later phase with the same values is the same run directory."""
     points: list[SweepPoint] = []
-    for optimizer, lrs in grid:
-        axes = (list(methods), [optimizer], list(lrs), [seed])
-        points += JOBS.sweep(spec, out, list(zip(GRID_KEYS, axes, strict=True)), common)
+    for e in epochs:
+        for optimizer, lrs in grid:
+            axes = (list(methods), [optimizer], list(lrs), [e], [seed])
+            points += JOBS.sweep(
+                spec, out, list(zip(GRID_KEYS, axes, strict=True)), [*common, f"run.eval_every={e}"]
+            )
     return points
+
+
+def schedule(epochs: int) -> list[str]:
+    """Overrides of a run of ``epochs`` epochs, evaluated after the last one."""
+    return [f"optim.epochs={epochs}", f"run.eval_every={epochs}"]
+
+
+def setting_overrides(setting: dict[str, Any]) -> list[str]:
+    """A chosen setting (optimizer, lr, epochs) as overrides."""
+    return [
+        f"optim.optimizer={setting['optim.optimizer']}",
+        f"optim.lr={setting['optim.lr']}",
+        *schedule(setting["optim.epochs"]),
+    ]
 
 
 def chosen_settings(points: Sequence[SweepPoint]) -> dict[str, dict[str, Any]]:
@@ -166,10 +193,10 @@ def chosen_settings(points: Sequence[SweepPoint]) -> dict[str, dict[str, Any]]:
     JOBS.wait(points)
     runs = [read_run(p.run_dir, overrides=p.overrides, name=p.name) for p in points]
     report = build_report(runs, by=["method"], select_on="val_accuracy")
-    # Only the grid's own keys: the report also names fields that follow from them (optim.weight_decay
-    # defaults per optimizer), which no point sets as an override.
+    # Only the searched keys: the report also names fields that follow from them (optim.weight_decay
+    # defaults per optimizer, run.eval_every), which the grid does not set.
     return {
-        g.key["method"]: {k: v for k, v in (g.chosen or {}).items() if k in GRID_KEYS} for g in report.groups
+        g.key["method"]: {k: v for k, v in (g.chosen or {}).items() if k in SEARCHED} for g in report.groups
     }
 
 
@@ -201,22 +228,38 @@ def protocol(
     *,
     methods: Sequence[str],
     grid: Grid,
+    epochs: Sequence[int],
     common_for: Callable[[int], list[str]],
 ) -> tuple[dict[str, Any], dict[str, list[SweepPoint]]]:
     """Choose each method's setting on validation (seed 0), run it over every seed, summarize."""
-    first = sweep(spec, out, methods=methods, grid=grid, seed=plan.seeds[0], common=common_for(plan.seeds[0]))
+    seed0 = plan.seeds[0]
+    first = sweep(spec, out, methods=methods, grid=grid, epochs=epochs, seed=seed0, common=common_for(seed0))
     chosen = chosen_settings(first)
+    one_point = len(epochs) == 1 and len(grid) == 1 and len(grid[0][1]) == 1
     points: dict[str, list[SweepPoint]] = {m: [] for m in methods}
     for m in methods:
-        setting = chosen.get(m) or {}
-        if not setting and len(grid) == 1 and len(grid[0][1]) == 1:  # a one-point grid: nothing varies
-            setting = {"optim.optimizer": grid[0][0], "optim.lr": grid[0][1][0]}
-            chosen[m] = setting
-        if not setting:  # nothing finished yet (--report-only)
+        found = chosen.get(m) or {}
+        if not found and not one_point:  # nothing finished yet (--report-only)
             continue
+        # keys with one value in the grid are not named by the report (nothing varies)
+        setting = {
+            "optim.optimizer": grid[0][0],
+            "optim.lr": grid[0][1][0],
+            "optim.epochs": epochs[0],
+            **found,
+        }
+        chosen[m] = setting
         one = ((setting["optim.optimizer"], (setting["optim.lr"],)),)
         for seed in plan.seeds[1:]:
-            points[m] += sweep(spec, out, methods=[m], grid=one, seed=seed, common=common_for(seed))
+            points[m] += sweep(
+                spec,
+                out,
+                methods=[m],
+                grid=one,
+                epochs=[setting["optim.epochs"]],
+                seed=seed,
+                common=common_for(seed),
+            )
         points[m] += [p for p in first if p.overrides == {**p.overrides, "method": m, **setting}]
     table = {m: {"chosen": chosen.get(m) or {}, **summary(points[m])} for m in methods}
     return table, points
@@ -245,17 +288,20 @@ def run_ssl(folder: Path, plan: Plan, work: Path) -> dict[str, Any]:
             f"ssl.labeled_list={lists[seed]['labeled']}",
             f"ssl.unlabeled_list={lists[seed]['pool']}",
             f"ssl.val_list={lists[seed]['val']}",
-            f"optim.epochs={plan.epochs}",
-            f"run.eval_every={plan.epochs}",
             *RUN,
         ]
 
     out = work / "ssl"
     table, points = protocol(
-        SSL_PIPELINE, out, plan, methods=SSL_METHODS, grid=plan.ssl_grid, common_for=common
+        SSL_PIPELINE,
+        out,
+        plan,
+        methods=SSL_METHODS,
+        grid=plan.ssl_grid,
+        epochs=plan.epochs,
+        common_for=common,
     )
-    ck = table["customkd"]["chosen"] or {"optim.optimizer": "adamw", "optim.lr": 3e-3}
-    ck_set = [f"optim.optimizer={ck['optim.optimizer']}", f"optim.lr={ck['optim.lr']}"]
+    ck_set = setting_overrides(table["customkd"]["chosen"] or DEFAULT_SETTING)
     ablations: dict[str, dict[str, Any]] = {}
     for group, label, switch in ABLATIONS:
         key, value = switch[0].split("=", 1)
@@ -266,8 +312,8 @@ def run_ssl(folder: Path, plan: Plan, work: Path) -> dict[str, Any]:
         ablations[label] = {"table": group, "overrides": list(switch), **summary(pts)}
     views: dict[str, dict[str, Any]] = {}
     for m in VIEW_METHODS:  # the other view policies, at the method's chosen setting
-        chosen = table[m]["chosen"] or {"optim.optimizer": "adamw", "optim.lr": 3e-3}
-        hp = [f"optim.optimizer={chosen['optim.optimizer']}", f"optim.lr={chosen['optim.lr']}"]
+        chosen = table[m]["chosen"] or DEFAULT_SETTING
+        hp = setting_overrides(chosen)
         views[f"{m}, all (default)"] = {"chosen": chosen, "train_views": "all", **summary(points[m])}
         for policy in VIEW_POLICIES:
             pts = []
@@ -308,8 +354,8 @@ def run_uda(plan: Plan, work: Path) -> dict[str, Any]:
 
         epochs = load_train_spec(spec, []).optim.epochs if plan.uda_epochs is None else plan.uda_epochs
 
-        def common(seed: int, epochs: int = epochs) -> list[str]:
-            return [*data, f"cache.store={store}", f"optim.epochs={epochs}", f"run.eval_every={epochs}", *RUN]
+        def common(seed: int) -> list[str]:
+            return [*data, f"cache.store={store}", *RUN]
 
         uda_plan = replace(plan, seeds=plan.uda_seeds or plan.seeds)
         table, _ = protocol(
@@ -318,6 +364,7 @@ def run_uda(plan: Plan, work: Path) -> dict[str, Any]:
             uda_plan,
             methods=UDA_METHODS,
             grid=plan.uda_grid,
+            epochs=(epochs,),
             common_for=common,
         )
         out[direction] = table
