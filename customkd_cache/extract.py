@@ -33,7 +33,7 @@ from .distributed import resolve_device
 from .errors import SpecError, StoreError
 from .fingerprint import cache_identity, dataset_identity, fingerprint, request_key
 from .specs import CacheSpec, cache_root, to_dict
-from .store import FeatureStore, SplitInit, create_or_open_store, num_units, store_name
+from .store import FIDELITY_ATTR, FeatureStore, SplitInit, create_or_open_store, num_units, store_name
 from .teachers import Teacher, create_teacher, fidelity_cosine
 from .views import render_view, sample_views, to_tensor
 
@@ -147,7 +147,7 @@ def open_plan_store(plan: CachePlan, *, command: Sequence[str] = ()) -> FeatureS
         "dataset_kind": plan.spec.dataset.kind,
     }
     if plan.spec.teacher.precision != "fp32":
-        extra["bf16_cosine_to_fp32"] = _precision_fidelity(plan)
+        extra[FIDELITY_ATTR] = _precision_fidelity(plan)
     return create_or_open_store(
         plan.path,
         fingerprint=plan.fingerprint,

@@ -72,6 +72,8 @@ _Q_MIN, _Q_MAX = -128, 127
 COMPRESSORS: tuple[str, ...] = ("zstd", "none")
 ZSTD_LEVEL = 3
 CLAIMS_DIR = ".claims"
+# Store attribute written by stage one for bf16 teachers: mean cosine of bf16 vs fp32 features.
+FIDELITY_ATTR = "bf16_cosine_to_fp32"
 _BASE_ATTRS = (
     "format_version",
     "fingerprint",
@@ -716,8 +718,9 @@ class FeatureStore:
         """A JSON-able summary: path, complete, num_samples (total and per split), num_views,
         fingerprint, feature_dim, dtype, unit_rows, compressor, teacher (the identity's teacher entry
         plus feature_dim), dataset, splits (per split: num_samples, num_units, units_done, complete),
-        provenance (its flat entries), size_bytes, bytes_per_view and, for int8 stores,
-        cosine_to_float32 (see ``bytes_per_view`` and ``quant_cosine``)."""
+        provenance (its flat entries), size_bytes, bytes_per_view, for int8 stores cosine_to_float32
+        (see ``bytes_per_view`` and ``quant_cosine``), and for bf16 teachers ``bf16_cosine_to_fp32``
+        (the teacher's bf16 vs fp32 feature cosine, measured by stage one)."""
         splits = {}
         for split in self.split_names:
             done = self.done_units(split)
@@ -749,6 +752,7 @@ class FeatureStore:
             "size_bytes": self.size_bytes(),
             "bytes_per_view": self.bytes_per_view(),
             **({"cosine_to_float32": self.quant_cosine()} if self.quantized else {}),
+            **({FIDELITY_ATTR: self.attrs[FIDELITY_ATTR]} if FIDELITY_ATTR in self.attrs else {}),
         }
 
     def bytes_per_view(self) -> float | None:

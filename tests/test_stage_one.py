@@ -318,3 +318,6 @@ def test_bf16_teacher_records_its_cosine_to_fp32(
     attrs = zarr.open_group(res.path, mode="r").attrs
     assert 0.99 < attrs["bf16_cosine_to_fp32"] <= 1.0 + 1e-6
     assert attrs["identity"]["teacher"]["precision"] == "bf16"
+    from customkd_cache.store import open_store
+
+    assert open_store(res.path).info()["bf16_cosine_to_fp32"] == attrs["bf16_cosine_to_fp32"]  # info --json
