@@ -414,7 +414,7 @@ def prepare_run(spec: TrainSpec, *, spec_path: Path | None, out: Path, resume: b
     features = FeatureSource(store.path, in_ram=spec.run.features_in_ram, standardize=stats)
     num_classes = len(dataset.manifest.classes)
     teacher = create_online_teacher(spec, spec_path, store, device) if spec.teacher_mode == "online" else None
-    views = 1 if spec.train_views == "eval" else store.num_views
+    views = train_view_count(spec, store.num_views)
     labeled = _labeled_features(features, store, protocol.labeled, views)  # probe and every stage A
     probe = fit_probe(spec, labeled, num_classes, None if stats else train_stats)
     models = build_models(spec, spec_path=spec_path, num_classes=num_classes, teacher_dim=store.feature_dim)
@@ -673,9 +673,10 @@ def _epoch_batches(run: Run, epoch: int) -> list[list[Row]]:
     )
 
 
-def _train_views(run: Run) -> int:
-    """Views to draw from: all cached ones, or only view 0 (``train_views = "eval"``)."""
-    return 1 if run.spec.train_views == "eval" else run.store.num_views
+def train_view_count(spec: TrainSpec, num_views: int) -> int:
+    """Views stage B (and stage A, the probe) draw from: the cached ones, or only view 0
+    (``train_views = "eval"``)."""
+    return 1 if spec.train_views == "eval" else num_views
 
 
 def train_stage_b(
@@ -694,7 +695,7 @@ def train_stage_b(
         seed=spec.seed,
         epoch=epoch,
         rows=rows,
-        num_views=_train_views(run),
+        num_views=train_view_count(spec, run.store.num_views),
         include_eval=spec.train_views == "all",
     )
     items, index_batches = epoch_items(batches, views)
@@ -801,7 +802,7 @@ def evaluate(run: Run, *, final: bool = False) -> dict[str, Any]:
         val_acc, val_split, _ = _student_accuracy(run, run.protocol.val_rows, keep_features=False)
         out.update(val_accuracy=val_acc, val_accuracy_per_split=val_split)
     if final and f_s is not None:
-        out.update(_final_cka(run, eval_rows, f_s))
+        out.update(_final_metrics(run, eval_rows, f_s))
     return out
 
 
@@ -837,8 +838,9 @@ def _student_accuracy(
     return correct_all / max(total_all, 1), per_split, f_s_all
 
 
-def _final_cka(run: Run, rows_by_split: dict[str, list[int]], f_s: torch.Tensor) -> dict[str, float]:
-    """Linear CKA of ``f_s`` with ``f_t`` and with ``P_t(f_t)`` (view 0 of the same images)."""
+def _final_metrics(run: Run, rows_by_split: dict[str, list[int]], f_s: torch.Tensor) -> dict[str, float]:
+    """Linear CKA of ``f_s`` with ``f_t`` and with ``P_t(f_t)`` (view 0 of the same images), and the
+    customized teacher's accuracy: the student's head on ``P_t(f_t)``."""
     f_t = torch.cat(
         [
             torch.from_numpy(run.features.get_many(s, np.asarray(r, np.int64), np.zeros(len(r), np.int64)))
