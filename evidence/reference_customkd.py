@@ -6,6 +6,11 @@ the whole 28 px image, resized to the student's 32 px), and both stages are writ
 plain torch. Single view, no loaders, no replay.
 
     python -m evidence.reference_customkd --store STORE --lists DIR --seed 0 --method customkd
+    python -m evidence.reference_customkd --store DIGITS_STORE --uda mnist_train digits_train digits_test
+
+``--uda SOURCE TARGET EVAL`` runs the UDA protocol on a list_file store instead (the digit domains
+of evidence/digits.py): labeled rows are the source split, unlabeled rows the target split, and the
+images are the PNG files the store's ids name under ``--images`` (default ``$CUSTOMKD_DATA_ROOT/digits``).
 """
 
 from __future__ import annotations
@@ -18,8 +23,10 @@ import numpy as np
 import timm
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch import nn
 
+from customkd_cache.specs import data_root
 from customkd_cache.store import open_store
 from evidence.fmnist import ensure_fashion_mnist, read_idx
 
@@ -35,21 +42,60 @@ def pixels(images: np.ndarray, model: nn.Module) -> torch.Tensor:
     return (x - torch.tensor(cfg["mean"]).view(1, 3, 1, 1)) / torch.tensor(cfg["std"]).view(1, 3, 1, 1)
 
 
-def run(args: argparse.Namespace) -> dict[str, float]:
-    torch.manual_seed(args.seed)
-    torch.set_num_threads(1)
+def dkd(
+    logits: torch.Tensor, t_logits: torch.Tensor, y: torch.Tensor, alpha: float = 1.0, beta: float = 8.0
+) -> torch.Tensor:
+    """Decoupled KD (Zhao et al. 2022), written from the paper: alpha * TCKD + beta * NCKD, x T^2."""
+    t = 4.0
+    gt = F.one_hot(y, logits.shape[1]).bool()
+    p_s, p_t = F.softmax(logits / t, 1), F.softmax(t_logits / t, 1)
+    b_s = torch.stack([p_s[gt], 1 - p_s[gt]], 1).clamp_min(1e-8)
+    b_t = torch.stack([p_t[gt], 1 - p_t[gt]], 1)
+    tckd = (b_t * (b_t.clamp_min(1e-8).log() - b_s.log())).sum(1).mean()
+    q_s = F.log_softmax((logits / t).masked_fill(gt, -1e9), 1)
+    q_t = F.softmax((t_logits / t).masked_fill(gt, -1e9), 1)
+    nckd = (q_t * (q_t.clamp_min(1e-8).log() - q_s)).masked_fill(gt, 0).sum(1).mean()
+    return (alpha * tckd + beta * nckd) * t * t
+
+
+def ssl_data(args: argparse.Namespace, student: nn.Module) -> tuple:
+    """Fashion-MNIST SSL rows: (train features, test features, train pixels, test pixels, labels, ids)."""
     store = open_store(args.store)
     f_train = np.asarray(store.read_split("train")[:, 0], np.float32)  # (N, D) view 0
     f_test = np.asarray(store.read_split("test")[:, 0], np.float32)
-    mean, std = f_train.mean(0), f_train.std(0) + 1e-6
-    ft_tr, ft_te = torch.from_numpy((f_train - mean) / std), torch.from_numpy((f_test - mean) / std)
     folder = ensure_fashion_mnist()
     (xtr, ytr), (xte, yte) = read_idx(folder, "train"), read_idx(folder, "t10k")
     lab = ids(args.lists / f"labeled_4pc_seed{args.seed}.txt")
     pool = ids(next(args.lists.glob(f"pool_*_seed{args.seed}.txt")))
-    student = timm.create_model("mobilenetv3_small_050", num_classes=10)
     x_tr, x_te = pixels(xtr[: len(f_train)], student), pixels(xte[: len(f_test)], student)
     y_tr, y_te = torch.from_numpy(ytr[: len(f_train)]), torch.from_numpy(yte[: len(f_test)])
+    return f_train, f_test, x_tr, x_te, y_tr, y_te, lab, pool
+
+
+def uda_data(args: argparse.Namespace, student: nn.Module) -> tuple:
+    """UDA rows: training rows are source then target (labeled = source); evaluation = the eval split."""
+    store = open_store(args.store)
+    source, target, evaluation = args.uda
+    root = args.images or data_root() / "digits"
+
+    def split(name: str) -> tuple[np.ndarray, torch.Tensor, torch.Tensor]:
+        feats = np.asarray(store.read_split(name)[:, 0], np.float32)
+        imgs = np.stack([np.asarray(Image.open(root / i).convert("L")) for i in store.ids(name)])
+        return feats, pixels(imgs, student), torch.from_numpy(np.asarray(store.labels(name), np.int64))
+
+    (fs, xs, ys), (ft, xt, yt), (fe, xe, ye) = split(source), split(target), split(evaluation)
+    f_train, x_tr, y_tr = np.concatenate([fs, ft]), torch.cat([xs, xt]), torch.cat([ys, yt])
+    lab, pool = np.arange(len(fs)), np.arange(len(fs), len(fs) + len(ft))
+    return f_train, fe, x_tr, xe, y_tr, ye, lab, pool
+
+
+def run(args: argparse.Namespace) -> dict[str, float]:
+    torch.manual_seed(args.seed)
+    torch.set_num_threads(1)
+    student = timm.create_model("mobilenetv3_small_050", num_classes=10)
+    f_train, f_test, x_tr, x_te, y_tr, y_te, lab, pool = (uda_data if args.uda else ssl_data)(args, student)
+    mean, std = f_train.mean(0), f_train.std(0) + 1e-6
+    ft_tr, ft_te = torch.from_numpy((f_train - mean) / std), torch.from_numpy((f_test - mean) / std)
     d_t = ft_tr.shape[1]
     d_s = student.forward_head(student.forward_features(x_tr[:2]), pre_logits=True).shape[1]
     p_s, p_t = nn.Linear(d_s, d_t), nn.Linear(d_t, d_s)
@@ -60,14 +106,21 @@ def run(args: argparse.Namespace) -> dict[str, float]:
         opt_p.zero_grad()
         loss.backward()
         opt_p.step()
-    opt_b = torch.optim.AdamW([*student.parameters(), *p_s.parameters()], lr=args.lr, weight_decay=0.05)
+    params_b = [*student.parameters(), *p_s.parameters()]
+    opt_b: torch.optim.Optimizer
+    if args.optimizer == "sgd":
+        opt_b = torch.optim.SGD(params_b, lr=args.lr, momentum=0.9, nesterov=True, weight_decay=5e-4)
+    else:
+        opt_b = torch.optim.AdamW(params_b, lr=args.lr, weight_decay=0.05)
     opt_a = torch.optim.AdamW(p_t.parameters(), lr=1e-2, weight_decay=0.0)
-    steps_per_epoch = len(pool) // 96
+    n_lab = 32 if not args.uda else 64  # labeled rows per batch (the pipelines' labeled_per_batch)
+    steps_per_epoch = len(pool) // (128 - n_lab)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt_b, args.epochs * steps_per_epoch)
     rng = np.random.default_rng(args.seed)
     head = student.get_classifier()
-    for _epoch in range(args.epochs):
-        if args.method == "customkd":  # stage A: CE(H_s(P_t(f_t)), y), H_s fixed
+    custom = args.method.startswith("customkd")
+    for epoch in range(args.epochs):
+        if custom:  # stage A: CE(H_s(P_t(f_t)), y), H_s fixed
             for _ in range(50):
                 b = rng.choice(lab, 64)
                 z = p_t(ft_tr[b])
@@ -86,15 +139,20 @@ def run(args: argparse.Namespace) -> dict[str, float]:
         student.train()
         order = rng.permutation(pool)
         for i in range(steps_per_epoch):
-            b = np.concatenate([rng.choice(lab, 32), order[i * 96 : (i + 1) * 96]])
+            n_un = 128 - n_lab
+            b = np.concatenate([rng.choice(lab, n_lab), order[i * n_un : (i + 1) * n_un]])
             f_s = student.forward_head(student.forward_features(x_tr[b]), pre_logits=True)
             logits = head(f_s)
-            loss = F.cross_entropy(logits[:32], y_tr[b[:32]])
-            if args.method == "kd":
-                with torch.no_grad():
-                    t = F.softmax(probe(ft_tr[b]) / 4, 1)
+            loss = F.cross_entropy(logits[:n_lab], y_tr[b[:n_lab]])
+            with torch.no_grad():
+                t_logits = probe(ft_tr[b])
+            if args.method in ("kd", "customkd+kd"):
+                t = F.softmax(t_logits / 4, 1)
                 loss = loss + F.kl_div(F.log_softmax(logits / 4, 1), t, reduction="batchmean") * 16
-            if args.method == "customkd":
+            if args.method.endswith("dkd"):  # labels on labeled rows, the teacher's argmax elsewhere
+                y = torch.cat([y_tr[b[:n_lab]], t_logits[n_lab:].argmax(1)])
+                loss = loss + min(1.0, (epoch + 1) / 5) * dkd(logits, t_logits, y)
+            if custom:
                 with torch.no_grad():
                     target = p_t(ft_tr[b])
                     if cap_now is not None:
@@ -115,17 +173,29 @@ def run(args: argparse.Namespace) -> dict[str, float]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--store", type=Path, required=True)
-    ap.add_argument("--lists", type=Path, required=True, help="folder of the study's list files")
+    ap.add_argument("--lists", type=Path, help="folder of the study's list files (SSL)")
+    ap.add_argument("--images", type=Path, help="--uda: the image folder the store's ids are relative to")
+    ap.add_argument(
+        "--uda", nargs=3, metavar=("SOURCE", "TARGET", "EVAL"), help="UDA splits of a list_file store"
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--epochs", type=int, default=10)
-    ap.add_argument("--method", choices=("student_only", "kd", "customkd"), default="customkd")
+    ap.add_argument(
+        "--method",
+        choices=("student_only", "kd", "dkd", "customkd", "customkd+kd", "customkd+dkd"),
+        default="customkd",
+    )
     ap.add_argument(
         "--bound", choices=("fixed", "student", "none"), default="fixed", help="bound on P_t(f_t)"
     )
     ap.add_argument("--bound-rms", type=float, default=10.0, help="the fixed bound (RMS per row)")
-    ap.add_argument("--lr", type=float, default=3e-3, help="stage B AdamW lr")
+    ap.add_argument("--optimizer", choices=("adamw", "sgd"), default="adamw", help="stage B optimizer")
+    ap.add_argument("--lr", type=float, default=3e-3, help="stage B lr")
     args = ap.parse_args()
-    print(json.dumps({"method": args.method, "seed": args.seed, "bound": args.bound, **run(args)}))
+    if not args.uda and args.lists is None:
+        ap.error("give --lists (SSL) or --uda SOURCE TARGET EVAL")
+    keys = ("method", "seed", "epochs", "optimizer", "lr", "bound")
+    print(json.dumps({**{k: getattr(args, k) for k in keys}, **run(args)}))
 
 
 if __name__ == "__main__":
