@@ -63,7 +63,7 @@ smoke: install  ## cache -> sweep -> report -> export on a generated dataset, of
 demo: install  ## real data, offline, minutes: Fashion-MNIST, EfficientNet-Lite0 teacher, student_only vs customkd
 	$(PY) -m evidence.demo
 
-evidence: teachers  ## the full study (not part of CI; needs the real teachers of `make teachers`)
+evidence: install  ## the full study (not part of CI)
 	$(PY) -c "import sklearn, mlxtend" 2>/dev/null || $(PY) -m pip install -q -e '.[evidence]'
 	$(PY) -m evidence.study
 

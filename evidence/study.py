@@ -1,7 +1,6 @@
 """``make evidence``: CustomKD against its baselines on real images, with the paper's ablations.
 
-Everything runs offline with real teachers (the ImageNet-pretrained EfficientNet-Lite0; for UDA
-also the ViT-S/14 of ``make teachers``), through the
+Everything runs offline with the ImageNet-pretrained EfficientNet-Lite0 teacher, through the
 project's own ``sweep`` and ``report`` (``customkd_cache.sweep``, ``customkd_cache.report``) on the
 shipped pipelines:
 
@@ -14,8 +13,7 @@ shipped pipelines:
    two stages (Table 7b); and the view policy of stage B (customkd and kd replaying the random views
    only, or view 0 only: the fixed teacher).
 3. **UDA on a real shift** (``pipelines/digits/``): UCI digits <-> MNIST, source only
-   (student_only), kd, customkd, customkd+kd, with two teachers: EfficientNet-Lite0 and the trained
-   DINOv2-architecture ViT-S/14 of ``make teachers`` (both at 112 px).
+   (student_only), kd, customkd, customkd+kd.
 
 Protocol: every method gets the same search budget (optimizer x learning rate x schedule length for
 SSL, the grid below; loss weights at their defaults), chosen per method on the validation split with
@@ -49,11 +47,7 @@ from evidence.fmnist import ensure_fashion_mnist, log, read_idx, ssl_lists
 REPO = Path(__file__).resolve().parents[1]
 SSL_PIPELINE = REPO / "pipelines" / "fashion_mnist" / "labels4_mobilenetv3.toml"
 SSL_CACHE = REPO / "cache_specs" / "fashion_mnist" / "efficientnet_lite0.toml"
-# UDA teachers: label -> (cache spec, work-folder prefix)
-UDA_TEACHERS = {
-    "EfficientNet-Lite0": (REPO / "cache_specs" / "digits" / "efficientnet_lite0.toml", ""),
-    "ViT-S/14 (DINOv2 arch.)": (REPO / "cache_specs" / "digits" / "vit_s14_112.toml", "vit_s14_"),
-}
+UDA_CACHE = REPO / "cache_specs" / "digits" / "efficientnet_lite0.toml"
 UDA_DIRECTIONS = ("digits_to_mnist", "mnist_to_digits")
 SSL_METHODS = ("student_only", "kd", "fitnet", "dkd", "customkd", "customkd+kd", "customkd+dkd")
 UDA_METHODS = ("student_only", "kd", "customkd", "customkd+kd")
@@ -353,15 +347,7 @@ def run_uda(plan: Plan, work: Path) -> dict[str, Any]:
     data = [f"dataset.root={root}", f"dataset.lists={json.dumps(lists)}"]
     if plan.uda_max:
         data.append(f"dataset.max_per_split={plan.uda_max}")
-    return {
-        label: run_uda_teacher(plan, work, data, spec, prefix)
-        for label, (spec, prefix) in UDA_TEACHERS.items()
-    }
-
-
-def run_uda_teacher(plan: Plan, work: Path, data: list[str], cache_spec: Path, prefix: str) -> dict[str, Any]:
-    """Both UDA directions from one teacher's store."""
-    store = cache(cache_spec, [*data, f"views.num_views={plan.views}"])
+    store = cache(UDA_CACHE, [*data, f"views.num_views={plan.views}"])
     out: dict[str, Any] = {"store": str(store)}
     for direction in UDA_DIRECTIONS:
         spec = REPO / "pipelines" / "digits" / f"{direction}.toml"
@@ -374,7 +360,7 @@ def run_uda_teacher(plan: Plan, work: Path, data: list[str], cache_spec: Path, p
         uda_plan = replace(plan, seeds=plan.uda_seeds or plan.seeds)
         table, _ = protocol(
             spec,
-            work / f"uda_{prefix}{direction}",
+            work / f"uda_{direction}",
             uda_plan,
             methods=UDA_METHODS,
             grid=plan.uda_grid,
@@ -439,8 +425,7 @@ def write_report(out: Path, results: dict[str, Any], command: str, minutes: floa
     ssl = results["ssl"]
     teacher = ssl["methods"]["kd"]["teacher"]
     lines = [
-        "# CustomKD on real images (Fashion-MNIST SSL, EfficientNet-Lite0 teacher; digits <-> MNIST UDA, "
-        "EfficientNet-Lite0 and ViT-S/14 teachers)",
+        "# CustomKD on real images (Fashion-MNIST SSL; digits <-> MNIST UDA), EfficientNet-Lite0 teacher",
         "",
         f"Command: `{command}`  ",
         f"Wall time: {minutes:.1f} min on {os.cpu_count()} CPU cores.  ",
@@ -483,18 +468,16 @@ def write_report(out: Path, results: dict[str, Any], command: str, minutes: floa
             f"| {m} | {chosen} | {_cell(row['val'])} | {_cell(row['test'])} | "
             f"{_cell(row['customized_teacher'])} |"
         )
-    for label, by_direction in results["uda"].items():
-        for direction in UDA_DIRECTIONS:
-            table = by_direction[direction]
-            lines += [
-                "",
-                f"## UDA: {direction.replace('_to_', ' → ')} (real domain shift), {label} teacher, "
-                "target test accuracy",
-                "",
-                f"Teacher probe (trained on source features): {_cell(table['kd']['teacher'])}",
-                "",
-                *methods_table(table),
-            ]
+    for direction in UDA_DIRECTIONS:
+        table = results["uda"][direction]
+        lines += [
+            "",
+            f"## UDA: {direction.replace('_to_', ' → ')} (real domain shift), target test accuracy",
+            "",
+            f"Teacher probe (trained on source features): {_cell(table['kd']['teacher'])}",
+            "",
+            *methods_table(table),
+        ]
     (out / "study.md").write_text("\n".join(lines) + "\n")
     plot(out / "study.png", results)
 
@@ -506,16 +489,9 @@ def plot(path: Path, results: dict[str, Any]) -> None:
     import matplotlib.pyplot as plt
 
     panels = [("SSL (4 labels/class)", results["ssl"]["methods"]), ("Ablations", results["ssl"]["ablations"])]
-    panels += [
-        (f"UDA {d}, {label.split(' ')[0]}", tables[d])
-        for label, tables in results["uda"].items()
-        for d in UDA_DIRECTIONS
-    ]
-    cols = (len(panels) + 1) // 2
-    fig, axes = plt.subplots(2, cols, figsize=(5 * cols, 9), squeeze=False)
-    for ax in axes.flat[len(panels) :]:
-        ax.set_visible(False)
-    for ax, (title, groups) in zip(axes.flat, panels, strict=False):
+    panels += [(f"UDA {d}", results["uda"][d]) for d in UDA_DIRECTIONS]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4.5))
+    for ax, (title, groups) in zip(axes, panels, strict=True):
         names = list(groups)
         stats = [groups[n]["test"] for n in names]
         means = [100 * s["mean"] if s["n"] else 0.0 for s in stats]
