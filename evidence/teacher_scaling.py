@@ -279,7 +279,8 @@ def merge(files: list[Path]) -> dict[str, Any]:
         if not same or part["teachers"].keys() != first["teachers"].keys():
             raise SystemExit(f"{f}: another plan or teacher list than {files[0]}; cannot merge")
     out: dict[str, Any] = {
-        "plan": {**first["plan"], "seeds": [s for p in parts for s in p["plan"]["seeds"]]},
+        # the seeds that finished (an interrupted part names seeds in its plan it never ran)
+        "plan": {**first["plan"], "seeds": sorted({r["seed"] for p in parts for r in p["student_only"]})},
         "student_only": [r for p in parts for r in p["student_only"]],
         "teachers": {
             n: {
@@ -318,7 +319,10 @@ def main(argv: list[str] | None = None) -> None:
     def report(results: dict[str, Any]) -> None:
         minutes = (time.perf_counter() - t0) / 60
         write_report(
-            args.out, {**results, "plan": plan, "minutes": round(minutes, 1)}, command.strip(), minutes
+            args.out,
+            {**results, "plan": plan, "minutes": round(minutes, 1), "command": command.strip()},
+            command.strip(),
+            minutes,
         )
         log(f"[scaling] wrote {args.out}/teacher_scaling.{{json,md,png}} ({minutes:.1f} min)")
 
