@@ -244,21 +244,22 @@ def plot(path: Path, results: dict[str, Any]) -> None:
     px = [p["mean"] for p in probe]
     for method, marker in (("kd", "s"), ("customkd", "o")):
         ys = [summary(results["teachers"][n]["runs"][method]) for n in names]
-        ax.errorbar(
+        ax.errorbar(  # points, not a line: the teachers are not ordered along the x axis
             px,
             [y["mean"] for y in ys],
             xerr=[p["std"] for p in probe],
             yerr=[y["std"] for y in ys],
             marker=marker,
+            linestyle="none",
             capsize=3,
             label=method,
         )
+        if method == "kd":
+            for x, y, n in zip(px, ys, names, strict=True):
+                short = n.replace("EfficientNet-", "").split(" ")[0]
+                ax.annotate(short, (x, y["mean"]), textcoords="offset points", xytext=(6, -12), fontsize=7)
     base = summary(results["student_only"])
     ax.axhline(base["mean"], color="grey", linestyle="--", label="student_only")
-    for x, n in zip(px, names, strict=True):
-        ax.annotate(
-            n, (x, base["mean"]), textcoords="offset points", xytext=(0, -14), fontsize=7, ha="center"
-        )
     ax.set_xlabel("teacher accuracy: linear probe on 40 labels (%)")
     ax.set_ylabel("student accuracy (%)")
     ax.set_title("Fashion-MNIST, 4 labels/class: student vs teacher")
