@@ -59,7 +59,8 @@ def dkd(
 
 
 def ssl_data(args: argparse.Namespace, student: nn.Module) -> tuple:
-    """Fashion-MNIST SSL rows: (train features, test features, train pixels, test pixels, labels, ids)."""
+    """Fashion-MNIST SSL rows: train/test features, train/test pixels, train/test labels, and the
+    labeled and pool row indices."""
     store = open_store(args.store)
     f_train = np.asarray(store.read_split("train")[:, 0], np.float32)  # (N, D) view 0
     f_test = np.asarray(store.read_split("test")[:, 0], np.float32)
@@ -114,11 +115,13 @@ def run(args: argparse.Namespace) -> dict[str, float]:
         opt_b = torch.optim.AdamW(params_b, lr=args.lr, weight_decay=0.05)
     opt_a = torch.optim.AdamW(p_t.parameters(), lr=1e-2, weight_decay=0.0)
     n_lab = 32 if not args.uda else 64  # labeled rows per batch (the pipelines' labeled_per_batch)
-    steps_per_epoch = len(pool) // (128 - n_lab)
+    n_un = 128 - n_lab
+    steps_per_epoch = len(pool) // n_un
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt_b, args.epochs * steps_per_epoch)
     rng = np.random.default_rng(args.seed)
     head = student.get_classifier()
     custom = args.method.startswith("customkd")
+    uses_probe = args.method.endswith("kd") and args.method != "customkd"  # kd, dkd and the combinations
     for epoch in range(args.epochs):
         if custom:  # stage A: CE(H_s(P_t(f_t)), y), H_s fixed
             for _ in range(50):
@@ -139,13 +142,13 @@ def run(args: argparse.Namespace) -> dict[str, float]:
         student.train()
         order = rng.permutation(pool)
         for i in range(steps_per_epoch):
-            n_un = 128 - n_lab
             b = np.concatenate([rng.choice(lab, n_lab), order[i * n_un : (i + 1) * n_un]])
             f_s = student.forward_head(student.forward_features(x_tr[b]), pre_logits=True)
             logits = head(f_s)
             loss = F.cross_entropy(logits[:n_lab], y_tr[b[:n_lab]])
-            with torch.no_grad():
-                t_logits = probe(ft_tr[b])
+            if uses_probe:
+                with torch.no_grad():
+                    t_logits = probe(ft_tr[b])
             if args.method in ("kd", "customkd+kd"):
                 t = F.softmax(t_logits / 4, 1)
                 loss = loss + F.kl_div(F.log_softmax(logits / 4, 1), t, reduction="batchmean") * 16

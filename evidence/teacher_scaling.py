@@ -299,16 +299,16 @@ def merge(files: list[Path]) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    words = sys.argv[1:] if argv is None else argv
+    command = " ".join(["python -m evidence.teacher_scaling", *words])
     if args.merge:
         results = merge(args.merge)
         minutes = max(results["part_minutes"])
-        command = "python -m evidence.teacher_scaling " + " ".join(sys.argv[1:] if argv is None else argv)
         write_report(args.out, results, command, minutes)
         log(f"[scaling] wrote {args.out}/teacher_scaling.{{json,md,png}}")
         return
     os.environ.setdefault("CUSTOMKD_CACHE_ROOT", str(REPO / "caches"))
     t0 = time.perf_counter()
-    command = "python -m evidence.teacher_scaling " + " ".join(sys.argv[1:] if argv is None else argv)
     plan = {
         "unlabeled": args.unlabeled,
         "test": args.test,
@@ -321,8 +321,8 @@ def main(argv: list[str] | None = None) -> None:
         minutes = (time.perf_counter() - t0) / 60
         write_report(
             args.out,
-            {**results, "plan": plan, "minutes": round(minutes, 1), "command": command.strip()},
-            command.strip(),
+            {**results, "plan": plan, "minutes": round(minutes, 1), "command": command},
+            command,
             minutes,
         )
         log(f"[scaling] wrote {args.out}/teacher_scaling.{{json,md,png}} ({minutes:.1f} min)")

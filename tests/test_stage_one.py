@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 import zarr
 
+from customkd_cache.store import FIDELITY_ATTR, open_store
 from customkd_cache.testing import fakedata
 
 REPO = Path(__file__).resolve().parents[1]
@@ -318,6 +319,4 @@ def test_bf16_teacher_records_its_cosine_to_fp32(
     attrs = zarr.open_group(res.path, mode="r").attrs
     assert 0.99 < attrs["bf16_cosine_to_fp32"] <= 1.0 + 1e-6
     assert attrs["identity"]["teacher"]["precision"] == "bf16"
-    from customkd_cache.store import open_store
-
-    assert open_store(res.path).info()["bf16_cosine_to_fp32"] == attrs["bf16_cosine_to_fp32"]  # info --json
+    assert open_store(res.path).info()[FIDELITY_ATTR] == attrs[FIDELITY_ATTR]  # info --json
