@@ -8,7 +8,11 @@ computed the caller fails: there is no random fallback key.
 
 A second, cheaper digest, the *request key*, identifies a cache spec as written (manifest digest plus
 the teacher, views and store sections of the spec). Stage two uses it to find the store made from a
-cache spec without building the teacher; the store's fingerprint stays the authority.
+cache spec without building the teacher; the store's fingerprint stays the authority. The ``[store]``
+section (dtype, unit_rows, compressor) is how features are stored, not what they are: it stays in
+both digests (the bytes differ), and stage two also accepts a store whose key is the spec's with the
+store's own recorded ``[store]`` section (``request_key_with_storage``), so a store made with
+``--set store.dtype=int8`` is still found from the spec.
 """
 
 from __future__ import annotations
@@ -17,8 +21,10 @@ import hashlib
 import json
 from typing import Any
 
+from pydantic import ValidationError
+
 from . import FORMAT_VERSION
-from .specs import CacheSpec, to_dict
+from .specs import CacheSpec, StoreSpec, to_dict
 
 
 def canonical_json(obj: Any) -> str:
@@ -66,3 +72,21 @@ def request_key(*, spec: CacheSpec, manifest_digest: str) -> str:
             "store": to_dict(spec.store),
         }
     )
+
+
+def request_key_with_storage(*, spec: CacheSpec, manifest_digest: str, storage: StoreSpec) -> str:
+    """The request key of ``spec`` with its ``[store]`` section replaced by ``storage``.
+
+    A store whose request key equals this for its own ``recorded_storage`` was made from ``spec``
+    with another storage encoding (say ``--set store.dtype=int8``): the same features.
+    """
+    return request_key(spec=spec.model_copy(update={"store": storage}), manifest_digest=manifest_digest)
+
+
+def recorded_storage(identity: dict[str, Any]) -> StoreSpec | None:
+    """The ``[store]`` section a store's identity records (``cache_identity``), or None when it is
+    missing or not valid for this version (such a store can then only match a request key exactly)."""
+    try:
+        return StoreSpec.model_validate(identity.get("store"))
+    except ValidationError:
+        return None

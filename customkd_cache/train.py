@@ -45,11 +45,20 @@ from .cached_data import (
 from .data import Dataset, SplitManifest, labeled_indices, open_dataset, read_labeled_list
 from .distributed import Dist, resolve_device
 from .errors import NonFiniteLossError, RunDirError, SpecError, StoreError
-from .fingerprint import request_key
+from .fingerprint import recorded_storage, request_key, request_key_with_storage
 from .losses import StageBTerms, customization_loss, linear_cka, method_terms, stage_b_loss
 from .online import create_online_teacher
 from .probe import Probe, probe_accuracy, train_probe
-from .specs import TrainSpec, cache_root, data_path, load_cache_spec, spec_relative_path, to_dict
+from .specs import (
+    CacheSpec,
+    StoreSpec,
+    TrainSpec,
+    cache_root,
+    data_path,
+    load_cache_spec,
+    spec_relative_path,
+    to_dict,
+)
 from .store import FeatureStore, list_stores, open_store
 from .students import Customizer, Student, create_projector, create_student, save_student_checkpoint
 
@@ -63,28 +72,109 @@ BOUND_ROWS = 128  # labeled images whose student features set the target bound (
 def find_store(spec: TrainSpec, *, spec_path: Path | None, manifest_digest: str) -> Path:
     """The store this train spec reads: ``cache.store``, or the one made from ``cache.spec``.
 
-    Raises StoreError when no store (or more than one) under CUSTOMKD_CACHE_ROOT was made from the
-    cache spec for this dataset.
+    A store made from the cache spec with other ``[store]`` settings (``--set store.dtype=int8``)
+    holds the same features, so it matches too. Preferred, in order: the exact request key, then the
+    spec's ``store.dtype``, then any storage.
+
+    Raises StoreError when no store under CUSTOMKD_CACHE_ROOT was made from the cache spec for this
+    dataset (naming the stores of the same samples and teacher, and how they differ), or when several
+    tie (naming each with its storage).
     """
     if spec.cache.store:
         return spec_relative_path(spec.cache.store, spec_path)
     cspec_path = spec_relative_path(spec.cache.spec, spec_path)
-    cspec = load_cache_spec(cspec_path, [])
-    key = request_key(
-        spec=cspec.model_copy(update={"dataset": spec.dataset}), manifest_digest=manifest_digest
-    )
+    cspec = load_cache_spec(cspec_path, []).model_copy(update={"dataset": spec.dataset})
     root = cache_root()
-    found = [Path(e["path"]) for e in list_stores(root) if e.get("request_key") == key]
+    stores = [c for e in list_stores(root) if not e.get("damaged") and (c := _read_listed(e)) is not None]
+    found = _made_from(cspec, manifest_digest, stores)
     if not found:
         raise StoreError(
-            f"no store under {root} was made from {cspec_path} for this dataset; run "
+            f"no store under {root} was made from {cspec_path} for this dataset"
+            f"{_near_misses(cspec, manifest_digest, stores)}; run "
             f"`customkd-cache cache --spec {cspec_path} --set dataset.root={spec.dataset.root or '...'}` "
             "first, or set cache.store = PATH (CUSTOMKD_CACHE_ROOT must match)"
         )
-    if len(found) > 1:
-        names = ", ".join(str(p) for p in found)
+    best = _preferred(found, cspec, manifest_digest)
+    if len(best) > 1:
+        names = ", ".join(f"{c.path} ({c.storage_label(cspec.store)})" for c in best)
         raise StoreError(f"several stores match {cspec_path} ({names}); set cache.store = PATH to choose one")
-    return found[0]
+    return best[0].path
+
+
+@dataclass(frozen=True)
+class _Listed:
+    """A readable store under the cache root, with what ``find_store`` compares."""
+
+    path: Path
+    request_key: str
+    storage: StoreSpec | None  # its [store] section, as hashed into request_key
+    manifest_digest: str
+    teacher: str
+    written: dict[str, Any]  # the cache spec it was made from (provenance: diagnostics only)
+
+    def storage_label(self, want: StoreSpec) -> str:
+        """``int8``, plus the other [store] fields that differ from ``want`` (``int8, unit_rows=16``)."""
+        if self.storage is None:
+            return "storage unknown"
+        have, asked = to_dict(self.storage), to_dict(want)
+        return ", ".join(
+            [self.storage.dtype] + [f"{k}={v}" for k, v in have.items() if k != "dtype" and v != asked[k]]
+        )
+
+
+def _read_listed(entry: dict[str, Any]) -> _Listed | None:
+    """The ``list_stores`` entry's store, or None when it is gone or unreadable since listing."""
+    try:
+        attrs = open_store(Path(entry["path"])).attrs
+    except StoreError:
+        return None
+    identity = attrs.get("identity", {})
+    return _Listed(
+        path=Path(entry["path"]),
+        request_key=str(entry.get("request_key") or ""),
+        storage=recorded_storage(identity),
+        manifest_digest=str(identity.get("dataset", {}).get("manifest_digest", "")),
+        teacher=str(identity.get("teacher", {}).get("name", "")),
+        written=attrs.get("provenance", {}).get("spec", {}),
+    )
+
+
+def _made_from(cspec: CacheSpec, manifest_digest: str, stores: list[_Listed]) -> list[_Listed]:
+    """The stores made from ``cspec`` for these samples, with its storage or their own."""
+    exact = request_key(spec=cspec, manifest_digest=manifest_digest)
+
+    def matches(c: _Listed) -> bool:
+        if c.request_key == exact:
+            return True
+        if c.storage is None:
+            return False
+        key = request_key_with_storage(spec=cspec, manifest_digest=manifest_digest, storage=c.storage)
+        return c.request_key == key
+
+    return [c for c in stores if matches(c)]
+
+
+def _preferred(found: list[_Listed], cspec: CacheSpec, manifest_digest: str) -> list[_Listed]:
+    """The first non-empty of: exact request-key matches, matches in the spec's dtype, all of them."""
+    exact = request_key(spec=cspec, manifest_digest=manifest_digest)
+    same = [c for c in found if c.request_key == exact]
+    same_dtype = [c for c in found if c.storage is not None and c.storage.dtype == cspec.store.dtype]
+    return same or same_dtype or found
+
+
+def _near_misses(cspec: CacheSpec, manifest_digest: str, stores: list[_Listed]) -> str:
+    """``"; stores for the same samples and teacher: PATH (int8; differs in views.num_views)"`` or ``""``."""
+    near = [c for c in stores if c.manifest_digest == manifest_digest and c.teacher == cspec.teacher.name]
+    if not near:
+        return ""
+    asked = {k: to_dict(cspec)[k] for k in ("teacher", "views")}
+
+    def describe(c: _Listed) -> str:
+        differs = _differing_keys({k: c.written.get(k) for k in asked}, asked)
+        shown = f"; differs in {', '.join(differs)}" if differs else ""
+        return f"{c.path} ({c.storage_label(cspec.store)}{shown})"
+
+    return f"; stores for the same samples and teacher: {', '.join(describe(c) for c in near)}"
 
 
 def check_store(

@@ -228,6 +228,20 @@ def test_train_runs_every_method_from_int8(
     assert res["cache_fingerprint"] == open_store(int8_cache).fingerprint
 
 
+def test_train_finds_the_int8_store_from_the_cache_spec(
+    int8_cache: Path, oh_root: Path, tmp_path: Path
+) -> None:
+    """The train spec names the cache spec (float16) and no cache.store: the int8 store made from it with
+    ``--set store.dtype=int8`` holds the same features, so ``train`` finds and reads it."""
+    out = tmp_path / "run"
+    sets = ["--set", f"dataset.root={oh_root}", "--set", "optim.epochs=1"]
+    proc = cli("train", "--spec", str(TRAIN_SPEC), *sets, "--out", str(out), env=env_for(int8_cache.parent))
+    assert proc.returncode == 0
+    assert list(json.loads((out / "caches.json").read_text())) == [str(int8_cache)]
+    results = json.loads((out / "results.json").read_text())
+    assert results["cache_fingerprint"] == open_store(int8_cache).fingerprint
+
+
 def test_sigkill_then_rerun_gives_the_clean_bytes(oh_root: Path, tmp_path: Path) -> None:
     args = [*smoke_args(oh_root), "--set", "store.dtype=int8"]
     clean_root, killed_root = tmp_path / "clean", tmp_path / "killed"
