@@ -8,7 +8,7 @@ lose too much in half precision.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TypeVar
@@ -123,6 +123,7 @@ def customization_loss(
     target: Tensor,
     *,
     freeze_head: bool = False,
+    activation: Callable[[Tensor], Tensor] | None = None,
 ) -> Tensor:
     """Stage A of CustomKD (METHOD.md): ``CE(H_s(P_t(f_t)), y)`` over labeled rows.
 
@@ -131,9 +132,13 @@ def customization_loss(
     (d_t -> d_s). Gradients reach the head's parameters only if their ``requires_grad`` is set; the
     paper's setting keeps the head fixed (``customkd.head_learns_in_stage_a = false``): either clear
     those flags or pass ``freeze_head=True``, which runs the head on detached parameters so only the
-    customizer receives gradients without touching the head's flags.
+    customizer receives gradients without touching the head's flags. ``activation`` maps the
+    customizer's output to the head's input space when the target lives in the student's
+    pre-activation space (``customkd.target_space``); ``None`` = identity.
     """
     z = customizer(f_t.float())
+    if activation is not None:
+        z = activation(z)
     if freeze_head:
         frozen = {name: p.detach() for name, p in head.named_parameters()}
         logits = torch.func.functional_call(head, frozen, (z,), strict=False)
@@ -201,6 +206,7 @@ def stage_b_loss(
     dkd: DkdSpec,
     ck: CustomKDSpec,
     dkd_ramp: float = 1.0,
+    h_s: Tensor | None = None,
 ) -> StageBTerms:
     """Stage B of CustomKD and the baselines (METHOD.md), on a batch mixing labeled and unlabeled rows.
 
@@ -213,7 +219,8 @@ def stage_b_loss(
     - ``ce``: cross-entropy on the labeled rows; 0 (still attached to the graph) when there are none.
     - ``gen`` (customkd*, fitnet): ``MSE(P_s(f_s), f_t)`` over all rows.
     - ``task`` (customkd*): ``MSE(f_s, stopgrad(P_t(f_t)))`` over all rows, the customized
-      task-specific term (the paper's L_spec). ``P_t`` runs under
+      task-specific term (the paper's L_spec); with ``h_s`` (B, d_s) given, the student's
+      pre-activation ``h_s`` takes the place of ``f_s`` (``customkd.target_space``). ``P_t`` runs under
       ``no_grad`` and in eval mode (its previous mode is restored), so stage B never changes the
       customizer, not even BatchNorm running statistics.
     - ``kd`` (kd, customkd+kd): ``kd_loss`` against ``teacher_logits`` on all rows.
@@ -238,7 +245,7 @@ def stage_b_loss(
         p_t = _required(customizer, "customizer", method)
         with _eval_mode(p_t), torch.no_grad():
             customized = p_t(f_t.float())
-        task = feature_mse(f_s, customized)
+        task = feature_mse(f_s if h_s is None else h_s, customized)
         total = total + ck.lambda_task * task
     if "kd" in terms:
         t_logits = _required(teacher_logits, "teacher_logits", method)

@@ -319,6 +319,13 @@ class CustomKDSpec(_Spec):
     target_bound_scale: float = Field(
         10.0, gt=0.0, allow_inf_nan=False, description="the bound (fixed_rms) or its factor (student_rms)"
     )
+    target_space: Literal["auto", "features", "pre_activation"] = Field(
+        "auto",
+        description="where L_task compares the student with P_t(f_t): pre_activation = the student's head "
+        "output before its last activation (MobileNetV3's conv_head), so every target is reachable, and "
+        "stage A classifies activation(P_t(f_t)); features = f_s itself; auto = pre_activation where the "
+        "student has one, else features",
+    )
     fitnet_weight: float = Field(1.0, ge=0.0, description="weight of the fitnet baseline's MSE")
 
 

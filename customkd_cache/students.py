@@ -48,22 +48,58 @@ class Student(nn.Module):
         self.name = name
         self.feature_dim = head.in_features
         self.num_classes = head.out_features
+        self.has_pre_activation = _has_head_activation(model)
+        # the map from the pre-activation h_s to f_s (timm's act2), or the identity
+        self.activation: nn.Module = model.act2 if self.has_pre_activation else nn.Identity()  # type: ignore[assignment]
 
     def features(self, x: Tensor) -> Tensor:
         """``f_s`` (B, feature_dim): timm's ``forward_head(forward_features(x), pre_logits=True)``."""
-        return self.model.forward_head(self.model.forward_features(x), pre_logits=True)  # type: ignore[operator]
+        return self.features_and_pre(x)[0]
+
+    def features_and_pre(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """``(f_s, h_s)``: the pooled feature and its pre-activation, ``f_s == activation(h_s)``.
+
+        For a MobileNetV3-style head (pool, 1x1 ``conv_head``, ``norm_head``, activation ``act2``)
+        ``h_s`` is the head's output before ``act2``; for other students ``h_s`` is ``f_s``.
+        """
+        m = self.model
+        x = m.forward_features(x)  # type: ignore[operator]
+        if not self.has_pre_activation:
+            f_s = m.forward_head(x, pre_logits=True)  # type: ignore[operator]
+            return f_s, f_s
+        h_s = m.flatten(m.norm_head(m.conv_head(m.global_pool(x))))  # type: ignore[operator]
+        f_s = self.activate(h_s)
+        if m.drop_rate > 0.0:  # type: ignore[operator]
+            f_s = F.dropout(f_s, p=float(m.drop_rate), training=m.training)  # type: ignore[arg-type]
+        return f_s, h_s
+
+    def activate(self, h: Tensor) -> Tensor:
+        """``activation(h)`` without touching ``h`` (timm's activations may work in place)."""
+        return self.activation(h.clone()) if self.has_pre_activation else h
+
+    def forward_parts(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """``(logits, f_s, h_s)`` in one pass (see ``features_and_pre``)."""
+        f_s, h_s = self.features_and_pre(x)
+        return self.head()(f_s), f_s, h_s
 
     def head(self) -> nn.Module:
         """``H_s``: the model's own classifier (``nn.Linear`` feature_dim -> num_classes), not a copy."""
         return self.model.get_classifier()  # type: ignore[operator]
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        f_s = self.features(x)
-        return self.head()(f_s), f_s
+        logits, f_s, _ = self.forward_parts(x)
+        return logits, f_s
 
     def timm_model(self) -> nn.Module:
         """The underlying timm model, whose ``state_dict`` is the student checkpoint."""
         return self.model
+
+
+def _has_head_activation(model: nn.Module) -> bool:
+    """Whether ``model``'s head is pool, ``conv_head``, ``norm_head``, ``act2``, ``flatten`` (timm's
+    MobileNetV3 family), so that the pre-activation of ``f_s`` can be read."""
+    parts = ("global_pool", "conv_head", "norm_head", "act2", "flatten", "drop_rate")
+    return all(hasattr(model, p) for p in parts) and not isinstance(model.act2, nn.Identity)
 
 
 def create_student(spec: StudentSpec, *, num_classes: int, spec_dir: Path | None = None) -> Student:

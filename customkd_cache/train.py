@@ -22,7 +22,7 @@ import pickle
 import sys
 import time
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -181,14 +181,7 @@ def check_store(
     store: FeatureStore, *, spec: TrainSpec, spec_path: Path | None, manifest_digest: str
 ) -> None:
     """Refuse a store that is incomplete, from another teacher/feature kind, or for other samples."""
-    if not store.complete():
-        missing = {
-            s: int((~store.done_units(s)).sum()) for s in store.split_names if not store.split_complete(s)
-        }
-        raise StoreError(
-            f"{store.path}: cache is incomplete (units missing per split: {missing}); rerun "
-            "`customkd-cache cache` with its spec to finish it"
-        )
+    store.require_complete()  # names the missing units and the cache command that finishes them
     identity = store.attrs.get("identity", {})
     got = identity.get("dataset", {}).get("manifest_digest")
     if got != manifest_digest:
@@ -287,6 +280,7 @@ class Models:
     opt_b: torch.optim.Optimizer
     opt_a: torch.optim.Optimizer | None
     stage_a_head: nn.Module | None = None  # a separate teacher head (customkd.stage_a_head = separate)
+    pre_activation: bool = False  # L_task in the student's pre-activation space (customkd.target_space)
 
     def _parts(self) -> dict[str, Any]:
         parts = {
@@ -340,7 +334,23 @@ def build_models(spec: TrainSpec, *, spec_path: Path | None, num_classes: int, t
             weight_decay=ck.stage_a_weight_decay,
             momentum=0.9,
         )
-    return Models(student, ps, pt, opt_b, opt_a, head_a)
+    pre = pt is not None and target_in_pre_activation(ck.target_space, student)
+    return Models(student, ps, pt, opt_b, opt_a, head_a, pre)
+
+
+def target_in_pre_activation(space: str, student: Student) -> bool:
+    """Whether ``customkd.target_space`` puts L_task's target in the student's pre-activation space."""
+    if space == "pre_activation" and not student.has_pre_activation:
+        raise SpecError(
+            f"customkd.target_space = 'pre_activation': student '{student.name}' has no activation after "
+            "its pooled head (only MobileNetV3-style heads do); use 'auto' or 'features'"
+        )
+    return space != "features" and student.has_pre_activation
+
+
+def to_feature_space(models: Models) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """The map from the customizer's output to the student's head input (``None``: identity)."""
+    return models.student.activate if models.pre_activation else None
 
 
 def create_optimizer(
@@ -638,7 +648,9 @@ def train_stage_a(run: Run, epoch: int, cycle: int) -> dict[str, Any]:
         customizer.train()
         for _ in range(ck.stage_a_steps):
             idx = torch.from_numpy(rng.integers(0, len(labels), size=ck.stage_a_batch_size))
-            loss = customization_loss(head, customizer, feats[idx], labels[idx])
+            loss = customization_loss(
+                head, customizer, feats[idx], labels[idx], activation=to_feature_space(models)
+            )
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -655,10 +667,11 @@ def stage_a_report(run: Run, head: nn.Module, feats: torch.Tensor, labels: torch
     assert run.models.customizer is not None
     customizer = run.models.customizer
     customizer.eval()
+    activate = to_feature_space(run.models) or (lambda z: z)
     ce, correct, norm = 0.0, 0, 0.0
     for i in range(0, len(labels), 4096):
         z = customizer(feats[i : i + 4096])
-        logits = head(z).float()
+        logits = head(activate(z)).float()
         y = labels[i : i + 4096]
         ce += float(torch.nn.functional.cross_entropy(logits, y, reduction="sum"))
         correct += int((logits.argmax(1) == y).sum())
@@ -691,14 +704,15 @@ def set_target_bound(run: Run) -> dict[str, Any]:
 
 @torch.no_grad()
 def student_feature_scale(run: Run) -> tuple[float, float]:
-    """Mean L2 norm and mean RMS of the student's ``f_s`` on the bound images (``_bound_pixels``)."""
+    """Mean L2 norm and mean RMS of the student's ``f_s`` on the bound images (``_bound_pixels``);
+    of its pre-activation ``h_s`` when L_task's target lives there (``customkd.target_space``)."""
     student = run.models.student
     was_training = student.training
     student.train()
     with _frozen_batchnorm_stats(student):
-        _, f_s = student(_bound_pixels(run))
+        _, f_s, h_s = student.forward_parts(_bound_pixels(run))
     student.train(was_training)
-    f = f_s.float()
+    f = (h_s if run.models.pre_activation else f_s).float()
     return float(f.norm(dim=1).mean()), float(f.pow(2).mean(dim=1).sqrt().mean())
 
 
@@ -839,7 +853,7 @@ def _check_finite(terms: StageBTerms, epoch: int, step: int, method: str) -> Non
 def _stage_b_step(run: Run, batch: dict[str, torch.Tensor], dkd_ramp: float) -> tuple[StageBTerms, float]:
     """The loss terms of one batch and the batch's mean L2 norm of ``f_s``."""
     spec, models = run.spec, run.models
-    logits, f_s = models.student(batch["pixels"])
+    logits, f_s, h_s = models.student.forward_parts(batch["pixels"])
     f_t = _teacher_features(run, batch)
     needs_logits = bool({"kd", "dkd"} & method_terms(spec.method))
     teacher_logits = run.probe.logits(f_t) if needs_logits else None
@@ -857,6 +871,7 @@ def _stage_b_step(run: Run, batch: dict[str, torch.Tensor], dkd_ramp: float) -> 
         dkd=spec.dkd,
         ck=spec.customkd,
         dkd_ramp=dkd_ramp,
+        h_s=h_s if models.pre_activation else None,
     )
     return terms, float(f_s.detach().float().norm(dim=1).mean())
 
@@ -941,6 +956,8 @@ def _final_metrics(run: Run, rows_by_split: dict[str, list[int]], f_s: torch.Ten
     if run.models.customizer is not None:
         run.models.customizer.eval()
         customized = run.models.customizer(f_t.to(run.device))
+        activate = to_feature_space(run.models)
+        customized = customized if activate is None else activate(customized)
         out["cka_student_customized"] = linear_cka(f_s, customized.float().cpu())
         labels = np.concatenate(
             [run.store.labels(s)[np.asarray(r, np.int64)] for s, r in rows_by_split.items()]

@@ -253,7 +253,10 @@ def test_customized_teacher_accuracy_is_the_students_head_on_the_customized_feat
         rows = np.asarray(run.protocol.eval_indices(split, run.store.num_samples(split)), np.int64)
         f_t = torch.from_numpy(run.features.get_many(split, rows, np.zeros(len(rows), np.int64)))
         with torch.no_grad():
-            pred = run.models.student.head()(run.models.customizer(f_t)).argmax(1).numpy()
+            z = run.models.customizer(f_t)
+            if run.models.pre_activation:  # the target is a pre-activation: the head sees act(z)
+                z = run.models.student.activation(z.clone())
+            pred = run.models.student.head()(z).argmax(1).numpy()
         correct += int((pred == run.store.labels(split)[rows]).sum())
         total += len(rows)
     assert total > 0 and got == pytest.approx(correct / total)

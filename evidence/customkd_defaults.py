@@ -1,0 +1,258 @@
+"""Choose CustomKD's defaults on validation across label counts and seeds, and compare with KD.
+
+Fashion-MNIST, EfficientNet-Lite0 teacher (112 px, ``--views`` cached views), the shipped pipeline
+``pipelines/fashion_mnist/labels4_mobilenetv3.toml`` with only the labeled count, the lists and the
+candidate's own options changed. For every setting (labels per class x seed; each seed draws its own
+labeled, unlabeled and validation lists from the first ``--train`` training images) it trains
+``student_only`` once and every candidate of ``kd`` and ``customkd`` (the same number of candidates
+each: the search budget is equal). A candidate is chosen per method by its mean validation accuracy
+over all settings (the validation rows are held out from training); test accuracy is reported
+beside it and never used to choose. Results: ``evidence/results/customkd_defaults.{json,md}``.
+
+    python -m evidence.customkd_defaults                       # the study (2 processes)
+    python -m evidence.customkd_defaults --per-class 4 10 --seeds 3 4 --candidates kd:T=4 customkd:pre
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from customkd_cache import extract
+from customkd_cache.specs import load_cache_spec, load_train_spec
+from customkd_cache.train import run_train
+from evidence.fmnist import ensure_fashion_mnist, log, read_idx, ssl_lists
+
+REPO = Path(__file__).resolve().parents[1]
+CACHE_SPEC = REPO / "cache_specs" / "fashion_mnist" / "efficientnet_lite0.toml"
+TRAIN_SPEC = REPO / "pipelines" / "fashion_mnist" / "labels4_mobilenetv3.toml"
+OUT = REPO / "evidence" / "results"
+
+# name -> (method, overrides). Each method has the same number of candidates (equal search budget).
+CANDIDATES: dict[str, tuple[str, list[str]]] = {
+    "student_only": ("student_only", []),
+    "kd:T=1": ("kd", ["kd.temperature=1"]),
+    "kd:T=2": ("kd", ["kd.temperature=2"]),
+    "kd:T=4": ("kd", ["kd.temperature=4"]),
+    "kd:T=8": ("kd", ["kd.temperature=8"]),
+    "customkd:feat,rms10": (
+        "customkd",
+        ["customkd.target_space=features", "customkd.target_bound=fixed_rms"],
+    ),
+    "customkd:pre,rms10": (
+        "customkd",
+        ["customkd.target_space=pre_activation", "customkd.target_bound=fixed_rms"],
+    ),
+    "customkd:feat,student1": (
+        "customkd",
+        [
+            "customkd.target_space=features",
+            "customkd.target_bound=student_rms",
+            "customkd.target_bound_scale=1",
+        ],
+    ),
+    "customkd:pre,student1": (
+        "customkd",
+        [
+            "customkd.target_space=pre_activation",
+            "customkd.target_bound=student_rms",
+            "customkd.target_bound_scale=1",
+        ],
+    ),
+}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--per-class", type=int, nargs="+", default=[4, 10, 25], help="labels per class")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--train", type=int, default=4000, help="training images cached (lists come from them)")
+    ap.add_argument("--unlabeled", type=int, default=2000)
+    ap.add_argument("--val", type=int, default=1000, help="held-out labeled validation images")
+    ap.add_argument("--test", type=int, default=2000)
+    ap.add_argument("--views", type=int, default=3)
+    ap.add_argument("--epochs", type=int, default=0, help="0: the pipeline's")
+    ap.add_argument("--candidates", nargs="+", default=list(CANDIDATES), choices=list(CANDIDATES))
+    ap.add_argument("--jobs", type=int, default=2, help="runs at once (one torch thread each)")
+    ap.add_argument("--work", type=Path, default=REPO / "runs" / "customkd_defaults")
+    ap.add_argument("--out", type=Path, default=OUT)
+    return ap.parse_args(argv)
+
+
+def data_overrides(folder: Path, args: argparse.Namespace) -> list[str]:
+    return [f"dataset.root={folder}", f"dataset.max_per_split={{train = {args.train}, test = {args.test}}}"]
+
+
+def train_one(job: dict[str, Any]) -> dict[str, Any]:
+    """One run (in a worker process); its results.json is reused when the run finished before."""
+    out = Path(job["out"])
+    done = out / "results.json"
+    if not done.is_file():
+        spec = load_train_spec(TRAIN_SPEC, job["overrides"])
+        t0 = time.perf_counter()
+        run_train(spec, spec_path=TRAIN_SPEC, out=out)
+        log(f"[defaults] {out.name}: {time.perf_counter() - t0:.0f} s")
+    res = json.loads(done.read_text())
+    keep = ("student_accuracy", "val_accuracy", "best_val_accuracy", "teacher_accuracy", "wall_seconds")
+    return {**{k: res.get(k) for k in keep}, **{k: job[k] for k in ("candidate", "per_class", "seed")}}
+
+
+def jobs(args: argparse.Namespace, folder: Path, store: Path) -> list[dict[str, Any]]:
+    _, labels = read_idx(folder, "train")
+    out = []
+    for per_class in args.per_class:
+        for seed in args.seeds:
+            lists = ssl_lists(
+                args.work / "lists",
+                labels=labels[: args.train],
+                n_pool=args.unlabeled,
+                n_val=args.val,
+                per_class=per_class,
+                seed=seed,
+            )
+            for name in args.candidates:
+                method, extra = CANDIDATES[name]
+                overrides = [
+                    *data_overrides(folder, args),
+                    f"cache.store={store}",
+                    f"method={method}",
+                    f"seed={seed}",
+                    f"ssl.labeled_list={lists['labeled'].resolve()}",
+                    f"ssl.unlabeled_list={lists['pool'].resolve()}",
+                    f"ssl.val_list={lists['val'].resolve()}",
+                    "run.threads=1",
+                    "run.num_workers=0",
+                    *([f"optim.epochs={args.epochs}"] if args.epochs else []),
+                    *extra,
+                ]
+                tag = name.replace(":", "_").replace(",", "_").replace("=", "")
+                run_dir = args.work / f"pc{per_class}_s{seed}_{tag}"
+                out.append(
+                    {
+                        "candidate": name,
+                        "per_class": per_class,
+                        "seed": seed,
+                        "overrides": overrides,
+                        "out": str(run_dir),
+                    }
+                )
+    return out
+
+
+def _stats(vals: list[float]) -> dict[str, float]:
+    return {
+        "mean": statistics.mean(vals),
+        "std": statistics.stdev(vals) if len(vals) > 1 else 0.0,
+        "n": len(vals),
+    }
+
+
+def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per candidate: validation and test accuracy over all settings and per label count; the
+    candidate chosen per method (best mean validation accuracy)."""
+    by_cand: dict[str, Any] = {}
+    for name in dict.fromkeys(r["candidate"] for r in runs):
+        mine = [r for r in runs if r["candidate"] == name]
+        per = {}
+        for pc in sorted({r["per_class"] for r in mine}):
+            rows = [r for r in mine if r["per_class"] == pc]
+            per[str(pc)] = {
+                "val": _stats([100 * r["val_accuracy"] for r in rows]),
+                "test": _stats([100 * r["student_accuracy"] for r in rows]),
+            }
+        by_cand[name] = {
+            "method": CANDIDATES[name][0],
+            "val": _stats([100 * r["val_accuracy"] for r in mine]),
+            "test": _stats([100 * r["student_accuracy"] for r in mine]),
+            "per_class": per,
+        }
+    chosen = {}
+    for method in dict.fromkeys(c["method"] for c in by_cand.values()):
+        names = [n for n, c in by_cand.items() if c["method"] == method]
+        chosen[method] = max(names, key=lambda n: by_cand[n]["val"]["mean"])
+    return {"candidates": by_cand, "chosen": chosen}
+
+
+def write_report(out: Path, result: dict[str, Any]) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "customkd_defaults.json").write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
+    summ = result["summary"]
+    pcs = sorted({int(pc) for c in summ["candidates"].values() for pc in c["per_class"]})
+    lines = [
+        "# CustomKD defaults chosen on validation (Fashion-MNIST, EfficientNet-Lite0 teacher)",
+        "",
+        f"Command: `{result['command']}` ({result['minutes']:.0f} min, {result['machine']}).",
+        f"Plan: {json.dumps(result['plan'])}.",
+        "",
+        "Accuracy (%) of the student, last epoch, mean ± std over seeds. val: held-out labeled "
+        "training images (used to choose); test: the test images (reported, never used to choose). "
+        "**bold**: the candidate chosen per method on mean validation accuracy over all settings.",
+        "",
+        "| candidate | val (all) | "
+        + " | ".join(f"val {pc}/class | test {pc}/class" for pc in pcs)
+        + " | test (all) |",
+        "|---|---|" + "---|---|" * len(pcs) + "---|",
+    ]
+    chosen = set(summ["chosen"].values())
+    for name, c in summ["candidates"].items():
+        cells = [f"{c['val']['mean']:.2f} ± {c['val']['std']:.2f}"]
+        for pc in pcs:
+            p = c["per_class"].get(str(pc))
+            cells += (
+                [
+                    f"{p['val']['mean']:.2f} ± {p['val']['std']:.2f}",
+                    f"{p['test']['mean']:.2f} ± {p['test']['std']:.2f}",
+                ]
+                if p
+                else ["", ""]
+            )
+        cells.append(f"{c['test']['mean']:.2f} ± {c['test']['std']:.2f}")
+        shown = f"**{name}**" if name in chosen else name
+        lines.append(f"| {shown} | " + " | ".join(cells) + " |")
+    lines += ["", f"Teacher probe (linear on the labels), test: {result['probe']}", ""]
+    (out / "customkd_defaults.md").write_text("\n".join(lines) + "\n")
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    command = " ".join(["python -m evidence.customkd_defaults", *(sys.argv[1:] if argv is None else argv)])
+    os.environ.setdefault("CUSTOMKD_CACHE_ROOT", str(REPO / "caches"))
+    t0 = time.perf_counter()
+    folder = ensure_fashion_mnist()
+    cspec = load_cache_spec(
+        CACHE_SPEC, [*data_overrides(folder, args), f"views.num_views={args.views}", "run.num_workers=1"]
+    )
+    store = extract.run_cache(cspec, spec_path=CACHE_SPEC, shard=extract.Shard(), progress=False).path
+    todo = jobs(args, folder, store)
+    log(f"[defaults] {len(todo)} runs from {store}, {args.jobs} at a time")
+    with ProcessPoolExecutor(max_workers=args.jobs) as pool:
+        runs = list(pool.map(train_one, todo))
+    probe: dict[str, Any] = {}
+    for pc in args.per_class:
+        vals = [100 * r["teacher_accuracy"] for r in runs if r["per_class"] == pc and r["teacher_accuracy"]]
+        if vals:
+            s = _stats(vals)
+            probe[f"{pc}/class"] = f"{s['mean']:.2f} ± {s['std']:.2f}"
+    result = {
+        "command": command,
+        "machine": f"{os.cpu_count()} CPU cores, {args.jobs} runs at a time, 1 torch thread each",
+        "minutes": (time.perf_counter() - t0) / 60,
+        "plan": {k: v for k, v in vars(args).items() if k not in ("work", "out", "jobs")},
+        "store": str(store),
+        "runs": runs,
+        "probe": probe,
+        "summary": summarize(runs),
+    }
+    write_report(args.out, result)
+    log(f"[defaults] chosen: {result['summary']['chosen']}; wrote {args.out}/customkd_defaults.{{json,md}}")
+
+
+if __name__ == "__main__":
+    main()
