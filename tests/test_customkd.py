@@ -303,3 +303,37 @@ def test_linear_cka_golden_values() -> None:
     assert linear_cka(x, torch.randn(500, 16, generator=g)) < 0.1
     half = torch.cat([x[:, :8], torch.zeros(500, 8)], 1)
     assert 0.5 < linear_cka(x, half) < 0.9
+
+
+class TestTargetSpace:
+    def test_auto_regresses_the_pre_activation_of_a_mobilenetv3(
+        self, smoke: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        run = make_run(smoke, tmp_path / "r", monkeypatch)
+        assert run.models.pre_activation  # the smoke student is a MobileNetV3
+        feats = make_run(smoke, tmp_path / "f", monkeypatch, "customkd.target_space=features")
+        assert not feats.models.pre_activation
+
+    def test_stage_a_classifies_the_activated_target(
+        self, smoke: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        run = make_run(smoke, tmp_path / "r", monkeypatch, "customkd.stage_a_steps=20")
+        report = train_stage_a(run, 0, 0)
+        f_t, y = labeled(run)
+        assert run.models.customizer is not None
+        with torch.no_grad():
+            z = run.models.customizer.eval()(f_t)
+            logits = run.models.student.head()(torch.nn.functional.hardswish(z))
+        assert report["stage_a_accuracy"] == pytest.approx(float((logits.argmax(1) == y).float().mean()))
+
+    def test_pre_activation_on_a_student_without_one_is_a_spec_error(
+        self, smoke: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        with pytest.raises(SpecError, match="target_space"):
+            make_run(
+                smoke,
+                tmp_path / "r",
+                monkeypatch,
+                "student.name=test_efficientnet",
+                "customkd.target_space=pre_activation",
+            )

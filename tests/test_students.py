@@ -51,6 +51,26 @@ class TestStudent:
         assert torch.equal(student.head()(f_s), logits)
         assert torch.allclose(eval_logits(student.timm_model(), images()), logits)
 
+    def test_pre_activation_is_the_mobilenetv3_head_before_act2(self) -> None:
+        torch.manual_seed(0)
+        student = create_student(StudentSpec(name="mobilenetv3_small_050", input_size=32), num_classes=4)
+        student.train()  # training mode: BatchNorm uses batch statistics, as in stage B
+        x = images(3)
+        logits, f_s, h_s = student.forward_parts(x)
+        model = student.timm_model()
+        want_h = model.flatten(model.conv_head(model.global_pool(model.forward_features(x))))
+        assert student.has_pre_activation
+        assert torch.allclose(h_s, want_h, atol=1e-6)
+        assert torch.allclose(f_s, torch.nn.functional.hardswish(want_h), atol=1e-6)
+        assert torch.equal(student.activate(h_s), f_s) and not torch.equal(h_s, f_s)  # act2 left h_s alone
+        assert torch.allclose(logits, student.head()(f_s))
+
+    def test_students_without_a_head_activation_give_f_s_as_pre_activation(self) -> None:
+        student = make().eval()  # EfficientNet: pooled features, no activation after the pool
+        _, f_s, h_s = student.forward_parts(images())
+        assert not student.has_pre_activation and torch.equal(f_s, h_s)
+        assert torch.equal(student.activate(h_s), h_s)
+
     def test_mobilenetv3_default_feature_is_the_1280d_conv_head(self) -> None:
         torch.manual_seed(0)
         student = create_student(StudentSpec(), num_classes=3).eval()
