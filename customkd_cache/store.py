@@ -88,6 +88,7 @@ _BASE_ATTRS = (
 )
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 _SHOW_IDS = 5  # sample ids named in an error message; the count says how many more
+_SHOW_RUNS = 20  # runs of unit indices named in an error message ("3, 7-9"); the count says how many
 
 
 @dataclass(frozen=True)
@@ -149,6 +150,19 @@ def num_units(num_samples: int, unit_rows: int) -> int:
 def unit_ranges(num_samples: int, unit_rows: int) -> list[range]:
     """Contiguous row ranges, one per work unit; the last may be short."""
     return [range(start, min(start + unit_rows, num_samples)) for start in range(0, num_samples, unit_rows)]
+
+
+def format_units(indices: Sequence[int]) -> str:
+    """Unit indices as runs for a message: ``[3, 7, 8, 9]`` -> ``"3, 7-9"``; past ``_SHOW_RUNS`` runs
+    the rest is counted (``"..., ... (40 in all)"``)."""
+    runs: list[list[int]] = []
+    for k in sorted(set(indices)):
+        if runs and k == runs[-1][1] + 1:
+            runs[-1][1] = k
+        else:
+            runs.append([k, k])
+    shown = ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in runs[:_SHOW_RUNS])
+    return shown + (f", ... ({len(set(indices))} in all)" if len(runs) > _SHOW_RUNS else "")
 
 
 # --- naming, creating, opening, listing ---------------------------------------------------------
@@ -456,6 +470,8 @@ class FeatureStore:
         try:
             if self.unit_done(split, unit):
                 self._array(split, "done")[unit] = 0
+            # stats written while this unit was not done (its marker lost) are recomputed from the sums
+            if self._marker(split, "stats_done"):
                 self._array(split, "stats_done")[0] = 0
             for name in ("features", "boxes", "flips"):
                 self._array(split, name)[rows.start : rows.stop] = written[name]
@@ -509,31 +525,66 @@ class FeatureStore:
 
         ``splits``: the dataset manifest's ids and labels, rewritten where the store's differ (they
         are inputs, never recomputed). ``units``: the (split, unit) pairs to check; a done unit whose
-        arrays fail their sha256, hold NaN/Inf or cannot be read is marked not done. Mean/std that
-        disagree with the unit sums are marked not written. Raises StoreError if read-only.
+        arrays fail their sha256, hold NaN/Inf or cannot be read is marked not done, and units whose
+        marker is lost (missing, unreadable, not 1) are named: the run computes them all. Mean/std
+        are marked not written when they disagree with the unit sums, cannot be read, or are marked
+        written while a unit is not done, so the run rewrites them from the sums of the recomputed
+        units. Nothing damaged is kept. Raises StoreError if read-only.
         """
         self._require_writable()
-        repaired: list[str] = []
         try:
-            for split, init in splits.items():
-                if self._rewrite_rows(split, init):
-                    repaired.append(f"split '{split}': ids/labels rewritten from the dataset manifest")
-            for split, unit in units:
-                if not self.unit_done(split, unit):
-                    continue
-                problem, _ = self._unit_problem(split, unit)
-                if problem is not None:
-                    self._array(split, "done")[unit] = 0
-                    self._array(split, "stats_done")[0] = 0
-                    repaired.append(f"{self._where(split, unit)}: {problem}; marked for recompute")
-            for split in self.split_names:
-                if self._marker(split, "stats_done") and self._stats_problem(split):
-                    self._array(split, "stats_done")[0] = 0
-                    repaired.append(f"split '{split}': mean/std disagree with the unit sums; rewritten")
+            repaired = self._repair_rows(splits)
+            repaired += self._repair_units(units)
+            repaired += self._repair_stats()
         except OSError as e:
             raise StoreError(
                 f"{self.path}: cannot repair ({e.strerror or e}); use a store you can write"
             ) from None
+        return repaired
+
+    def _repair_rows(self, splits: Mapping[str, SplitInit]) -> list[str]:
+        return [
+            f"split '{split}': ids/labels rewritten from the dataset manifest"
+            for split, init in splits.items()
+            if self._rewrite_rows(split, init)
+        ]
+
+    def _repair_units(self, units: Sequence[tuple[str, int]]) -> list[str]:
+        """Mark the damaged done units of ``units`` not done; name the units already not done."""
+        repaired: list[str] = []
+        lost: dict[str, list[int]] = {}
+        for split, unit in units:
+            if not self.unit_done(split, unit):
+                lost.setdefault(split, []).append(unit)
+                continue
+            problem, _ = self._unit_problem(split, unit)
+            if problem is not None:
+                self._array(split, "done")[unit] = 0
+                self._array(split, "stats_done")[0] = 0
+                repaired.append(f"{self._where(split, unit)}: {problem}; marked for recompute")
+        for split, indices in lost.items():
+            repaired.append(
+                f"split '{split}': units {format_units(indices)} of {self.num_units(split)} not done "
+                "(marker missing, unreadable or 0); computed by this run"
+            )
+        return repaired
+
+    def _repair_stats(self) -> list[str]:
+        """Mark each split's mean/std not written where they cannot be trusted."""
+        repaired = []
+        for split in self.split_names:
+            if not self._marker(split, "stats_done"):
+                continue
+            if not self.done_units(split).all():
+                why = "marked written while units are not done"
+            elif self._stats_problem(split):
+                why = "disagree with the unit sums"
+            else:
+                continue
+            self._array(split, "stats_done")[0] = 0
+            repaired.append(
+                f"split '{split}': mean/std {why}; rewritten from the unit sums once all are done"
+            )
         return repaired
 
     def _rewrite_rows(self, split: str, init: SplitInit) -> bool:
@@ -560,10 +611,19 @@ class FeatureStore:
 
     def repair_command(self) -> str:
         """The command that repairs this store: the cache command it was made with plus ``--repair``."""
+        return self._cache_command("--repair")
+
+    def finish_command(self) -> str:
+        """The command that finishes this store when units are not done: the cache command it was
+        made with (it resumes, computing only what is missing)."""
+        return self._cache_command()
+
+    def _cache_command(self, *extra: str) -> str:
         command = self.attrs.get("provenance", {}).get("command")
         if isinstance(command, list) and command and all(isinstance(x, str) for x in command):
-            return shlex.join([*command, "--repair"])
-        return "customkd-cache cache --spec SPEC --repair (SPEC: the cache spec this store was made from)"
+            return shlex.join([*command, *extra])
+        tail = "".join(f" {x}" for x in extra)
+        return f"customkd-cache cache --spec SPEC{tail} (SPEC: the cache spec this store was made from)"
 
     # --- status
 
@@ -573,6 +633,27 @@ class FeatureStore:
 
     def complete(self) -> bool:
         return all(self.split_complete(split) for split in self.split_names)
+
+    def require_complete(self) -> None:
+        """Refuse (StoreError) a store that is not complete, in one line: the store, each incomplete
+        split's missing units (``split 'train' units 3, 7-9 of 12 not done``) or missing mean/std,
+        and the command that finishes it (``finish_command``). What stage two calls before reading."""
+        gaps = [gap for split in self.split_names if (gap := self._split_gap(split))]
+        if gaps:
+            raise StoreError(
+                f"{self.path}: cache is incomplete: {'; '.join(gaps)}; finish it with "
+                f"`{self.finish_command()}` (it resumes), then rerun"
+            )
+
+    def _split_gap(self, split: str) -> str:
+        """What keeps ``split`` from being complete, or ``""``."""
+        done = self.done_units(split)
+        if not done.all():
+            missing = np.flatnonzero(~done).tolist()
+            return f"split '{split}' units {format_units(missing)} of {done.size} not done"
+        if not self._marker(split, "stats_done"):
+            return f"split '{split}' has every unit done but no mean/std"
+        return ""
 
     # --- reading
 
@@ -675,7 +756,7 @@ class FeatureStore:
             done = self.done_units(split)
             raise StoreError(
                 f"{self.path}: split '{split}' has no mean/std yet ({int(done.sum())}/{done.size} units "
-                "done); finish it by rerunning `customkd-cache cache` (it resumes)"
+                f"done); finish it with `{self.finish_command()}` (it resumes)"
             )
         mean = np.asarray(self._array(split, "mean")[:], dtype=np.float32)
         return mean, np.asarray(self._array(split, "std")[:], dtype=np.float32)
@@ -808,10 +889,7 @@ class FeatureStore:
         done = self.done_units(split)
         missing = np.flatnonzero(~done).tolist()
         if missing:
-            shown = ", ".join(map(str, missing[:20])) + (
-                f", ... ({len(missing)} in all)" if len(missing) > 20 else ""
-            )
-            problems.append(f"split '{split}': {len(missing)} of {done.size} units not done: [{shown}]")
+            problems.append(f"split '{split}': units {format_units(missing)} of {done.size} not done")
         for unit in np.flatnonzero(done).tolist():
             problems += self._verify_unit(split, unit)
         if not missing and not self._marker(split, "stats_done"):
@@ -1021,8 +1099,8 @@ class FeatureStore:
 
         if missing:
             raise StoreError(
-                f"{self.path}: split '{split}' has {len(missing)} unit(s) not done (first: {missing[0]}; "
-                f"{int(done.sum())}/{done.size} done); finish it by rerunning `customkd-cache cache`"
+                f"{self.path}: split '{split}' units {format_units(missing)} of {done.size} not done; "
+                f"finish it with `{self.finish_command()}` (it resumes)"
             )
 
     def _require_writable(self) -> None:

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 import zarr
 
-from customkd_cache.store import FIDELITY_ATTR, open_store
+from customkd_cache.store import CLAIMS_DIR, FIDELITY_ATTR, open_store
 from customkd_cache.testing import fakedata
 
 REPO = Path(__file__).resolve().parents[1]
@@ -320,3 +320,95 @@ def test_bf16_teacher_records_its_cosine_to_fp32(
     assert 0.99 < attrs["bf16_cosine_to_fp32"] <= 1.0 + 1e-6
     assert attrs["identity"]["teacher"]["precision"] == "bf16"
     assert open_store(res.path).info()[FIDELITY_ATTR] == attrs[FIDELITY_ATTR]  # info --json
+
+
+# --- repair restores every kind of array -------------------------------------------------------
+
+# Every array of a split: the unit data, the done markers, the per-unit hashes and the split's stats.
+_FLOAT_ARRAYS = ("features", "boxes", "flips", "ids", "labels", "unit_sum", "unit_sumsq")
+_FLOAT_ARRAYS += ("done", "unit_sha256", "mean", "std", "stats_done")
+_INT8_ARRAYS = ("quant_scale", "quant_offset", "quant_cosine")  # beside the codes in ``features``
+_PER_SPLIT = ("mean", "std", "stats_done")  # one chunk for the split
+# (dtype, array): every array of a float16 store; an int8 store's codes and quantization arrays
+# (its other arrays are the float layout's).
+_REPAIRED = [("float16", name) for name in _FLOAT_ARRAYS]
+_REPAIRED += [("int8", name) for name in ("features", *_INT8_ARRAYS)]
+_DAMAGES = ("changed", "deleted")
+_SPLIT, _UNIT = "Art", 1  # the damaged unit (rows 16-31 of 16-row units)
+
+
+@pytest.fixture(scope="module")
+def clean_stores(oh_root: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """One clean build per dtype of the Art split in 16-row units (5 units), through the CLI."""
+    built = {}
+    for dtype in ("float16", "int8"):
+        root = tmp_path_factory.mktemp(f"clean_{dtype}")
+        args = smoke_args(oh_root, "--set", "dataset.splits=['Art']", "--set", f"store.dtype={dtype}")
+        cli(*args, env=env_for(root))
+        built[dtype] = only_store(root)
+        group = zarr.open_group(built[dtype] / _SPLIT, mode="r")
+        extra = _INT8_ARRAYS if dtype == "int8" else ()
+        assert sorted(group.array_keys()) == sorted((*_FLOAT_ARRAYS, *extra))  # every array is damaged
+    return built
+
+
+def _chunk_file(store: Path, name: str) -> Path:
+    """The chunk file of ``_UNIT`` in array ``name`` (chunk 0 of a per-split array such as mean)."""
+    where = store / _SPLIT / name / "c" / ("0" if name in _PER_SPLIT else str(_UNIT))
+    return where if where.is_file() else next(p for p in sorted(where.rglob("*")) if p.is_file())
+
+
+def _damage(chunk: Path, how: str) -> None:
+    if how == "deleted":
+        chunk.unlink()
+        return
+    data = bytearray(chunk.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # zstd chunks fail their checksum; a done marker 1 reads 0xFE
+    chunk.write_bytes(bytes(data))
+
+
+def _files(store: Path) -> dict[str, bytes]:
+    """Every file of the store but the (empty once released) claims, by relative path."""
+    return {
+        str(p.relative_to(store)): p.read_bytes()
+        for p in sorted(store.rglob("*"))
+        if p.is_file() and CLAIMS_DIR not in p.relative_to(store).parts
+    }
+
+
+@pytest.mark.usefixtures("one_thread")
+class TestRepairRestoresEveryArray:
+    """Damage one array of one unit (or the split's stats), run the repair that ``verify`` prints
+    through the CLI, and get a store that verifies with the bytes of a clean build."""
+
+    @pytest.mark.parametrize("how", _DAMAGES)
+    @pytest.mark.parametrize(("dtype", "name"), _REPAIRED, ids=[f"{d}-{n}" for d, n in _REPAIRED])
+    def test_cache_repair_then_verify_passes(
+        self,
+        clean_stores: dict[str, Path],
+        tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch,
+        dtype: str,
+        name: str,
+        how: str,
+    ) -> None:
+        from typer.testing import CliRunner
+
+        from customkd_cache.cli import app
+
+        clean = clean_stores[dtype]
+        store = tmp_path / clean.name
+        shutil.copytree(clean, store)
+        _damage(_chunk_file(store, name), how)
+        monkeypatch.setenv("CUSTOMKD_CACHE_ROOT", str(tmp_path))
+        monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+        runner = CliRunner()
+        before = runner.invoke(app, ["verify", str(store)])
+        assert before.exit_code == 1, before.output  # the damage is seen
+        program, *args = shlex.split(before.output.strip().splitlines()[-1].split("repair with: ", 1)[1])
+        assert program == "customkd-cache" and args[-1] == "--repair"
+        repaired = runner.invoke(app, args)
+        assert repaired.exit_code == 0, (repaired.output, repaired.exception)
+        after = runner.invoke(app, ["verify", str(store)])
+        assert after.exit_code == 0 and after.output.strip().endswith(": ok"), after.output
+        assert _files(store) == _files(clean)

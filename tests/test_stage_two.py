@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -345,6 +346,39 @@ class TestResume:
         out = tmp_path / "file"
         out.write_text("x")
         _refused(_train(cached, out), str(out), "directory")
+
+
+@pytest.mark.parametrize("reader", ["train", "train_streaming", "sweep"])
+def test_a_store_with_a_lost_done_marker_is_refused_before_training(
+    cached: dict[str, Path], tmp_path: Path, reader: str
+) -> None:
+    """A finished unit's marker deleted (a partly built cache): every stage-two reader refuses the
+    store up front, naming the split, the units and the cache command that finishes them."""
+    source = next(p for p in cached["caches"].iterdir() if p.suffix == ".zarr")
+    store = tmp_path / "caches" / source.name
+    shutil.copytree(source, store)
+    (store / "Clipart" / "done" / "c" / "0").unlink()  # unit 0 of 2 (64-row units, 65 images)
+    env = env_for(cached) | {"CUSTOMKD_CACHE_ROOT": str(store.parent)}
+    out = tmp_path / "r"
+    if reader == "sweep":
+        args = ["sweep", "--spec", str(TRAIN_SPEC), "--out", str(out), "--grid", "seed=0"]
+        proc = cli(*args, "--set", f"dataset.root={cached['root']}", env=env, check=False)
+    else:
+        streaming = ["--set", "run.features_in_ram=false"] if reader == "train_streaming" else []
+        proc = _train(cached, out, *streaming, env=env)
+    finish = shlex.join(
+        [
+            "customkd-cache",
+            "cache",
+            "--spec",
+            str(CACHE_SPEC.resolve()),
+            "--set",
+            f"dataset.root={cached['root']}",
+        ]
+    )
+    _refused(proc, str(store), "incomplete", "split 'Clipart' units 0 of 2 not done", f"`{finish}`")
+    assert "--repair" not in proc.stderr
+    assert not list(out.rglob("metrics.jsonl")) and not list(out.rglob("*.pt"))  # nothing trained
 
 
 def _damage_lost_chunk(store: Path) -> str:

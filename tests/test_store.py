@@ -20,6 +20,7 @@ from customkd_cache.store import (
     FeatureStore,
     SplitInit,
     create_or_open_store,
+    format_units,
     list_stores,
     open_store,
     store_name,
@@ -351,6 +352,37 @@ class TestStats:
         assert store.finalize_split("val-a_1") and store.complete()
 
 
+class TestComplete:
+    def test_format_units(self) -> None:
+        assert format_units([9, 3, 7, 8]) == "3, 7-9"
+        assert format_units([0]) == "0" and format_units([]) == ""
+        assert (
+            format_units(list(range(0, 100, 2))) == ", ".join(map(str, range(0, 40, 2))) + ", ... (50 in all)"
+        )
+
+    def test_require_complete_names_missing_units_and_the_command(self, tmp_path: Path) -> None:
+        command = ["customkd-cache", "cache", "--spec", "/specs/s.toml"]
+        store = _create(tmp_path / "s.zarr", provenance={"command": command})
+        store.write_unit("train", 1, **_unit(store, "train", 1))
+        store.write_unit("val-a_1", 0, **_unit(store, "val-a_1", 0))
+        with pytest.raises(StoreError) as err:
+            open_store(store.path).require_complete()
+        message = str(err.value)
+        assert "\n" not in message and str(store.path) in message
+        assert "split 'train' units 0, 2 of 3 not done" in message
+        assert "split 'val-a_1' has every unit done but no mean/std" in message
+        assert "`customkd-cache cache --spec /specs/s.toml`" in message and "--repair" not in message
+        _write_all(store)
+        assert store.finalize_split("train") and store.finalize_split("val-a_1")
+        open_store(store.path).require_complete()
+
+    def test_reads_of_units_not_done_name_them_and_the_command(self, tmp_path: Path) -> None:
+        store = _create(tmp_path / "s.zarr", provenance={"command": ["customkd-cache", "cache"]})
+        store.write_unit("train", 1, **_unit(store, "train", 1))
+        with pytest.raises(StoreError, match=r"'train' units 0, 2 of 3 not done; .*`customkd-cache cache`"):
+            store.read_split("train")
+
+
 class TestVerify:
     def test_healthy_store(self, tmp_path: Path) -> None:
         store = _create(tmp_path / "s.zarr")
@@ -365,7 +397,7 @@ class TestVerify:
         store.write_unit("val-a_1", 0, **_unit(store, "val-a_1", 0))
         problems = store.verify()
         assert len(problems) == 2
-        assert "'train'" in problems[0] and "[0, 2]" in problems[0]
+        assert "'train'" in problems[0] and "units 0, 2 of 3 not done" in problems[0]
         assert "'val-a_1'" in problems[1] and "mean/std are missing" in problems[1]
 
     @pytest.mark.parametrize("compressor", ["zstd", "none"])
@@ -466,6 +498,36 @@ class TestDamage:
         assert writer.finalize_split("train") and writer.finalize_split("val-a_1")
         assert writer.verify() == [] and _snapshot(store.path) == before
 
+    @pytest.mark.parametrize("damage", ["deleted", "zeroed", "garbage"])
+    def test_a_lost_done_marker_is_recomputed_and_its_stats_rewritten(
+        self, tmp_path: Path, damage: str
+    ) -> None:
+        store = _complete(tmp_path / "s.zarr", compressor="none")
+        before = _snapshot(store.path)
+        marker = store.path / "train" / "done" / "c" / "1"
+        {
+            "deleted": marker.unlink,
+            "zeroed": lambda: marker.write_bytes(b"\0"),
+            "garbage": lambda: marker.write_bytes(b"\xfe\x01"),
+        }[damage]()
+        writer = open_store(store.path, writable=True)
+        all_units = [(s, u) for s in writer.split_names for u in range(writer.num_units(s))]
+        repaired = writer.repair(_splits(), all_units)  # raised StoreError: the stats check read sums
+        assert any("units 1 of 3 not done" in line for line in repaired), repaired
+        assert any("mean/std marked written while units are not done" in line for line in repaired)
+        assert not writer.split_complete("train")
+        writer.write_unit("train", 1, **_unit(writer, "train", 1))
+        assert writer.finalize_split("train")
+        assert writer.verify() == [] and _snapshot(store.path) == before
+
+    def test_rewriting_a_unit_after_a_lost_marker_recomputes_the_stats(self, tmp_path: Path) -> None:
+        store = _complete(tmp_path / "s.zarr")
+        (store.path / "train" / "done" / "c" / "1").unlink()
+        writer = open_store(store.path, writable=True)
+        writer.write_unit("train", 1, **_unit(writer, "train", 1, seed=7))  # other data than before
+        assert writer.finalize_split("train")
+        assert writer.verify() == []  # mean/std come from the sums of the units as they are now
+
     def test_the_repair_command_comes_from_the_provenance(self, tmp_path: Path) -> None:
         command = ["customkd-cache", "cache", "--spec", "/specs/my spec.toml", "--set", "dataset.root=/d"]
         store = _create(tmp_path / "s.zarr", provenance={"command": command})
@@ -473,6 +535,10 @@ class TestDamage:
             "customkd-cache cache --spec '/specs/my spec.toml' --set dataset.root=/d --repair"
         )
         assert "SPEC" in _create(tmp_path / "t.zarr").repair_command()
+        assert (
+            store.finish_command()
+            == "customkd-cache cache --spec '/specs/my spec.toml' --set dataset.root=/d"
+        )
 
     def test_a_corrupt_array_zarr_json_is_reported(self, tmp_path: Path) -> None:
         store = _complete(tmp_path / "s.zarr")
