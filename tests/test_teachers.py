@@ -363,3 +363,14 @@ def test_resolve_device() -> None:
 def test_to_moves_the_teacher() -> None:
     teacher: Teacher = create_teacher(make_spec(name="test_vit"), device="cpu")
     assert teacher.to(torch.device("cpu")) is teacher and teacher.device == torch.device("cpu")
+
+
+def test_cnn_teachers_run_channels_last_with_the_same_features() -> None:
+    cnn = create_teacher(make_spec(name="test_efficientnet", feature="pooled"))
+    vit = create_teacher(make_spec(name="test_vit", feature="cls"))
+    assert cnn.channels_last and not vit.channels_last
+    x = images(3)
+    nhwc = cnn.features(x)
+    cnn.module.to(memory_format=torch.contiguous_format)
+    cnn.channels_last = False
+    assert torch.allclose(nhwc, cnn.features(x), rtol=1e-4, atol=1e-5)
