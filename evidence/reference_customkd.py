@@ -66,7 +66,7 @@ def ssl_data(args: argparse.Namespace, student: nn.Module) -> tuple:
     f_test = np.asarray(store.read_split("test")[:, 0], np.float32)
     folder = ensure_fashion_mnist()
     (xtr, ytr), (xte, yte) = read_idx(folder, "train"), read_idx(folder, "t10k")
-    lab = ids(args.lists / f"labeled_4pc_seed{args.seed}.txt")
+    lab = ids(args.lists / f"labeled_{args.per_class}pc_seed{args.seed}.txt")
     pool = ids(next(args.lists.glob(f"pool_*_seed{args.seed}.txt")))
     x_tr, x_te = pixels(xtr[: len(f_train)], student), pixels(xte[: len(f_test)], student)
     y_tr, y_te = torch.from_numpy(ytr[: len(f_train)]), torch.from_numpy(yte[: len(f_test)])
@@ -90,6 +90,15 @@ def uda_data(args: argparse.Namespace, student: nn.Module) -> tuple:
     return f_train, fe, x_tr, xe, y_tr, ye, lab, pool
 
 
+def pooled(student: nn.Module, x: torch.Tensor, pre: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(f_s, the regressed feature): f_s itself, or with ``pre`` the MobileNetV3 head before act2."""
+    if not pre:
+        f = student.forward_head(student.forward_features(x), pre_logits=True)
+        return f, f
+    h = student.flatten(student.conv_head(student.global_pool(student.forward_features(x))))
+    return F.hardswish(h), h
+
+
 def run(args: argparse.Namespace) -> dict[str, float]:
     torch.manual_seed(args.seed)
     torch.set_num_threads(1)
@@ -98,7 +107,9 @@ def run(args: argparse.Namespace) -> dict[str, float]:
     mean, std = f_train.mean(0), f_train.std(0) + 1e-6
     ft_tr, ft_te = torch.from_numpy((f_train - mean) / std), torch.from_numpy((f_test - mean) / std)
     d_t = ft_tr.shape[1]
-    d_s = student.forward_head(student.forward_features(x_tr[:2]), pre_logits=True).shape[1]
+    pre = args.space == "pre"
+    act = F.hardswish if pre else (lambda z: z)
+    d_s = pooled(student, x_tr[:2], pre)[0].shape[1]
     p_s, p_t = nn.Linear(d_s, d_t), nn.Linear(d_t, d_s)
     probe = nn.Linear(d_t, 10)
     opt_p = torch.optim.AdamW(probe.parameters(), lr=1e-3, weight_decay=1e-4)
@@ -130,11 +141,11 @@ def run(args: argparse.Namespace) -> dict[str, float]:
                 cap = torch.tensor(args.bound_rms)
                 if args.bound == "student":  # the student's mean feature RMS on the labeled images
                     with torch.no_grad():
-                        f_s = student.forward_head(student.forward_features(x_tr[lab]), pre_logits=True)
+                        f_s = pooled(student, x_tr[lab], pre)[1]
                     cap = f_s.pow(2).mean(1).sqrt().mean()
                 if args.bound != "none":  # scale each row down to an RMS of at most cap
                     z = z * torch.clamp(cap / z.pow(2).mean(1, keepdim=True).sqrt(), max=1.0)
-                loss = F.cross_entropy(F.linear(z, head.weight.detach(), head.bias.detach()), y_tr[b])
+                loss = F.cross_entropy(F.linear(act(z), head.weight.detach(), head.bias.detach()), y_tr[b])
                 opt_a.zero_grad()
                 loss.backward()
                 opt_a.step()
@@ -143,7 +154,7 @@ def run(args: argparse.Namespace) -> dict[str, float]:
         order = rng.permutation(pool)
         for i in range(steps_per_epoch):
             b = np.concatenate([rng.choice(lab, n_lab), order[i * n_un : (i + 1) * n_un]])
-            f_s = student.forward_head(student.forward_features(x_tr[b]), pre_logits=True)
+            f_s, h_s = pooled(student, x_tr[b], pre)
             logits = head(f_s)
             loss = F.cross_entropy(logits[:n_lab], y_tr[b[:n_lab]])
             if uses_probe:
@@ -161,7 +172,7 @@ def run(args: argparse.Namespace) -> dict[str, float]:
                     if cap_now is not None:
                         rms = target.pow(2).mean(1, keepdim=True).sqrt()
                         target = target * torch.clamp(cap_now / rms, max=1.0)
-                loss = loss + F.mse_loss(p_s(f_s), ft_tr[b]) + F.mse_loss(f_s, target)
+                loss = loss + F.mse_loss(p_s(f_s), ft_tr[b]) + F.mse_loss(h_s, target)
             opt_b.zero_grad()
             loss.backward()
             opt_b.step()
@@ -192,12 +203,16 @@ def main() -> None:
         "--bound", choices=("fixed", "student", "none"), default="fixed", help="bound on P_t(f_t)"
     )
     ap.add_argument("--bound-rms", type=float, default=10.0, help="the fixed bound (RMS per row)")
+    ap.add_argument(
+        "--space", choices=("features", "pre"), default="features", help="L_task on f_s or its pre-activation"
+    )
+    ap.add_argument("--per-class", type=int, default=4, help="SSL: the labeled list's labels per class")
     ap.add_argument("--optimizer", choices=("adamw", "sgd"), default="adamw", help="stage B optimizer")
     ap.add_argument("--lr", type=float, default=3e-3, help="stage B lr")
     args = ap.parse_args()
     if not args.uda and args.lists is None:
         ap.error("give --lists (SSL) or --uda SOURCE TARGET EVAL")
-    keys = ("method", "seed", "epochs", "optimizer", "lr", "bound")
+    keys = ("method", "seed", "epochs", "optimizer", "lr", "bound", "space", "per_class")
     print(json.dumps({**{k: getattr(args, k) for k in keys}, **run(args)}))
 
 
