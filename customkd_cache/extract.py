@@ -247,13 +247,19 @@ class _UnitBatches:
 
     It runs in the main process (DataLoader iterates the batch sampler there), so a claim is taken
     just before the unit's rows are handed to the workers. Units claimed by live processes are
-    waited for (their claim may go stale after a kill, and is then taken over).
+    waited for (their claim may go stale after a kill, and is then taken over), but only while this
+    process holds no unit of its own: DataLoader asks the sampler for the next batch before it hands
+    the current one over, so a sampler that waited while holding a claim would keep its own unit from
+    being written while another process waits for that unit in turn (two writers deadlock). With
+    units held it ends the pass instead (``finished`` stays False); ``run_cache`` writes them and
+    starts another pass.
     """
 
     def __init__(self, store: FeatureStore, units: list[tuple[str, int]], batch: int, lease_s: float) -> None:
         self.store, self.units, self.batch, self.lease_s = store, units, batch, lease_s
         self.held: dict[tuple[str, int], claims.Claim] = {}
         self.skipped = 0
+        self.finished = False  # every unit is done or was handed out (no pass needed after this one)
 
     def __iter__(self) -> Iterator[list[tuple[str, int]]]:
         pending = [u for u in self.units if not self._done(u)]
@@ -278,7 +284,10 @@ class _UnitBatches:
                 for start in range(rows.start, rows.stop, self.batch):
                     yield [(unit[0], r) for r in range(start, min(start + self.batch, rows.stop))]
             if pending and not progressed:
+                if self.held:  # never wait for others while holding a unit (see the class docstring)
+                    return
                 time.sleep(POLL_S)
+        self.finished = True
 
     def _claim(self, unit: tuple[str, int]) -> claims.Claim | None:
         try:
@@ -365,9 +374,46 @@ def run_cache(
         torch.set_num_threads(spec.run.threads)
     store = open_plan_store(plan, command=command)
     repaired = tuple(store.repair(split_inits(plan.dataset), plan.units)) if repair else ()
-    views = spec.views.num_views
-    rows_per_batch = max(1, spec.run.batch_size // views)
-    sampler = _UnitBatches(store, plan.units, rows_per_batch, lease_s)
+    rows_per_batch = max(1, spec.run.batch_size // spec.views.num_views)
+    done = {name: store.done_units(name) for name in store.split_names}  # one read per split
+    total = sum(len(store.units(s)[u]) for s, u in plan.units if not done[s][u])
+    bar = _progress(total, enabled=progress)
+    t_work = time.perf_counter()
+    computed = images = 0
+    skipped: int | None = None
+    try:
+        finished = False
+        while not finished:  # a pass ends early when the units left are another writer's
+            sampler = _UnitBatches(store, plan.units, rows_per_batch, lease_s)
+            c, i = _write_pass(plan, store, sampler, bar, device)
+            computed, images = computed + c, images + i
+            skipped = sampler.skipped if skipped is None else skipped
+            finished = sampler.finished
+    finally:
+        bar.close()
+    complete = all([store.finalize_split(s) for s in store.split_names])
+    work = time.perf_counter() - t_work
+    if not complete and shard.count == 1:
+        raise StoreError(f"{store.path}: some units are still missing after the run; rerun to finish them")
+    return CacheResult(
+        path=store.path,
+        fingerprint=plan.fingerprint,
+        units_computed=computed,
+        units_skipped=skipped or 0,
+        complete=complete,
+        images=images,
+        seconds=time.perf_counter() - t0,
+        work_seconds=work,
+        repaired=repaired,
+    )
+
+
+def _write_pass(
+    plan: CachePlan, store: FeatureStore, sampler: _UnitBatches, bar: Any, device: torch.device
+) -> tuple[int, int]:
+    """One pass of ``sampler`` over the units: compute and write each unit it hands out; return the
+    units written and the images computed. Claims still held at the end (a failure) are released."""
+    spec = plan.spec
     loader = DataLoader(
         RowViews(plan),
         batch_sampler=sampler,
@@ -375,10 +421,6 @@ def run_cache(
         collate_fn=collate_rows,
         persistent_workers=False,
     )
-    done = {name: store.done_units(name) for name in store.split_names}  # one read per split
-    total = sum(len(store.units(s)[u]) for s, u in plan.units if not done[s][u])
-    bar = _progress(total, enabled=progress)
-    t_work = time.perf_counter()
     buffers: dict[tuple[str, int], _UnitBuffer] = {}
     computed = images = 0
     try:
@@ -404,22 +446,7 @@ def run_cache(
                 computed += 1
     finally:
         sampler.release_all()
-        bar.close()
-    complete = all([store.finalize_split(s) for s in store.split_names])
-    work = time.perf_counter() - t_work
-    if not complete and shard.count == 1:
-        raise StoreError(f"{store.path}: some units are still missing after the run; rerun to finish them")
-    return CacheResult(
-        path=store.path,
-        fingerprint=plan.fingerprint,
-        units_computed=computed,
-        units_skipped=sampler.skipped,
-        complete=complete,
-        images=images,
-        seconds=time.perf_counter() - t0,
-        work_seconds=work,
-        repaired=repaired,
-    )
+    return computed, images
 
 
 class _NoBar:

@@ -130,3 +130,31 @@ def test_an_unwritable_store_is_a_store_error_naming_it(
     sampler = extract._UnitBatches(store, [("train", 0)], batch=1, lease_s=1.0)  # type: ignore[arg-type]
     with pytest.raises(StoreError, match=r"s\.zarr: cannot claim split 'train' unit 0 \(Permission denied\)"):
         sampler._claim(("train", 0))
+
+
+def test_a_writer_holding_a_unit_never_waits_for_another_writers_unit(tmp_path: Path) -> None:
+    """Two writers deadlocked when each held a unit and waited in its batch sampler for the other's:
+    DataLoader asks for the next batch before handing over the current one, so a sampler that waits
+    while holding a claim keeps its own unit from being written. It must end the pass instead."""
+    import threading
+    from types import SimpleNamespace
+
+    from customkd_cache import extract
+
+    units = {"train": [range(0, 2), range(2, 4)]}
+    store = SimpleNamespace(
+        units=lambda split: units[split],
+        unit_done=lambda split, unit: False,
+        claim_dir=lambda split: tmp_path / split,
+    )
+    (tmp_path / "train").mkdir()
+    _write_claim(tmp_path / "train" / "unit-000001.claim", host=socket.gethostname(), pid=os.getppid())
+    sampler = extract._UnitBatches(store, [("train", 0), ("train", 1)], batch=1, lease_s=600.0)  # type: ignore[arg-type]
+    got: list[list[tuple[str, int]]] = []
+    walker = threading.Thread(target=lambda: got.extend(sampler), daemon=True)
+    walker.start()
+    walker.join(timeout=10)
+    assert not walker.is_alive(), "the sampler waits for another writer's unit while holding its own"
+    assert got == [[("train", 0)], [("train", 1)]] and not sampler.finished
+    assert set(sampler.held) == {("train", 0)}  # still held: the caller writes it, then starts a new pass
+    sampler.release_all()
