@@ -277,22 +277,32 @@ def list_stores(root: Path) -> list[dict[str, Any]]:
     directories (dot-named) and ``*.zarr`` directories without ``zarr.json`` (not stores) are
     skipped. Raises StoreError when ``root`` is not a directory.
     """
-    root = Path(root)
-    if not root.is_dir():
-        raise StoreError(
-            f"{root}: cache root not found; pass an existing directory or set CUSTOMKD_CACHE_ROOT"
-        )
     entries = []
-    for child in sorted(root.iterdir()):
-        if child.name.startswith(".") or child.suffix != ".zarr" or not child.is_dir():
-            continue
-        if not (child / "zarr.json").is_file():
-            continue
+    for child in store_dirs(root):
         try:
             entries.append(_list_entry(open_store(child)))
         except Exception as e:  # StoreError, or zarr's own errors for a damaged hierarchy
             entries.append(_damaged_entry(child, e))
     return entries
+
+
+def store_dirs(root: Path) -> list[Path]:
+    """The store directories directly under ``root``, sorted by name: ``*.zarr`` directories with a
+    ``zarr.json``, temporary (dot-named) build directories left out. Opens nothing. Raises
+    StoreError when ``root`` is not a directory."""
+    root = Path(root)
+    if not root.is_dir():
+        raise StoreError(
+            f"{root}: cache root not found; pass an existing directory or set CUSTOMKD_CACHE_ROOT"
+        )
+    return [
+        child
+        for child in sorted(root.iterdir())
+        if not child.name.startswith(".")
+        and child.suffix == ".zarr"
+        and child.is_dir()
+        and (child / "zarr.json").is_file()
+    ]
 
 
 def _list_entry(store: FeatureStore) -> dict[str, Any]:

@@ -59,7 +59,7 @@ from .specs import (
     spec_relative_path,
     to_dict,
 )
-from .store import FeatureStore, list_stores, open_store
+from .store import FeatureStore, open_store, store_dirs
 from .students import Customizer, Student, create_projector, create_student, save_student_checkpoint
 
 LOSS_TERMS = ("total", "ce", "gen", "task", "kd", "dkd")
@@ -85,8 +85,9 @@ def find_store(spec: TrainSpec, *, spec_path: Path | None, manifest_digest: str)
     cspec_path = spec_relative_path(spec.cache.spec, spec_path)
     cspec = load_cache_spec(cspec_path, []).model_copy(update={"dataset": spec.dataset})
     root = cache_root()
-    stores = [c for e in list_stores(root) if not e.get("damaged") and (c := _read_listed(e)) is not None]
-    found = _made_from(cspec, manifest_digest, stores)
+    stores = [c for path in store_dirs(root) if (c := _read_listed(path)) is not None]
+    exact = request_key(spec=cspec, manifest_digest=manifest_digest)
+    found = _made_from(cspec, manifest_digest, exact, stores)
     if not found:
         raise StoreError(
             f"no store under {root} was made from {cspec_path} for this dataset"
@@ -94,7 +95,7 @@ def find_store(spec: TrainSpec, *, spec_path: Path | None, manifest_digest: str)
             f"`customkd-cache cache --spec {cspec_path} --set dataset.root={spec.dataset.root or '...'}` "
             "first, or set cache.store = PATH (CUSTOMKD_CACHE_ROOT must match)"
         )
-    best = _preferred(found, cspec, manifest_digest)
+    best = _preferred(found, cspec, exact)
     if len(best) > 1:
         names = ", ".join(f"{c.path} ({c.storage_label(cspec.store)})" for c in best)
         raise StoreError(f"several stores match {cspec_path} ({names}); set cache.store = PATH to choose one")
@@ -122,16 +123,17 @@ class _Listed:
         )
 
 
-def _read_listed(entry: dict[str, Any]) -> _Listed | None:
-    """The ``list_stores`` entry's store, or None when it is gone or unreadable since listing."""
+def _read_listed(path: Path) -> _Listed | None:
+    """The store at ``path`` (its attributes only), or None when it cannot be read: a damaged store
+    is never a match, as in ``list_stores``, which reports it as damaged."""
     try:
-        attrs = open_store(Path(entry["path"])).attrs
-    except StoreError:
+        attrs = open_store(path).attrs
+    except Exception:  # StoreError, or zarr's own errors for a damaged hierarchy
         return None
     identity = attrs.get("identity", {})
     return _Listed(
-        path=Path(entry["path"]),
-        request_key=str(entry.get("request_key") or ""),
+        path=path,
+        request_key=str(attrs.get("request_key") or ""),
         storage=recorded_storage(identity),
         manifest_digest=str(identity.get("dataset", {}).get("manifest_digest", "")),
         teacher=str(identity.get("teacher", {}).get("name", "")),
@@ -139,9 +141,9 @@ def _read_listed(entry: dict[str, Any]) -> _Listed | None:
     )
 
 
-def _made_from(cspec: CacheSpec, manifest_digest: str, stores: list[_Listed]) -> list[_Listed]:
-    """The stores made from ``cspec`` for these samples, with its storage or their own."""
-    exact = request_key(spec=cspec, manifest_digest=manifest_digest)
+def _made_from(cspec: CacheSpec, manifest_digest: str, exact: str, stores: list[_Listed]) -> list[_Listed]:
+    """The stores made from ``cspec`` for these samples, with its storage (request key ``exact``) or
+    their own."""
 
     def matches(c: _Listed) -> bool:
         if c.request_key == exact:
@@ -154,9 +156,8 @@ def _made_from(cspec: CacheSpec, manifest_digest: str, stores: list[_Listed]) ->
     return [c for c in stores if matches(c)]
 
 
-def _preferred(found: list[_Listed], cspec: CacheSpec, manifest_digest: str) -> list[_Listed]:
+def _preferred(found: list[_Listed], cspec: CacheSpec, exact: str) -> list[_Listed]:
     """The first non-empty of: exact request-key matches, matches in the spec's dtype, all of them."""
-    exact = request_key(spec=cspec, manifest_digest=manifest_digest)
     same = [c for c in found if c.request_key == exact]
     same_dtype = [c for c in found if c.storage is not None and c.storage.dtype == cspec.store.dtype]
     return same or same_dtype or found
