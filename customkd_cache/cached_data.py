@@ -30,13 +30,13 @@ from PIL import Image, ImageEnhance
 from torch.utils.data import DataLoader
 from torch.utils.data import Dataset as TorchDataset
 
-from .errors import StoreError
-from .store import dequantize, open_store
-from .views import render_view, to_tensor
+from customkd_cache.errors import StoreError
+from customkd_cache.store import dequantize, open_store
+from customkd_cache.views import render_view, to_tensor
 
 if TYPE_CHECKING:
-    from .data import Dataset
-    from .store import FeatureStore
+    from customkd_cache.data import Dataset
+    from customkd_cache.store import FeatureStore
 
 # Blocks whose rows are shuffled together in streaming mode. Larger windows mix more of the dataset
 # into each batch (manifests are often sorted by class) but need more decoded units held per worker.

@@ -14,8 +14,8 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from . import specs
-from .errors import CustomKDError
+from customkd_cache import specs
+from customkd_cache.errors import CustomKDError
 
 app = typer.Typer(
     name="customkd-cache",
@@ -51,7 +51,7 @@ def check(
     spec = specs.load_any_spec(file, set_ or [])
     kind = "train" if isinstance(spec, specs.TrainSpec) else "cache"
     if isinstance(spec, specs.CacheSpec):
-        from .teachers import check_teacher_name
+        from customkd_cache.teachers import check_teacher_name
 
         check_teacher_name(spec.teacher)
     typer.echo(f"# {file}: valid {kind} spec", err=True)
@@ -72,7 +72,7 @@ def cache(
     ] = False,
 ) -> None:
     """Stage one: run the teacher over every view of the dataset and write the feature store."""
-    from . import extract
+    from customkd_cache import extract
 
     cspec = specs.load_cache_spec(spec, set_ or [])
     part = extract.Shard.parse(shard) if shard else extract.Shard.from_env()
@@ -110,7 +110,7 @@ def train(
     ] = False,
 ) -> None:
     """Stage two: train the student (CustomKD or a baseline) from the feature cache."""
-    from .train import run_train
+    from customkd_cache.train import run_train
 
     tspec = specs.load_train_spec(spec, set_ or [])
     res = run_train(tspec, spec_path=spec, out=out, resume=resume)
@@ -144,8 +144,8 @@ def sweep(
     ] = False,
 ) -> None:
     """Train the cartesian product of the grids from one spec; finished points are skipped."""
-    from .extract import Shard
-    from .sweep import parse_grid, run_sweep
+    from customkd_cache.extract import Shard
+    from customkd_cache.sweep import parse_grid, run_sweep
 
     part = Shard.parse(shard) if shard else None
     points = run_sweep(
@@ -183,7 +183,7 @@ def report(
     ] = None,
 ) -> None:
     """Mean ± std over seeds of the runs' metrics, grouped; failed and incomplete runs shown as such."""
-    from .report import build_report, load_runs, write_report
+    from customkd_cache.report import build_report, load_runs, write_report
 
     rep = build_report(load_runs(dirs), by=by, metric=metric, select_on=select_on)
     if as_json:
@@ -210,7 +210,7 @@ def export_(
     runs: Annotated[int, typer.Option(help="timed batch-1 runs per latency figure")] = 100,
 ) -> None:
     """Export the run's student as ONNX or TorchScript; check parity, size, MACs and CPU latency."""
-    from .export import FORMATS, ExportError, export_student
+    from customkd_cache.export import FORMATS, ExportError, export_student
 
     if format_ not in FORMATS:
         raise ExportError(f"--format {format_}: unknown; choose one of {', '.join(FORMATS)}")
@@ -260,7 +260,7 @@ def info(
     as_json: JsonOpt = False,
 ) -> None:
     """Describe a feature store: completeness, samples per split, views, teacher, fingerprint."""
-    from .store import open_store
+    from customkd_cache.store import open_store
 
     data = open_store(_store_path(store)).info()
     if as_json:
@@ -280,7 +280,7 @@ def ls_(
     as_json: JsonOpt = False,
 ) -> None:
     """List the feature stores under a cache root: state, samples x views, teacher, size, creation."""
-    from .store import list_stores
+    from customkd_cache.store import list_stores
 
     entries = list_stores(root or specs.cache_root())
     if as_json:
@@ -309,7 +309,7 @@ def gc(
     ] = False,
 ) -> None:
     """Remove what killed runs leave: temporary creator dirs, stale claims, old incomplete stores."""
-    from .gc import collect_garbage
+    from customkd_cache.store.gc import collect_garbage
 
     res = collect_garbage(root or specs.cache_root(), older_than_days=older_than, dry_run=dry_run)
     verb = "would remove" if dry_run else "removed"
@@ -332,7 +332,7 @@ def verify(
     store: Annotated[Path, typer.Argument(help="store path (or a name under CUSTOMKD_CACHE_ROOT)")],
 ) -> None:
     """Check a store: every unit present, shapes, finite values, checksums. Exit 1 if damaged."""
-    from .store import open_store
+    from customkd_cache.store import open_store
 
     opened = open_store(_store_path(store))
     problems = opened.verify()
@@ -354,7 +354,7 @@ def labels(
     set_: SetOpt = None,
 ) -> None:
     """Draw an SSL labeled subset (N per class, seeded) from a spec's dataset and write it to a list file."""
-    from .data import open_dataset, write_labeled_list
+    from customkd_cache.data import open_dataset, write_labeled_list
 
     parsed = specs.load_any_spec(spec, set_ or [])
     manifest = open_dataset(parsed.dataset).manifest

@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .errors import CustomKDError
+from customkd_cache.errors import CustomKDError
 
 MIN_COSINE = 0.9999
 # The Resize attributes that equal torch's F.interpolate(mode="bicubic", align_corners=False,

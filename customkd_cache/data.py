@@ -37,8 +37,8 @@ from typing import Any, Protocol
 import numpy as np
 from PIL import Image, ImageOps
 
-from .errors import DatasetError, closest
-from .specs import DatasetSpec, data_path
+from customkd_cache.errors import DatasetError, closest
+from customkd_cache.specs import DatasetSpec, data_path
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff"})
 

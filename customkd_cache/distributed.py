@@ -20,7 +20,7 @@ import torch
 import torch.distributed as tdist
 from torch import nn
 
-from .errors import SpecError
+from customkd_cache.errors import SpecError
 
 
 def resolve_device(name: str) -> torch.device:

@@ -31,8 +31,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import specs
-from .errors import CustomKDError
+from customkd_cache import specs
+from customkd_cache.errors import CustomKDError
 
 Format = Literal["onnx", "torchscript"]
 Checkpoint = Literal["best", "last"]
@@ -91,7 +91,7 @@ def export_student(
         raise ExportError(f"--format {fmt}: unknown; choose one of {', '.join(FORMATS)}")
     if quantize is not None and (quantize != "int8" or fmt != "onnx"):
         raise ExportError(f"--quantize {quantize}: only int8, and only with --format onnx")
-    from .data import open_dataset
+    from customkd_cache.data import open_dataset
 
     spec = load_run_spec(run_dir)
     ckpt = student_checkpoint(run_dir, checkpoint)
@@ -165,7 +165,7 @@ def student_checkpoint(run_dir: Path, which: Checkpoint) -> Path:
 
 def load_student(spec: specs.TrainSpec, checkpoint: Path, *, num_classes: int) -> nn.Module:
     """The run's timm model (``student.name``, ``num_classes``) with the checkpoint's weights."""
-    from .students import create_student
+    from customkd_cache.students import create_student
 
     student = create_student(spec.student.model_copy(update={"weights": ""}), num_classes=num_classes)
     model = student.timm_model()
@@ -186,8 +186,8 @@ def eval_images(
     ``calibration`` training rows, rendered as the run's evaluation renders them for ``model``."""
     import timm.data
 
-    from .cached_data import ReplayDataset, Row
-    from .train import build_protocol
+    from customkd_cache.cached_data import ReplayDataset, Row
+    from customkd_cache.train import build_protocol
 
     store_path = _run_store(run_dir)
     protocol = build_protocol(spec, dataset)
@@ -212,7 +212,7 @@ def eval_images(
 
 
 def _render(replay: Any, rows: list[Any], spec: specs.TrainSpec) -> tuple[torch.Tensor, np.ndarray]:
-    from .cached_data import make_loader
+    from customkd_cache.cached_data import make_loader
 
     replay.set_items([(r, 0) for r in rows], 0)
     loader = make_loader(replay, batch_size=BATCH, batches=None, num_workers=0, seed=spec.seed)

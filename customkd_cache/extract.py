@@ -27,15 +27,23 @@ import torch
 from torch.utils.data import DataLoader
 from torch.utils.data import Dataset as TorchDataset
 
-from . import __version__, claims
-from .data import Dataset, open_dataset
-from .distributed import resolve_device
-from .errors import SpecError, StoreError
-from .fingerprint import cache_identity, dataset_identity, fingerprint, request_key
-from .specs import CacheSpec, cache_root, to_dict
-from .store import FIDELITY_ATTR, FeatureStore, SplitInit, create_or_open_store, num_units, store_name
-from .teachers import Teacher, create_teacher, fidelity_cosine
-from .views import render_view, sample_views, to_tensor
+from customkd_cache import __version__
+from customkd_cache.data import Dataset, open_dataset
+from customkd_cache.distributed import resolve_device
+from customkd_cache.errors import SpecError, StoreError
+from customkd_cache.fingerprint import cache_identity, dataset_identity, fingerprint, request_key
+from customkd_cache.specs import CacheSpec, cache_root, to_dict
+from customkd_cache.store import (
+    FIDELITY_ATTR,
+    FeatureStore,
+    SplitInit,
+    claims,
+    create_or_open_store,
+    num_units,
+    store_name,
+)
+from customkd_cache.teachers import Teacher, create_teacher, fidelity_cosine
+from customkd_cache.views import render_view, sample_views, to_tensor
 
 POLL_S = 0.5
 

@@ -23,8 +23,8 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from . import FORMAT_VERSION
-from .specs import CacheSpec, StoreSpec, to_dict
+from customkd_cache import FORMAT_VERSION
+from customkd_cache.specs import CacheSpec, StoreSpec, to_dict
 
 
 def canonical_json(obj: Any) -> str:

@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .errors import SpecError, closest
-from .specs import METHODS, CustomKDSpec, DkdSpec, KdSpec
+from customkd_cache.errors import SpecError, closest
+from customkd_cache.specs import METHODS, CustomKDSpec, DkdSpec, KdSpec
 
 _T = TypeVar("_T")
 

@@ -12,9 +12,9 @@ from typing import Any
 
 import torch
 
-from .errors import SpecError, StoreError
-from .specs import TrainSpec, load_cache_spec, spec_relative_path
-from .store import FeatureStore
+from customkd_cache.errors import SpecError, StoreError
+from customkd_cache.specs import TrainSpec, load_cache_spec, spec_relative_path
+from customkd_cache.store import FeatureStore
 
 
 def create_online_teacher(
@@ -26,7 +26,7 @@ def create_online_teacher(
     """
     if not spec.cache.spec:
         raise SpecError("teacher_mode = 'online' needs cache.spec (the teacher is built from it)")
-    from .teachers import create_teacher
+    from customkd_cache.teachers import create_teacher
 
     cpath = spec_relative_path(spec.cache.spec, spec_path)
     cspec = load_cache_spec(cpath, [])

@@ -31,8 +31,8 @@ from typing import Literal
 
 import torch
 
-from .errors import CustomKDError, WeightsError
-from .weights import (
+from customkd_cache.errors import CustomKDError, WeightsError
+from customkd_cache.weights import (
     load_state_dict_into,
     read_state_dict,
     resolve_weights_file,
@@ -108,7 +108,7 @@ def list_real_teachers() -> list[str]:
 
 
 def get_real_teacher(key: str) -> RealTeacher:
-    from .errors import closest
+    from customkd_cache.errors import closest
 
     if key not in REAL_TEACHERS:
         raise WeightsError(
@@ -137,7 +137,7 @@ def convert_teacher(
     path = source_file(teacher)
     if teacher.convert == "by_order":
         return _by_order(teacher, path), None, {}
-    from .convert_onnx import convert_dinov2_onnx
+    from customkd_cache.convert_onnx import convert_dinov2_onnx
 
     _, state, parity = convert_dinov2_onnx(path, model_name=teacher.timm_name)
     reference = {"images": parity.images, "onnx_cls": parity.onnx_cls, "timm_cls": parity.timm_cls}

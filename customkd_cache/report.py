@@ -24,8 +24,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from .errors import SpecError
-from .sweep import FAILED_FILE, SWEEP_FILE, read_sweep
+from customkd_cache.errors import SpecError
+from customkd_cache.sweep import FAILED_FILE, SWEEP_FILE, read_sweep
 
 RunStatus = Literal["done", "failed", "incomplete"]
 

@@ -21,7 +21,7 @@ from typing import Any, Literal, TypeVar, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .errors import SpecError, closest
+from customkd_cache.errors import SpecError, closest
 
 DatasetKind = Literal[
     "officehome",

@@ -21,9 +21,9 @@ import torch.nn.functional as F
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from torch import Tensor, nn
 
-from .errors import SpecError
-from .specs import StudentSpec
-from .weights import load_state_dict_into, read_state_dict, resolve_weights_file
+from customkd_cache.errors import SpecError
+from customkd_cache.specs import StudentSpec
+from customkd_cache.weights import load_state_dict_into, read_state_dict, resolve_weights_file
 
 # --- the student -------------------------------------------------------------------------------
 

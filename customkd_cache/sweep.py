@@ -32,9 +32,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from . import specs
-from .claims import Claim, try_claim
-from .errors import NonFiniteLossError, SpecError
+from customkd_cache import specs
+from customkd_cache.errors import NonFiniteLossError, SpecError
+from customkd_cache.store.claims import Claim, try_claim
 
 Status = Literal["done", "ran", "failed", "skipped"]
 SWEEP_FILE = "sweep.json"
@@ -245,7 +245,7 @@ def _run_point(
 
 
 def _train_point(point: SweepPoint, spec: specs.TrainSpec, *, spec_path: Path) -> SweepPoint:
-    from .train import run_train
+    from customkd_cache.train import run_train
 
     run_dir = point.run_dir
     resume = (run_dir / "checkpoints" / "last.pt").exists()

@@ -33,11 +33,17 @@ from typing import Any, Literal
 
 import torch
 
-from .distributed import resolve_device
-from .errors import TeacherError, WeightsError, closest
-from .specs import TeacherSpec
-from .views import INTERPOLATIONS
-from .weights import file_sha256, first_mismatch, load_state_dict_into, read_state_dict, resolve_weights_file
+from customkd_cache.distributed import resolve_device
+from customkd_cache.errors import TeacherError, WeightsError, closest
+from customkd_cache.specs import TeacherSpec
+from customkd_cache.views import INTERPOLATIONS
+from customkd_cache.weights import (
+    file_sha256,
+    first_mismatch,
+    load_state_dict_into,
+    read_state_dict,
+    resolve_weights_file,
+)
 
 WeightsKind = Literal["random", "file", "package", "hub"]
 ForwardFn = Callable[[torch.nn.Module, torch.Tensor], torch.Tensor]

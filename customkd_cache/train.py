@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .cached_data import (
+from customkd_cache.cached_data import (
     FeatureSource,
     ReplayDataset,
     Row,
@@ -42,14 +42,14 @@ from .cached_data import (
     make_loader,
     stage_b_batches,
 )
-from .data import Dataset, SplitManifest, labeled_indices, open_dataset, read_labeled_list
-from .distributed import Dist, resolve_device
-from .errors import NonFiniteLossError, RunDirError, SpecError, StoreError
-from .fingerprint import recorded_storage, request_key, request_key_with_storage
-from .losses import StageBTerms, customization_loss, linear_cka, method_terms, stage_b_loss
-from .online import create_online_teacher
-from .probe import Probe, probe_accuracy, train_probe
-from .specs import (
+from customkd_cache.data import Dataset, SplitManifest, labeled_indices, open_dataset, read_labeled_list
+from customkd_cache.distributed import Dist, resolve_device
+from customkd_cache.errors import NonFiniteLossError, RunDirError, SpecError, StoreError
+from customkd_cache.fingerprint import recorded_storage, request_key, request_key_with_storage
+from customkd_cache.losses import StageBTerms, customization_loss, linear_cka, method_terms, stage_b_loss
+from customkd_cache.online import create_online_teacher
+from customkd_cache.probe import Probe, probe_accuracy, train_probe
+from customkd_cache.specs import (
     CacheSpec,
     StoreSpec,
     TrainSpec,
@@ -59,8 +59,14 @@ from .specs import (
     spec_relative_path,
     to_dict,
 )
-from .store import FeatureStore, open_store, store_dirs
-from .students import Customizer, Student, create_projector, create_student, save_student_checkpoint
+from customkd_cache.store import FeatureStore, open_store, store_dirs
+from customkd_cache.students import (
+    Customizer,
+    Student,
+    create_projector,
+    create_student,
+    save_student_checkpoint,
+)
 
 LOSS_TERMS = ("total", "ce", "gen", "task", "kd", "dkd")
 BOUND_ROWS = 128  # labeled images whose student features set the target bound (student_rms)

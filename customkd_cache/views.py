@@ -19,8 +19,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 from PIL import Image
 
-from .errors import SpecError
-from .specs import ViewsSpec
+from customkd_cache.errors import SpecError
+from customkd_cache.specs import ViewsSpec
 
 if TYPE_CHECKING:
     import torch

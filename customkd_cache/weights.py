@@ -43,7 +43,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .errors import SpecError, WeightsError
+from customkd_cache.errors import SpecError, WeightsError
 
 PACKAGE_PREFIX = "package:"
 WEIGHTS_ROOT_PREFIX = "weights:"

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from customkd_cache.claims import Claim, try_claim
+from customkd_cache.store.claims import Claim, try_claim
 
 RACE_KEYS = 12
 

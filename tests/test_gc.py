@@ -21,8 +21,8 @@ import numpy as np
 import pytest
 
 from customkd_cache.errors import StoreError
-from customkd_cache.gc import DAY_S, collect_garbage
 from customkd_cache.store import FeatureStore, SplitInit, create_or_open_store, list_stores
+from customkd_cache.store.gc import DAY_S, collect_garbage
 
 N, V, D, UNIT = 6, 2, 4, 4
 OLD_DAYS = 10.0

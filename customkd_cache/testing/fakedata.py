@@ -27,7 +27,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from ..data import CIFAR10_TRAIN_BATCHES, DOMAINNET_DOMAINS, OFFICEHOME_CLASSES, OFFICEHOME_DOMAINS
+from customkd_cache.data import (
+    CIFAR10_TRAIN_BATCHES,
+    DOMAINNET_DOMAINS,
+    OFFICEHOME_CLASSES,
+    OFFICEHOME_DOMAINS,
+)
 
 ODD_MODES = ("gray_jpeg", "cmyk_jpeg", "exif6_jpeg", "rgba_png", "la_png", "palette_png", "png16")
 _ODD_EXT = {"gray_jpeg": "jpg", "cmyk_jpeg": "jpg", "exif6_jpeg": "jpg"}

@@ -25,9 +25,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from .claims import is_stale, remove_if_stale
-from .errors import StoreError
-from .store import CLAIMS_DIR, open_store
+from customkd_cache.errors import StoreError
+from customkd_cache.store import CLAIMS_DIR, open_store
+from customkd_cache.store.claims import is_stale, remove_if_stale
 
 Kind = Literal["temp_dir", "stale_claim", "tombstone", "incomplete_store"]
 DAY_S = 86400.0

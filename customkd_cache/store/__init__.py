@@ -61,9 +61,9 @@ import zarr
 from zarr.codecs import ZstdCodec
 from zarr.storage import LocalStore
 
-from . import FORMAT_VERSION
-from .claims import pid_alive
-from .errors import NonFiniteFeatureError, StoreError, closest
+from customkd_cache import FORMAT_VERSION
+from customkd_cache.errors import NonFiniteFeatureError, StoreError, closest
+from customkd_cache.store.claims import pid_alive
 
 DTYPES: tuple[str, ...] = ("float16", "float32", "int8")
 QUANTIZED_DTYPE = "int8"  # stored as per-unit affine codes (see the module docstring)
