@@ -28,10 +28,10 @@ from torch.utils.data import DataLoader
 from torch.utils.data import Dataset as TorchDataset
 
 from customkd_cache import __version__
+from customkd_cache.catalog import cache_identity, dataset_identity, fingerprint, request_key
 from customkd_cache.data import Dataset, open_dataset
 from customkd_cache.distributed import resolve_device
 from customkd_cache.errors import SpecError, StoreError
-from customkd_cache.fingerprint import cache_identity, dataset_identity, fingerprint, request_key
 from customkd_cache.specs import CacheSpec, cache_root, to_dict
 from customkd_cache.store import (
     FIDELITY_ATTR,

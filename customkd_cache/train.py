@@ -42,10 +42,10 @@ from customkd_cache.cached_data import (
     make_loader,
     stage_b_batches,
 )
+from customkd_cache.catalog import recorded_storage, request_key, request_key_with_storage
 from customkd_cache.data import Dataset, SplitManifest, labeled_indices, open_dataset, read_labeled_list
 from customkd_cache.distributed import Dist, resolve_device
 from customkd_cache.errors import NonFiniteLossError, RunDirError, SpecError, StoreError
-from customkd_cache.fingerprint import recorded_storage, request_key, request_key_with_storage
 from customkd_cache.losses import StageBTerms, customization_loss, linear_cka, method_terms, stage_b_loss
 from customkd_cache.online import create_online_teacher
 from customkd_cache.probe import Probe, probe_accuracy, train_probe

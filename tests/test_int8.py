@@ -202,7 +202,7 @@ def test_int8_smoke_cache_is_complete_verified_and_compact(int8_cache: Path) -> 
 
 
 def test_fingerprint_includes_the_dtype(oh_root: Path) -> None:
-    from customkd_cache.fingerprint import cache_identity, fingerprint
+    from customkd_cache.catalog import cache_identity, fingerprint
     from customkd_cache.specs import load_cache_spec
 
     def fp(dtype: str) -> str:

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 
 from customkd_cache import specs
+from customkd_cache.catalog import canonical_json
 from customkd_cache.errors import SpecError
 from customkd_cache.extract import Shard, plan_cache
-from customkd_cache.fingerprint import canonical_json
 
 REPO = Path(__file__).resolve().parents[1]
 SHIPPED = sorted((REPO / "cache_specs").rglob("*.toml")) + sorted((REPO / "pipelines").rglob("*.toml"))
