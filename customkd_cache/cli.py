@@ -144,7 +144,7 @@ def sweep(
     ] = False,
 ) -> None:
     """Train the cartesian product of the grids from one spec; finished points are skipped."""
-    from customkd_cache.extract import Shard
+    from customkd_cache.stage_one.extract import Shard
     from customkd_cache.sweep import parse_grid, run_sweep
 
     part = Shard.parse(shard) if shard else None

@@ -278,7 +278,7 @@ class TestStageOne:
 
     @pytest.fixture(scope="class")
     def extracted(self, tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, Path]:
-        from customkd_cache.extract import RowViews, Shard, plan_cache, run_cache
+        from customkd_cache.stage_one.extract import RowViews, Shard, plan_cache, run_cache
 
         base = tmp_path_factory.mktemp("stage_one")
         root = fakedata.write_domainnet(base / "domainnet", num_classes=3, per_class_train=2, size=(40, 30))

@@ -12,7 +12,7 @@ import pytest
 from customkd_cache import specs
 from customkd_cache.catalog import canonical_json
 from customkd_cache.errors import SpecError
-from customkd_cache.extract import Shard, plan_cache
+from customkd_cache.stage_one.extract import Shard, plan_cache
 
 REPO = Path(__file__).resolve().parents[1]
 SHIPPED = sorted((REPO / "cache_specs").rglob("*.toml")) + sorted((REPO / "pipelines").rglob("*.toml"))

@@ -308,8 +308,8 @@ class TestBadInput:
 def test_bf16_teacher_records_its_cosine_to_fp32(
     oh_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from customkd_cache.extract import Shard, run_cache
     from customkd_cache.specs import load_cache_spec
+    from customkd_cache.stage_one.extract import Shard, run_cache
 
     monkeypatch.setenv("CUSTOMKD_CACHE_ROOT", str(tmp_path))
     spec = load_cache_spec(
