@@ -72,7 +72,7 @@ def cache(
     ] = False,
 ) -> None:
     """Stage one: run the teacher over every view of the dataset and write the feature store."""
-    from customkd_cache import extract
+    from customkd_cache.stage_one import extract
 
     cspec = specs.load_cache_spec(spec, set_ or [])
     part = extract.Shard.parse(shard) if shard else extract.Shard.from_env()
