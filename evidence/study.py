@@ -37,9 +37,9 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from customkd_cache import extract
 from customkd_cache.report import Group, build_report, read_run
 from customkd_cache.specs import data_root, load_cache_spec, load_train_spec
+from customkd_cache.stage_one import extract
 from customkd_cache.sweep import SweepPoint, plan_points, run_sweep
 from evidence.digits import write_digit_domains
 from evidence.fmnist import ensure_fashion_mnist, log, read_idx, ssl_lists

@@ -119,8 +119,9 @@ def test_an_unwritable_store_is_a_store_error_naming_it(
     """``cache`` on an incomplete store it cannot write (a read-only share): one line, no traceback."""
     from types import SimpleNamespace
 
-    from customkd_cache import claims, extract
     from customkd_cache.errors import StoreError
+    from customkd_cache.stage_one import extract
+    from customkd_cache.store import claims
 
     def refused(*args: Any, **kwargs: Any) -> None:
         raise PermissionError(13, "Permission denied")
@@ -139,7 +140,7 @@ def test_a_writer_holding_a_unit_never_waits_for_another_writers_unit(tmp_path: 
     import threading
     from types import SimpleNamespace
 
-    from customkd_cache import extract
+    from customkd_cache.stage_one import extract
 
     units = {"train": [range(0, 2), range(2, 4)]}
     store = SimpleNamespace(

@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 import torch
 
-from customkd_cache import extract
 from customkd_cache.distributed import Dist
 from customkd_cache.errors import SpecError
 from customkd_cache.losses import linear_cka
 from customkd_cache.specs import load_cache_spec, load_train_spec
+from customkd_cache.stage_one import extract
 from customkd_cache.students import bound_rms
 from customkd_cache.testing import fakedata
 from customkd_cache.train import (

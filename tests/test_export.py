@@ -18,9 +18,9 @@ from typing import Any
 import pytest
 import torch
 
-from customkd_cache import extract
 from customkd_cache.export import ExportError, export_student
 from customkd_cache.specs import load_cache_spec, load_train_spec
+from customkd_cache.stage_one import extract
 from customkd_cache.testing import fakedata
 from customkd_cache.train import run_train
 
