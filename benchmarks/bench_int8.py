@@ -34,8 +34,8 @@ import numpy as np
 
 from customkd_cache.specs import load_cache_spec, load_train_spec
 from customkd_cache.stage_one import extract
+from customkd_cache.stage_two.train import run_train
 from customkd_cache.store import open_store
-from customkd_cache.train import run_train
 from evidence.fmnist import ensure_fashion_mnist, read_idx, ssl_lists
 
 REPO = Path(__file__).resolve().parents[1]

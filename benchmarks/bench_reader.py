@@ -41,7 +41,7 @@ import timm
 import torch
 from torch import nn
 
-from customkd_cache.cached_data import FeatureSource, Row, draw_views, stage_b_batches
+from customkd_cache.stage_two.replay import FeatureSource, Row, draw_views, stage_b_batches
 from customkd_cache.store import FeatureStore, SplitInit, create_or_open_store
 
 LAYOUTS = (("float16", "zstd"), ("float16", "none"), ("int8", "zstd"))

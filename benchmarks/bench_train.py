@@ -26,8 +26,8 @@ import torch
 from customkd_cache.data import open_dataset, write_labeled_list
 from customkd_cache.specs import CacheSpec, TrainSpec
 from customkd_cache.stage_one import extract
+from customkd_cache.stage_two.train import run_train
 from customkd_cache.testing import fakedata
-from customkd_cache.train import run_train
 
 
 def cache_spec(root: Path, args: argparse.Namespace) -> CacheSpec:

@@ -110,7 +110,7 @@ def train(
     ] = False,
 ) -> None:
     """Stage two: train the student (CustomKD or a baseline) from the feature cache."""
-    from customkd_cache.train import run_train
+    from customkd_cache.stage_two.train import run_train
 
     tspec = specs.load_train_spec(spec, set_ or [])
     res = run_train(tspec, spec_path=spec, out=out, resume=resume)

@@ -186,8 +186,8 @@ def eval_images(
     ``calibration`` training rows, rendered as the run's evaluation renders them for ``model``."""
     import timm.data
 
-    from customkd_cache.cached_data import ReplayDataset, Row
-    from customkd_cache.train import build_protocol
+    from customkd_cache.stage_two.replay import ReplayDataset, Row
+    from customkd_cache.stage_two.train import build_protocol
 
     store_path = _run_store(run_dir)
     protocol = build_protocol(spec, dataset)
@@ -212,7 +212,7 @@ def eval_images(
 
 
 def _render(replay: Any, rows: list[Any], spec: specs.TrainSpec) -> tuple[torch.Tensor, np.ndarray]:
-    from customkd_cache.cached_data import make_loader
+    from customkd_cache.stage_two.replay import make_loader
 
     replay.set_items([(r, 0) for r in rows], 0)
     loader = make_loader(replay, batch_size=BATCH, batches=None, num_workers=0, seed=spec.seed)

@@ -245,7 +245,7 @@ def _run_point(
 
 
 def _train_point(point: SweepPoint, spec: specs.TrainSpec, *, spec_path: Path) -> SweepPoint:
-    from customkd_cache.train import run_train
+    from customkd_cache.stage_two.train import run_train
 
     run_dir = point.run_dir
     resume = (run_dir / "checkpoints" / "last.pt").exists()

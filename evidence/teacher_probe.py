@@ -17,8 +17,8 @@ from typing import Any
 
 import torch
 
-from customkd_cache.probe import probe_accuracy, train_probe
 from customkd_cache.specs import ProbeSpec
+from customkd_cache.stage_two.probe import probe_accuracy, train_probe
 from customkd_cache.store import open_store
 
 

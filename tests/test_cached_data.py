@@ -1,4 +1,4 @@
-"""Contracts of stage two's data path (customkd_cache.cached_data).
+"""Contracts of stage two's data path (customkd_cache.stage_two.replay).
 
 A tiny dataset in the real ``list_file`` layout (PNG files of different sizes, two splits) is cached
 into a real store: each image's views are drawn and rendered by the functions stage one uses, and the
@@ -23,7 +23,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from customkd_cache.cached_data import (
+from customkd_cache.data import Dataset, open_dataset
+from customkd_cache.specs import CacheSpec, DatasetSpec, ViewsSpec
+from customkd_cache.stage_two.replay import (
     FeatureSource,
     ReplayDataset,
     Row,
@@ -34,8 +36,6 @@ from customkd_cache.cached_data import (
     make_loader,
     stage_b_batches,
 )
-from customkd_cache.data import Dataset, open_dataset
-from customkd_cache.specs import CacheSpec, DatasetSpec, ViewsSpec
 from customkd_cache.store import SplitInit, create_or_open_store, open_store
 from customkd_cache.testing import fakedata
 from customkd_cache.views import render_view, sample_views, to_tensor

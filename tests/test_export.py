@@ -21,8 +21,8 @@ import torch
 from customkd_cache.export import ExportError, export_student
 from customkd_cache.specs import load_cache_spec, load_train_spec
 from customkd_cache.stage_one import extract
+from customkd_cache.stage_two.train import run_train
 from customkd_cache.testing import fakedata
-from customkd_cache.train import run_train
 
 REPO = Path(__file__).resolve().parents[1]
 CACHE_SPEC = REPO / "cache_specs" / "smoke" / "officehome.toml"

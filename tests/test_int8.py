@@ -21,7 +21,7 @@ import zarr
 from test_stage_one import SMOKE, chunk_bytes, cli, env_for, only_store, popen, smoke_args
 from test_store import _create, _snapshot, _unit, _write_all
 
-from customkd_cache.cached_data import FeatureSource
+from customkd_cache.stage_two.replay import FeatureSource
 from customkd_cache.store import create_or_open_store, dequantize, open_store, quantize_unit
 from customkd_cache.testing import fakedata
 
@@ -219,7 +219,7 @@ def test_train_runs_every_method_from_int8(
     int8_cache: Path, oh_root: Path, method: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from customkd_cache.specs import load_train_spec
-    from customkd_cache.train import run_train
+    from customkd_cache.stage_two.train import run_train
 
     monkeypatch.setenv("CUSTOMKD_CACHE_ROOT", str(int8_cache.parent))
     sets = [f"dataset.root={oh_root}", f"cache.store={int8_cache}", f"method={method}", "optim.epochs=1"]

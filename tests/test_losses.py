@@ -10,7 +10,8 @@ import torch
 from torch import nn
 
 from customkd_cache.errors import SpecError
-from customkd_cache.losses import (
+from customkd_cache.specs import METHODS, CustomKDSpec, DkdSpec, KdSpec
+from customkd_cache.stage_two.losses import (
     StageBTerms,
     cross_entropy,
     customization_loss,
@@ -20,7 +21,6 @@ from customkd_cache.losses import (
     stage_b_loss,
     standardize,
 )
-from customkd_cache.specs import METHODS, CustomKDSpec, DkdSpec, KdSpec
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from customkd_cache.probe import Probe, probe_accuracy, train_probe
 from customkd_cache.specs import ProbeSpec
+from customkd_cache.stage_two.probe import Probe, probe_accuracy, train_probe
 
 NUM_CLASSES, DIM = 4, 16
 SPEC = ProbeSpec(epochs=15, lr=0.05, weight_decay=1e-4, batch_size=64)

@@ -27,9 +27,9 @@ import zarr
 
 from customkd_cache.distributed import Dist
 from customkd_cache.specs import load_train_spec
+from customkd_cache.stage_two.train import prepare_run, run_train
 from customkd_cache.testing import fakedata
 from customkd_cache.testing import run_cli as cli
-from customkd_cache.train import prepare_run, run_train
 
 REPO = Path(__file__).resolve().parents[1]
 CACHE_SPEC = REPO / "cache_specs" / "smoke" / "officehome.toml"
@@ -413,7 +413,7 @@ def test_online_teacher_sees_the_cached_views(
     run = prepare_run(
         spec, spec_path=TRAIN_SPEC, out=tmp_path / "online", resume=False, dist=Dist.from_env("cpu")
     )
-    from customkd_cache.cached_data import Row
+    from customkd_cache.stage_two.replay import Row
 
     items = [(Row("Art", r, True), v) for r in (0, 7, 64) for v in range(run.store.num_views)]
     run.replay.set_items(items, 0)
@@ -480,7 +480,7 @@ def test_disk_full_while_checkpointing_keeps_no_partial_file(
     from types import SimpleNamespace
 
     from customkd_cache.errors import RunDirError
-    from customkd_cache.train import TrainState, save_checkpoint
+    from customkd_cache.stage_two.train import TrainState, save_checkpoint
 
     def full(obj: Any, path: Path) -> None:
         Path(path).write_bytes(b"partial")

@@ -32,23 +32,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from customkd_cache.cached_data import (
-    FeatureSource,
-    ReplayDataset,
-    Row,
-    combined_stats,
-    draw_views,
-    epoch_items,
-    make_loader,
-    stage_b_batches,
-)
 from customkd_cache.catalog import recorded_storage, request_key, request_key_with_storage
 from customkd_cache.data import Dataset, SplitManifest, labeled_indices, open_dataset, read_labeled_list
 from customkd_cache.distributed import Dist, resolve_device
 from customkd_cache.errors import NonFiniteLossError, RunDirError, SpecError, StoreError
-from customkd_cache.losses import StageBTerms, customization_loss, linear_cka, method_terms, stage_b_loss
-from customkd_cache.online import create_online_teacher
-from customkd_cache.probe import Probe, probe_accuracy, train_probe
 from customkd_cache.specs import (
     CacheSpec,
     StoreSpec,
@@ -58,6 +45,25 @@ from customkd_cache.specs import (
     load_cache_spec,
     spec_relative_path,
     to_dict,
+)
+from customkd_cache.stage_two.losses import (
+    StageBTerms,
+    customization_loss,
+    linear_cka,
+    method_terms,
+    stage_b_loss,
+)
+from customkd_cache.stage_two.online import create_online_teacher
+from customkd_cache.stage_two.probe import Probe, probe_accuracy, train_probe
+from customkd_cache.stage_two.replay import (
+    FeatureSource,
+    ReplayDataset,
+    Row,
+    combined_stats,
+    draw_views,
+    epoch_items,
+    make_loader,
+    stage_b_batches,
 )
 from customkd_cache.store import FeatureStore, open_store, store_dirs
 from customkd_cache.students import (

@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from customkd_cache.losses import standardize
 from customkd_cache.specs import ProbeSpec
+from customkd_cache.stage_two.losses import standardize
 
 _EVAL_ROWS = 8192  # rows per forward pass when scoring: bounds memory for (N, C) logits
 
