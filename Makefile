@@ -82,7 +82,7 @@ $(TEACHERS_STAMP): $(STAMP)
 	touch $(TEACHERS_STAMP)
 
 teachers: $(TEACHERS_STAMP)  ## write the real teachers' timm weights (ViT-S/14, EfficientNet-Lite0/1/2)
-	$(PY) -m customkd_cache.real_teachers
+	$(PY) -m customkd_cache.models.real_teachers
 
 teacher-scaling: teachers  ## probe and student accuracy for every real teacher (evidence/results/teacher_scaling.*)
 	nice -n 10 $(PY) -m evidence.teacher_scaling $(ARGS)

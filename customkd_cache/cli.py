@@ -51,7 +51,7 @@ def check(
     spec = specs.load_any_spec(file, set_ or [])
     kind = "train" if isinstance(spec, specs.TrainSpec) else "cache"
     if isinstance(spec, specs.CacheSpec):
-        from customkd_cache.teachers import check_teacher_name
+        from customkd_cache.models.teachers import check_teacher_name
 
         check_teacher_name(spec.teacher)
     typer.echo(f"# {file}: valid {kind} spec", err=True)
@@ -354,7 +354,7 @@ def labels(
     set_: SetOpt = None,
 ) -> None:
     """Draw an SSL labeled subset (N per class, seeded) from a spec's dataset and write it to a list file."""
-    from customkd_cache.data import open_dataset, write_labeled_list
+    from customkd_cache.data.datasets import open_dataset, write_labeled_list
 
     parsed = specs.load_any_spec(spec, set_ or [])
     manifest = open_dataset(parsed.dataset).manifest

@@ -91,7 +91,7 @@ def export_student(
         raise ExportError(f"--format {fmt}: unknown; choose one of {', '.join(FORMATS)}")
     if quantize is not None and (quantize != "int8" or fmt != "onnx"):
         raise ExportError(f"--quantize {quantize}: only int8, and only with --format onnx")
-    from customkd_cache.data import open_dataset
+    from customkd_cache.data.datasets import open_dataset
 
     spec = load_run_spec(run_dir)
     ckpt = student_checkpoint(run_dir, checkpoint)
@@ -165,7 +165,7 @@ def student_checkpoint(run_dir: Path, which: Checkpoint) -> Path:
 
 def load_student(spec: specs.TrainSpec, checkpoint: Path, *, num_classes: int) -> nn.Module:
     """The run's timm model (``student.name``, ``num_classes``) with the checkpoint's weights."""
-    from customkd_cache.students import create_student
+    from customkd_cache.models.students import create_student
 
     student = create_student(spec.student.model_copy(update={"weights": ""}), num_classes=num_classes)
     model = student.timm_model()

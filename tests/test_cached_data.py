@@ -23,7 +23,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from customkd_cache.data import Dataset, open_dataset
+from customkd_cache.data.datasets import Dataset, open_dataset
+from customkd_cache.data.views import render_view, sample_views, to_tensor
 from customkd_cache.specs import CacheSpec, DatasetSpec, ViewsSpec
 from customkd_cache.stage_two.replay import (
     FeatureSource,
@@ -38,7 +39,6 @@ from customkd_cache.stage_two.replay import (
 )
 from customkd_cache.store import SplitInit, create_or_open_store, open_store
 from customkd_cache.testing import fakedata
-from customkd_cache.views import render_view, sample_views, to_tensor
 
 SPLITS = {"src": 10, "tgt": 7}
 VIEWS = ViewsSpec.model_validate({"num_views": 4, "seed": 3})

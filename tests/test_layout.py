@@ -35,7 +35,7 @@ def _importers(module: str) -> list[str]:
 
 
 def test_only_the_online_module_of_stage_two_builds_a_teacher() -> None:
-    assert [m for m in _importers("customkd_cache.teachers") if m in STAGE_TWO] == ["online"]
+    assert [m for m in _importers("customkd_cache.models.teachers") if m in STAGE_TWO] == ["online"]
 
 
 def test_only_store_imports_zarr() -> None:

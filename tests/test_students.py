@@ -10,14 +10,14 @@ import torch
 from torch import nn
 
 from customkd_cache.errors import SpecError, WeightsError
-from customkd_cache.specs import StudentSpec
-from customkd_cache.students import (
+from customkd_cache.models.students import (
     Student,
     create_projector,
     create_student,
     save_student_checkpoint,
 )
-from customkd_cache.weights import load_state_dict_into, read_state_dict, resolve_weights_file
+from customkd_cache.models.weights import load_state_dict_into, read_state_dict, resolve_weights_file
+from customkd_cache.specs import StudentSpec
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

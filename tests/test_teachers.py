@@ -13,11 +13,11 @@ from typing import Any
 import pytest
 import torch
 
+from customkd_cache.data.views import INTERPOLATIONS
 from customkd_cache.distributed import resolve_device
 from customkd_cache.errors import SpecError, TeacherError, WeightsError
+from customkd_cache.models.teachers import Teacher, create_teacher, fidelity_cosine
 from customkd_cache.specs import TeacherSpec
-from customkd_cache.teachers import Teacher, create_teacher, fidelity_cosine
-from customkd_cache.views import INTERPOLATIONS
 
 ASSETS = Path(__file__).parent / "assets"
 SIZE = 32
@@ -320,8 +320,8 @@ def test_efficientnet_lite0_by_order_recognizes_an_image() -> None:
     import numpy as np
     from PIL import Image
 
+    from customkd_cache.data.views import render_view, to_tensor, view_params
     from customkd_cache.specs import ViewsSpec
-    from customkd_cache.views import render_view, to_tensor, view_params
 
     spec = TeacherSpec(
         name="tf_efficientnet_lite0", feature="pooled", weights=EFFNET_LITE0, weights_keys="by_order"

@@ -9,9 +9,9 @@ import pytest
 import torch
 from PIL import Image
 
+from customkd_cache.data.views import INTERPOLATIONS, render_view, sample_views, to_tensor, view_params
 from customkd_cache.errors import SpecError
 from customkd_cache.specs import CacheSpec, ViewsSpec, validate
-from customkd_cache.views import INTERPOLATIONS, render_view, sample_views, to_tensor, view_params
 
 W, H = 640, 480
 

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from customkd_cache.errors import WeightsError
-from customkd_cache.weights import (
+from customkd_cache.models.weights import (
     file_sha256,
     load_state_dict_into,
     read_state_dict,

@@ -29,9 +29,11 @@ from torch.utils.data import Dataset as TorchDataset
 
 from customkd_cache import __version__
 from customkd_cache.catalog import cache_identity, dataset_identity, fingerprint, request_key
-from customkd_cache.data import Dataset, open_dataset
+from customkd_cache.data.datasets import Dataset, open_dataset
+from customkd_cache.data.views import render_view, sample_views, to_tensor
 from customkd_cache.distributed import resolve_device
 from customkd_cache.errors import SpecError, StoreError
+from customkd_cache.models.teachers import Teacher, create_teacher, fidelity_cosine
 from customkd_cache.specs import CacheSpec, cache_root, to_dict
 from customkd_cache.store import (
     FIDELITY_ATTR,
@@ -42,8 +44,6 @@ from customkd_cache.store import (
     num_units,
     store_name,
 )
-from customkd_cache.teachers import Teacher, create_teacher, fidelity_cosine
-from customkd_cache.views import render_view, sample_views, to_tensor
 
 POLL_S = 0.5
 

@@ -26,7 +26,7 @@ def create_online_teacher(
     """
     if not spec.cache.spec:
         raise SpecError("teacher_mode = 'online' needs cache.spec (the teacher is built from it)")
-    from customkd_cache.teachers import create_teacher
+    from customkd_cache.models.teachers import create_teacher
 
     cpath = spec_relative_path(spec.cache.spec, spec_path)
     cspec = load_cache_spec(cpath, [])

@@ -30,12 +30,12 @@ from PIL import Image, ImageEnhance
 from torch.utils.data import DataLoader
 from torch.utils.data import Dataset as TorchDataset
 
+from customkd_cache.data.views import render_view, to_tensor
 from customkd_cache.errors import StoreError
 from customkd_cache.store import dequantize, open_store
-from customkd_cache.views import render_view, to_tensor
 
 if TYPE_CHECKING:
-    from customkd_cache.data import Dataset
+    from customkd_cache.data.datasets import Dataset
     from customkd_cache.store import FeatureStore
 
 # Blocks whose rows are shuffled together in streaming mode. Larger windows mix more of the dataset

@@ -33,9 +33,22 @@ import torch
 from torch import nn
 
 from customkd_cache.catalog import recorded_storage, request_key, request_key_with_storage
-from customkd_cache.data import Dataset, SplitManifest, labeled_indices, open_dataset, read_labeled_list
+from customkd_cache.data.datasets import (
+    Dataset,
+    SplitManifest,
+    labeled_indices,
+    open_dataset,
+    read_labeled_list,
+)
 from customkd_cache.distributed import Dist, resolve_device
 from customkd_cache.errors import NonFiniteLossError, RunDirError, SpecError, StoreError
+from customkd_cache.models.students import (
+    Customizer,
+    Student,
+    create_projector,
+    create_student,
+    save_student_checkpoint,
+)
 from customkd_cache.specs import (
     CacheSpec,
     StoreSpec,
@@ -66,13 +79,6 @@ from customkd_cache.stage_two.replay import (
     stage_b_batches,
 )
 from customkd_cache.store import FeatureStore, open_store, store_dirs
-from customkd_cache.students import (
-    Customizer,
-    Student,
-    create_projector,
-    create_student,
-    save_student_checkpoint,
-)
 
 LOSS_TERMS = ("total", "ce", "gen", "task", "kd", "dkd")
 BOUND_ROWS = 128  # labeled images whose student features set the target bound (student_rms)

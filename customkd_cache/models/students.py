@@ -22,8 +22,8 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from torch import Tensor, nn
 
 from customkd_cache.errors import SpecError
+from customkd_cache.models.weights import load_state_dict_into, read_state_dict, resolve_weights_file
 from customkd_cache.specs import StudentSpec
-from customkd_cache.weights import load_state_dict_into, read_state_dict, resolve_weights_file
 
 # --- the student -------------------------------------------------------------------------------
 
@@ -180,7 +180,7 @@ def save_student_checkpoint(student: Student, path: Path) -> None:
 
     The file is written next to ``path`` and renamed over it, so a reader never sees a partial file.
     It loads with ``timm.create_model(student.name, num_classes=student.num_classes,
-    checkpoint_path=path)`` (after ``import customkd_cache.students`` for ``wrn_28_2``).
+    checkpoint_path=path)`` (after ``import customkd_cache.models.students`` for ``wrn_28_2``).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -1,6 +1,6 @@
 """The real teachers reachable offline, and the one command that writes their timm weights.
 
-``python -m customkd_cache.real_teachers [--root DIR] [--only KEY]...`` (what ``make teachers`` runs)
+``python -m customkd_cache.models.real_teachers [--root DIR] [--only KEY]...`` (what ``make teachers`` runs)
 writes, for each teacher in ``REAL_TEACHERS``, its timm state dict ``ROOT/<key>.safetensors``
 (``ROOT`` = ``CUSTOMKD_WEIGHTS_ROOT``, default ``./weights``) and checks it against the pinned sha256
 of its tensor contents (``weights.tensor_sha256``). It is idempotent: a file that already holds the
@@ -32,7 +32,7 @@ from typing import Literal
 import torch
 
 from customkd_cache.errors import CustomKDError, WeightsError
-from customkd_cache.weights import (
+from customkd_cache.models.weights import (
     load_state_dict_into,
     read_state_dict,
     resolve_weights_file,
@@ -137,7 +137,7 @@ def convert_teacher(
     path = source_file(teacher)
     if teacher.convert == "by_order":
         return _by_order(teacher, path), None, {}
-    from customkd_cache.convert_onnx import convert_dinov2_onnx
+    from customkd_cache.models.convert_onnx import convert_dinov2_onnx
 
     _, state, parity = convert_dinov2_onnx(path, model_name=teacher.timm_name)
     reference = {"images": parity.images, "onnx_cls": parity.onnx_cls, "timm_cls": parity.timm_cls}
@@ -193,7 +193,7 @@ def write_teacher(teacher: RealTeacher, root: Path) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m customkd_cache.real_teachers",
+        prog="python -m customkd_cache.models.real_teachers",
         description="Write every real teacher's timm weights under CUSTOMKD_WEIGHTS_ROOT and check them.",
     )
     parser.add_argument(

@@ -33,17 +33,17 @@ from typing import Any, Literal
 
 import torch
 
+from customkd_cache.data.views import INTERPOLATIONS
 from customkd_cache.distributed import resolve_device
 from customkd_cache.errors import TeacherError, WeightsError, closest
-from customkd_cache.specs import TeacherSpec
-from customkd_cache.views import INTERPOLATIONS
-from customkd_cache.weights import (
+from customkd_cache.models.weights import (
     file_sha256,
     first_mismatch,
     load_state_dict_into,
     read_state_dict,
     resolve_weights_file,
 )
+from customkd_cache.specs import TeacherSpec
 
 WeightsKind = Literal["random", "file", "package", "hub"]
 ForwardFn = Callable[[torch.nn.Module, torch.Tensor], torch.Tensor]
