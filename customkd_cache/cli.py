@@ -144,8 +144,8 @@ def sweep(
     ] = False,
 ) -> None:
     """Train the cartesian product of the grids from one spec; finished points are skipped."""
+    from customkd_cache.lab.sweep import parse_grid, run_sweep
     from customkd_cache.stage_one.extract import Shard
-    from customkd_cache.sweep import parse_grid, run_sweep
 
     part = Shard.parse(shard) if shard else None
     points = run_sweep(
@@ -183,7 +183,7 @@ def report(
     ] = None,
 ) -> None:
     """Mean ± std over seeds of the runs' metrics, grouped; failed and incomplete runs shown as such."""
-    from customkd_cache.report import build_report, load_runs, write_report
+    from customkd_cache.lab.report import build_report, load_runs, write_report
 
     rep = build_report(load_runs(dirs), by=by, metric=metric, select_on=select_on)
     if as_json:
@@ -210,7 +210,7 @@ def export_(
     runs: Annotated[int, typer.Option(help="timed batch-1 runs per latency figure")] = 100,
 ) -> None:
     """Export the run's student as ONNX or TorchScript; check parity, size, MACs and CPU latency."""
-    from customkd_cache.export import FORMATS, ExportError, export_student
+    from customkd_cache.lab.export import FORMATS, ExportError, export_student
 
     if format_ not in FORMATS:
         raise ExportError(f"--format {format_}: unknown; choose one of {', '.join(FORMATS)}")

@@ -17,10 +17,10 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-from customkd_cache.report import build_report, load_runs, write_report
+from customkd_cache.lab.report import build_report, load_runs, write_report
+from customkd_cache.lab.sweep import run_sweep
 from customkd_cache.specs import load_cache_spec
 from customkd_cache.stage_one import extract
-from customkd_cache.sweep import run_sweep
 from evidence.fmnist import ensure_fashion_mnist, log, read_idx, ssl_lists
 
 REPO = Path(__file__).resolve().parents[1]

@@ -1,7 +1,7 @@
 """``make evidence``: CustomKD against its baselines on real images, with the paper's ablations.
 
 Everything runs offline with the ImageNet-pretrained EfficientNet-Lite0 teacher, through the
-project's own ``sweep`` and ``report`` (``customkd_cache.sweep``, ``customkd_cache.report``) on the
+project's own ``sweep`` and ``report`` (``customkd_cache.lab.sweep``, ``customkd_cache.lab.report``) on the
 shipped pipelines:
 
 1. **SSL** (``pipelines/fashion_mnist/labels4_mobilenetv3.toml``): Fashion-MNIST, 4 labels per
@@ -37,10 +37,10 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from customkd_cache.report import Group, build_report, read_run
+from customkd_cache.lab.report import Group, build_report, read_run
+from customkd_cache.lab.sweep import SweepPoint, plan_points, run_sweep
 from customkd_cache.specs import data_root, load_cache_spec, load_train_spec
 from customkd_cache.stage_one import extract
-from customkd_cache.sweep import SweepPoint, plan_points, run_sweep
 from evidence.digits import write_digit_domains
 from evidence.fmnist import ensure_fashion_mnist, log, read_idx, ssl_lists
 

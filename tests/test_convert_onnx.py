@@ -23,8 +23,8 @@ onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
-from customkd_cache.models import real_teachers  # noqa: E402
 from customkd_cache.errors import WeightsError  # noqa: E402
+from customkd_cache.models import real_teachers  # noqa: E402
 from customkd_cache.models.convert_onnx import (  # noqa: E402
     ConversionError,
     OnnxDinov2,

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 import torch
 
-from customkd_cache.export import ExportError, export_student
+from customkd_cache.lab.export import ExportError, export_student
 from customkd_cache.specs import load_cache_spec, load_train_spec
 from customkd_cache.stage_one import extract
 from customkd_cache.stage_two.train import run_train

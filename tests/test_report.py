@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from customkd_cache.errors import SpecError
-from customkd_cache.report import build_report, load_runs, write_report
+from customkd_cache.lab.report import build_report, load_runs, write_report
 
 FP_A, FP_B = "a" * 64, "b" * 64
 

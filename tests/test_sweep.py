@@ -20,9 +20,16 @@ import pytest
 
 from customkd_cache import specs
 from customkd_cache.errors import NonFiniteLossError, SpecError
+from customkd_cache.lab.sweep import (
+    expand_grid,
+    parse_grid,
+    point_hash,
+    point_overrides,
+    read_sweep,
+    run_sweep,
+)
 from customkd_cache.stage_two import train as train_module
 from customkd_cache.store.claims import try_claim
-from customkd_cache.sweep import expand_grid, parse_grid, point_hash, point_overrides, read_sweep, run_sweep
 from customkd_cache.testing import fakedata
 from customkd_cache.testing import run_cli as cli
 

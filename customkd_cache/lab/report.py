@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from customkd_cache.errors import SpecError
-from customkd_cache.sweep import FAILED_FILE, SWEEP_FILE, read_sweep
+from customkd_cache.lab.sweep import FAILED_FILE, SWEEP_FILE, read_sweep
 
 RunStatus = Literal["done", "failed", "incomplete"]
 
