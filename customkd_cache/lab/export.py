@@ -184,8 +184,7 @@ def eval_images(
 ) -> EvalImages:
     """View 0 of the run's evaluation rows (the first ``max_images``; 0 = all) and of the first
     ``calibration`` training rows, rendered as the run's evaluation renders them for ``model``."""
-    import timm.data
-
+    from customkd_cache.models.students import data_config
     from customkd_cache.stage_two.replay import ReplayDataset, Row
     from customkd_cache.stage_two.train import build_protocol
 
@@ -195,7 +194,7 @@ def eval_images(
     rows = [Row(s, r, False) for s in protocol.eval_splits for r in protocol.eval_indices(s, sizes[s])]
     rows = rows[:max_images] if max_images else rows
     train_rows = [*protocol.labeled, *protocol.unlabeled][:calibration]
-    cfg = timm.data.resolve_model_data_config(model)
+    cfg = data_config(model)
     replay = ReplayDataset(
         dataset=dataset,
         store_path=store_path,

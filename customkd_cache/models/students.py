@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import timm
+import timm.data
 import torch
 import torch.nn.functional as F
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
@@ -93,6 +94,11 @@ class Student(nn.Module):
     def timm_model(self) -> nn.Module:
         """The underlying timm model, whose ``state_dict`` is the student checkpoint."""
         return self.model
+
+
+def data_config(model: nn.Module) -> dict[str, Any]:
+    """timm's resolved input config of ``model``: ``input_size``, ``mean``, ``std``, ``interpolation``, ..."""
+    return dict(timm.data.resolve_model_data_config(model))
 
 
 def _has_head_activation(model: nn.Module) -> bool:

@@ -47,6 +47,7 @@ from customkd_cache.models.students import (
     Student,
     create_projector,
     create_student,
+    data_config,
     save_student_checkpoint,
 )
 from customkd_cache.specs import (
@@ -571,9 +572,7 @@ def _replay_dataset(
     student: Student,
     teacher: Any,
 ) -> ReplayDataset:
-    import timm.data
-
-    cfg = timm.data.resolve_model_data_config(student.timm_model())
+    cfg = data_config(student.timm_model())
     kwargs: dict[str, Any] = {}
     if teacher is not None:
         pre = teacher.preprocess
