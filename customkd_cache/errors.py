@@ -36,6 +36,10 @@ class RunDirError(CustomKDError, ValueError):
     """A run directory cannot be used as asked (unreadable or foreign checkpoint, other spec on resume)."""
 
 
+class OutputError(CustomKDError, OSError):
+    """An output file or directory cannot be written: a link or a file in the way, no space, no permission."""
+
+
 class NonFiniteFeatureError(CustomKDError, FloatingPointError):
     """The teacher produced NaN or Inf features; the message names the sample ids."""
 
@@ -50,3 +54,12 @@ def closest(word: str, choices: list[str] | tuple[str, ...]) -> str:
 
     match = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.5)
     return f" (did you mean '{match[0]}'?)" if match else ""
+
+
+def first_line(e: BaseException, limit: int = 200) -> str:
+    """The first non-empty line of an exception's message (at most ``limit`` characters), else its
+    type name: enough to say why, on one line."""
+    for line in str(e).splitlines():
+        if line.strip():
+            return line.strip()[:limit]
+    return type(e).__name__
