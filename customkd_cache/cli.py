@@ -15,7 +15,7 @@ from typing import Annotated, Any, Optional
 import typer
 
 from customkd_cache import specs
-from customkd_cache.errors import CustomKDError
+from customkd_cache.errors import CustomKDError, SpecError
 
 app = typer.Typer(
     name="customkd-cache",
@@ -160,6 +160,11 @@ def sweep(
         typer.echo(f"{p.status:8s} {p.run_dir}" + (f"  ({p.error})" if p.error else ""))
     counts = {s: sum(p.status == s for p in points) for s in ("ran", "done", "failed", "skipped")}
     typer.echo(f"{out}: {len(points)} points: " + ", ".join(f"{n} {s}" for s, n in counts.items()))
+    if counts["failed"]:
+        raise SpecError(
+            f"{out}: {counts['failed']} of {len(points)} points failed (listed above, each with its "
+            "message); fix the cause, then rerun with --retry-failed"
+        )
 
 
 @app.command()

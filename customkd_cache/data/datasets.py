@@ -25,6 +25,7 @@ import io
 import json
 import os
 import pickle
+import re
 import stat
 import struct
 import warnings
@@ -38,6 +39,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from customkd_cache.errors import DatasetError, closest
+from customkd_cache.files import ensure_dir, write_atomic
 from customkd_cache.specs import DatasetSpec, data_path
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff"})
@@ -425,13 +427,31 @@ def _apply_skip_list(
     unknown = sorted(skip - known)
     if unknown:
         example = next((s.samples[0].id for s in splits if s.samples), "")
+        shown = _shown_ids(unknown, [x for s in splits for x in s.samples])
         raise DatasetError(
             f"{path}: {len(unknown)} id(s) in dataset.skip_list are not in splits "
-            f"{', '.join(s.name for s in splits)} (first: {', '.join(map(repr, unknown[:3]))}); "
+            f"{', '.join(s.name for s in splits)} {shown}; "
             f"ids look like '{example}': fix or remove those lines"
         )
     kept = [SplitManifest(s.name, tuple(x for x in s.samples if x.id not in skip)) for s in splits]
     return kept, tuple(sorted(skip))
+
+
+_ID_CHARS = re.compile(r"[\w./+\- ()\[\],&'~]{1,200}")
+
+
+def _shown_ids(unknown: Sequence[str], samples: Sequence[Sample]) -> str:
+    """``(first: 'a', 'b')`` naming the unknown ids that look like sample ids (a known file extension,
+    no ':' nor '$'), so that a file given by mistake (``/etc/shadow``) never has its lines echoed."""
+    suffixes = {s.id.rsplit(".", 1)[-1].lower() for s in samples[:1000] if "." in s.id}
+    plausible = [
+        i
+        for i in unknown
+        if _ID_CHARS.fullmatch(i) and (not suffixes or i.rsplit(".", 1)[-1].lower() in suffixes)
+    ]
+    if not plausible:
+        return "(none of them looks like a sample id: is it a list of ids?)"
+    return f"(first: {', '.join(map(repr, plausible[:3]))})"
 
 
 def _read_id_lines(path: Path, what: str) -> list[str]:
@@ -1081,10 +1101,8 @@ def write_labeled_list(manifest: Manifest, split: str, *, per_class: int, seed: 
         chosen.append(rng.choice(members, size=per_class, replace=False))
     order = np.sort(np.concatenate(chosen)) if chosen else np.empty(0, dtype=np.int64)
     payload = "".join(f"{samples[i].id}\n" for i in order).encode("utf-8")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_bytes(payload)
-    os.replace(tmp, out)  # readers never see a half-written list
+    ensure_dir(out.parent, what="--out")
+    write_atomic(out, payload)  # readers never see a half-written list; a planted link is replaced
     return hashlib.sha256(payload).hexdigest()
 
 
@@ -1134,8 +1152,8 @@ def labeled_indices(split: SplitManifest, ids: Sequence[str]) -> np.ndarray:
     if unknown:
         example = split.samples[0].id if split.samples else ""
         raise DatasetError(
-            f"split '{split.name}': {len(unknown)} labeled id(s) not found (first: "
-            f"{', '.join(map(repr, unknown[:3]))}); ids look like '{example}' or its file name"
+            f"split '{split.name}': {len(unknown)} labeled id(s) not found "
+            f"{_shown_ids(unknown, split.samples)}; ids look like '{example}' or its file name"
         )
     values, counts = np.unique(out, return_counts=True)
     if (counts > 1).any():

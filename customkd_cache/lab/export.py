@@ -11,8 +11,13 @@ core this process may use: p50/p90 over ``latency_runs`` runs after ``warmup_run
 activations calibrated on training images, never on the evaluation rows) with the same checks.
 Everything goes to ``export.json`` beside the file.
 
-Refused with ``ExportError`` (exit 2): a run directory without a finished student, a student that
-cannot be traced, int8 for TorchScript, or onnxruntime missing.
+Every file is written with ``customkd_cache.files`` (a new temporary file renamed into place): a link
+planted at ``export/`` or at a file's path is refused or replaced, never written through, and the
+quantizer's intermediate files live in a scratch directory removed on exit and on SIGTERM.
+
+Refused with ``ExportError`` (exit 2): a run directory without a finished student, a checkpoint that
+is not a state dict of tensors, a student that cannot be traced, bad options (``--images < 0``,
+``--runs < 1``, ``--out`` a directory), int8 for TorchScript, or onnxruntime missing.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import contextlib
 import json
 import logging
 import os
+import pickle
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -32,7 +38,8 @@ import torch
 from torch import nn
 
 from customkd_cache import specs
-from customkd_cache.errors import CustomKDError
+from customkd_cache.errors import CustomKDError, OutputError, first_line
+from customkd_cache.files import ensure_dir, scratch_dir, write_atomic
 
 Format = Literal["onnx", "torchscript"]
 Checkpoint = Literal["best", "last"]
@@ -91,9 +98,12 @@ def export_student(
         raise ExportError(f"--format {fmt}: unknown; choose one of {', '.join(FORMATS)}")
     if quantize is not None and (quantize != "int8" or fmt != "onnx"):
         raise ExportError(f"--quantize {quantize}: only int8, and only with --format onnx")
+    _check_counts(max_images=max_images, latency_runs=latency_runs, warmup_runs=warmup_runs)
     from customkd_cache.data.datasets import open_dataset
 
     spec = load_run_spec(run_dir)
+    path = Path(out) if out else run_dir / "export" / ("student.onnx" if fmt == "onnx" else "student.pt")
+    _check_out(path, run_dir=None if out else run_dir)
     ckpt = student_checkpoint(run_dir, checkpoint)
     dataset = open_dataset(spec.dataset)
     student = load_student(spec, ckpt, num_classes=len(dataset.manifest.classes))
@@ -101,8 +111,6 @@ def export_student(
         run_dir, spec, dataset, student, max_images=max_images, calibration=calibration_images
     )
     model = Logits(student).eval()
-    path = Path(out) if out else run_dir / "export" / ("student.onnx" if fmt == "onnx" else "student.pt")
-    path.parent.mkdir(parents=True, exist_ok=True)
     size = spec.student.input_size
     with torch.no_grad():
         reference = predict(model, images.pixels)
@@ -128,8 +136,29 @@ def export_student(
         report["formats"]["onnx_int8"] = measure(
             qpath, "onnx", images, reference, runs=latency_runs, warmup=warmup_runs
         )
-    (path.parent / EXPORT_FILE).write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
+    write_atomic(path.parent / EXPORT_FILE, json.dumps(report, indent=2, sort_keys=True) + "\n")
     return report
+
+
+def _check_counts(*, max_images: int, latency_runs: int, warmup_runs: int) -> None:
+    if max_images < 0:
+        raise ExportError(f"--images {max_images}: give 0 (every evaluation image) or a positive count")
+    if latency_runs < 1:
+        raise ExportError(f"--runs {latency_runs}: give at least 1 timed run per latency figure")
+    if warmup_runs < 0:
+        raise ExportError(f"warmup_runs {warmup_runs}: give 0 or more")
+
+
+def _check_out(path: Path, *, run_dir: Path | None) -> None:
+    """Refuse an output path that is a directory, and create its folder (below ``run_dir`` no link
+    is accepted: ``RUN_DIR/export`` may be shared) before any time goes into loading and tracing."""
+    if path.is_dir():
+        raise ExportError(
+            f"--out {path}: is a directory; give the model file to write, e.g. --out {path / 'student.onnx'}"
+        )
+    ensure_dir(path.parent, within=run_dir, what="--out" if run_dir is None else "")
+    if not os.access(path.parent, os.W_OK | os.X_OK):
+        raise OutputError(f"--out {path}: directory {path.parent} is not writable; choose another --out")
 
 
 # --- the run's student and images --------------------------------------------------------------
@@ -170,11 +199,24 @@ def load_student(spec: specs.TrainSpec, checkpoint: Path, *, num_classes: int) -
     student = create_student(spec.student.model_copy(update={"weights": ""}), num_classes=num_classes)
     model = student.timm_model()
     try:
-        model.load_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=True))
-    except (RuntimeError, ValueError, OSError) as e:
-        first = str(e).strip().splitlines()[0]
+        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
         raise ExportError(
-            f"{checkpoint}: does not fit student.name '{spec.student.name}' ({first})"
+            f"{checkpoint}: holds objects other than tensors and plain containers, refused unloaded "
+            "(loading them could run code); export a run whose student checkpoint this tool wrote"
+        ) from None
+    except Exception as e:  # truncated or foreign file: torch raises several types
+        raise ExportError(f"{checkpoint}: not a loadable student checkpoint ({first_line(e)})") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ExportError(
+            f"{checkpoint}: holds a {type(state).__name__}, not a state dict of tensors; export a run whose "
+            "student checkpoint this tool wrote"
+        )
+    try:
+        model.load_state_dict(state)
+    except (RuntimeError, ValueError, TypeError) as e:
+        raise ExportError(
+            f"{checkpoint}: does not fit student.name '{spec.student.name}' ({first_line(e)})"
         ) from None
     return model
 
@@ -259,23 +301,29 @@ def write_onnx(model: nn.Module, path: Path, *, size: int, name: str) -> None:
     """
     _require("onnx")
     example = torch.zeros(1, 3, size, size)
-    try:
-        with _quiet():
-            torch.onnx.export(
-                model,
-                (example,),
-                str(path),
-                dynamo=False,
-                input_names=["pixels"],
-                output_names=["logits"],
-                dynamic_axes={"pixels": {0: "batch"}, "logits": {0: "batch"}},
-                opset_version=OPSET,
-            )
-    except Exception as e:  # the exporter raises many types for an untraceable graph
-        raise ExportError(
-            f"student '{name}' cannot be traced to ONNX ({type(e).__name__}: {_first_line(e)}); "
-            "try --format torchscript or another student.name"
-        ) from None
+
+    def export(f: Any) -> None:
+        try:
+            with _quiet():
+                torch.onnx.export(
+                    model,
+                    (example,),
+                    f,
+                    dynamo=False,
+                    input_names=["pixels"],
+                    output_names=["logits"],
+                    dynamic_axes={"pixels": {0: "batch"}, "logits": {0: "batch"}},
+                    opset_version=OPSET,
+                )
+        except OSError:
+            raise  # a failed write, reported as such by write_atomic
+        except Exception as e:  # the exporter raises many types for an untraceable graph
+            raise ExportError(
+                f"student '{name}' cannot be traced to ONNX ({type(e).__name__}: {first_line(e)}); "
+                "try --format torchscript or another student.name"
+            ) from None
+
+    write_atomic(path, export)
 
 
 def write_torchscript(model: nn.Module, path: Path, *, size: int, name: str) -> None:
@@ -283,12 +331,12 @@ def write_torchscript(model: nn.Module, path: Path, *, size: int, name: str) -> 
     try:
         with _quiet():
             traced = torch.jit.trace(model, torch.zeros(1, 3, size, size), check_trace=True)
-        torch.jit.save(traced, str(path))
     except Exception as e:  # tracing raises many types for a graph it cannot follow
         raise ExportError(
-            f"student '{name}' cannot be traced to TorchScript ({type(e).__name__}: {_first_line(e)}); "
+            f"student '{name}' cannot be traced to TorchScript ({type(e).__name__}: {first_line(e)}); "
             "try --format onnx or another student.name"
         ) from None
+    write_atomic(path, lambda f: torch.jit.save(traced, f))
 
 
 def quantize_int8(src: Path, dst: Path, calibration: torch.Tensor) -> None:
@@ -307,21 +355,20 @@ def quantize_int8(src: Path, dst: Path, calibration: torch.Tensor) -> None:
         def get_next(self) -> dict[str, np.ndarray] | None:
             return next(self.items, None)
 
-    pre = dst.with_name(dst.stem + ".pre.onnx")
-    try:
+    with scratch_dir(dst.parent) as scratch:  # the quantizer writes by name: only inside scratch
+        pre, quantized = scratch / (dst.stem + ".pre.onnx"), scratch / dst.name
         with _quiet():
             q.quant_pre_process(str(src), str(pre))
             q.quantize_static(
                 str(pre),
-                str(dst),
+                str(quantized),
                 Reader(),
                 quant_format=q.QuantFormat.QDQ,
                 per_channel=True,
                 weight_type=q.QuantType.QInt8,
                 activation_type=q.QuantType.QUInt8,
             )
-    finally:
-        pre.unlink(missing_ok=True)
+        write_atomic(dst, quantized.read_bytes())
 
 
 # --- measuring ---------------------------------------------------------------------------------
@@ -432,11 +479,6 @@ def _require(module: str) -> Any:
         raise ExportError(
             f"export needs the Python package '{module}': pip install 'customkd-cache[export]'"
         ) from None
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0][:200] if text else "no message"
 
 
 @contextlib.contextmanager

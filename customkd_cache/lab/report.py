@@ -17,14 +17,17 @@ is the metric at the last epoch, "best" the best epoch's (chosen on the same spl
 
 from __future__ import annotations
 
+import io
 import json
+import math
 import statistics
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from customkd_cache.errors import SpecError
+from customkd_cache.errors import SpecError, first_line
+from customkd_cache.files import ensure_dir, write_atomic
 from customkd_cache.lab.sweep import FAILED_FILE, SWEEP_FILE, read_sweep
 
 RunStatus = Literal["done", "failed", "incomplete"]
@@ -54,19 +57,28 @@ class RunRecord:
         return self.results.get(key)
 
     def metric(self, name: str) -> float | None:
-        """``name`` at the last epoch: results.json, else the last metrics line that has it."""
+        """``name`` at the last epoch: results.json, else the last metrics line that has it.
+
+        Raises SpecError when the recorded value is not a finite number (a boolean is not one).
+        """
         if self.results.get(name) is not None:
-            return float(self.results[name])
-        for line in reversed(self.metrics):
+            return _number(self.results[name], self.run_dir / "results.json", name)
+        for i, line in reversed(list(enumerate(self.metrics))):
             if line.get(name) is not None:
-                return float(line[name])
+                return _number(line[name], self.run_dir / "metrics.jsonl", name, line=i + 1)
         return None
 
     def best(self, name: str) -> float | None:
         """The best epoch's ``name`` (results.json's ``best_<name>``, else the max over epochs)."""
-        if self.results.get(f"best_{name}") is not None:
-            return float(self.results[f"best_{name}"])
-        values = [float(m[name]) for m in self.metrics if m.get(name) is not None]
+        key = f"best_{name}"
+        if self.results.get(key) is not None:
+            return _number(self.results[key], self.run_dir / "results.json", key)
+        path = self.run_dir / "metrics.jsonl"
+        values = [
+            _number(m[name], path, name, line=i + 1)
+            for i, m in enumerate(self.metrics)
+            if m.get(name) is not None
+        ]
         return max(values) if values else None
 
 
@@ -358,9 +370,11 @@ def _select(
 def _curve(runs: list[RunRecord], metric: str) -> list[list[float]]:
     per_epoch: dict[int, list[float]] = {}
     for r in runs:
-        for m in r.metrics:
+        path = r.run_dir / "metrics.jsonl"
+        for i, m in enumerate(r.metrics):
             if m.get(metric) is not None and "epoch" in m:
-                per_epoch.setdefault(int(m["epoch"]), []).append(float(m[metric]))
+                value = _number(m[metric], path, metric, line=i + 1)
+                per_epoch.setdefault(_epoch(m["epoch"], path, i + 1), []).append(value)
     return [[e, statistics.mean(v)] for e, v in sorted(per_epoch.items())]
 
 
@@ -368,18 +382,31 @@ def _curve(runs: list[RunRecord], metric: str) -> list[list[float]]:
 
 
 def write_report(report: Report, prefix: Path) -> list[Path]:
-    """Write ``PREFIX.md``, ``PREFIX.json`` and ``PREFIX.png``; return their paths."""
+    """Write ``PREFIX.md``, ``PREFIX.json`` and ``PREFIX.png``; return their paths.
+
+    Each file is replaced atomically (``files.write_atomic``: a link at its path is replaced, never
+    written through).
+
+    Raises:
+        SpecError: ``prefix`` names no file (``''``, ``/``, ``dir/``).
+        OutputError: its directory cannot be created or written (a file in the way, read-only).
+    """
     prefix = Path(prefix)
-    prefix.parent.mkdir(parents=True, exist_ok=True)
+    if prefix.name in ("", ".", "..") or str(prefix).endswith("/"):
+        raise SpecError(
+            f"--out {str(prefix)!r}: give a file prefix, e.g. --out results/table "
+            "(writes table.md, table.json and table.png)"
+        )
+    ensure_dir(prefix.parent, what="--out")
     md, js, png = (prefix.with_name(prefix.name + ext) for ext in (".md", ".json", ".png"))
-    md.write_text(report.to_markdown())
-    js.write_text(json.dumps(report.to_json(), indent=2, sort_keys=True) + "\n")
-    plot_report(report, png)
+    write_atomic(md, report.to_markdown())
+    write_atomic(js, json.dumps(report.to_json(), indent=2, sort_keys=True) + "\n")
+    write_atomic(png, plot_report(report))
     return [md, js, png]
 
 
-def plot_report(report: Report, path: Path) -> None:
-    """Bars (last epoch, mean ± std per group) and the per-epoch mean curves of each group."""
+def plot_report(report: Report) -> bytes:
+    """PNG bytes: bars (last epoch, mean ± std per group) and the per-epoch mean curves of each group."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -401,8 +428,10 @@ def plot_report(report: Report, path: Path) -> None:
     if any(g.curve for g in report.groups):
         curves.legend(fontsize="small")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
     plt.close(fig)
+    return buffer.getvalue()
 
 
 # --- helpers -----------------------------------------------------------------------------------
@@ -412,26 +441,50 @@ def _is_run(d: Path) -> bool:
     return (d / "spec.json").exists() or (d / "results.json").exists() or (d / FAILED_FILE).exists()
 
 
+_FIX = "remove the run directory or rerun that run"
+
+
 def _read_json(path: Path) -> dict[str, Any]:
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         return {}
-    except ValueError as e:
-        raise SpecError(f"{path}: not valid JSON ({e}); remove the run directory or rerun that run") from None
+    except (OSError, ValueError) as e:  # UnicodeDecodeError is a ValueError
+        raise SpecError(f"{path}: not valid JSON ({first_line(e, 120)}); {_FIX}") from None
     return data if isinstance(data, dict) else {}
 
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    if not path.exists():
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
         return []
+    except (OSError, ValueError) as e:
+        raise SpecError(f"{path}: not UTF-8 JSON lines ({first_line(e, 120)}); {_FIX}") from None
     lines = []
-    for line in path.read_text().splitlines():
+    for line in text.splitlines():
         try:
             lines.append(json.loads(line))
         except ValueError:  # a line cut by a kill: the run is resumed or incomplete anyway
             continue
     return [m for m in lines if isinstance(m, dict)]
+
+
+def _number(value: Any, path: Path, key: str, *, line: int = 0) -> float:
+    """A recorded metric as a float; a boolean, a string, a list or a NaN is refused, never averaged."""
+    ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok:
+        where = f"{path} line {line}" if line else str(path)
+        raise SpecError(f"{where}: {key} = {json.dumps(value)[:40]} is not a finite number; {_FIX}")
+    return float(value)
+
+
+def _epoch(value: Any, path: Path, line: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise SpecError(
+            f"{path} line {line}: epoch = {json.dumps(value)[:40]} is not an epoch number; {_FIX}"
+        )
+    return value
 
 
 def _flatten(obj: dict[str, Any], prefix: str = "") -> dict[str, Any]:

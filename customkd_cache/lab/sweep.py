@@ -10,10 +10,14 @@ a short hash of its full override set (``--set`` overrides and grid values toget
 Concurrency: a point is trained only under a claim (``OUT/.claims/<hash>.claim``, the claim files of
 stage one, kept alive by a heartbeat thread), so several processes, a Slurm array (``shard=(I, N)``)
 or ``torchrun`` ranks (each rank an independent worker) never train a point twice. A killed point
-resumes from its last checkpoint (``train --resume``). A point whose loss becomes non-finite is
-recorded as failed with its message (``failed.json`` in its run directory) and the sweep goes on.
+resumes from its last checkpoint (``train --resume``). A point refused at run time (a non-finite
+loss, a damaged run directory, a planted link) is recorded as failed with its message (``failed.json``
+in its run directory) and the sweep goes on; ``--retry-failed`` trains failed points again.
 
-A run directory is finished when it holds ``results.json``.
+A run directory is finished when it holds a readable ``results.json`` (a damaged one makes the point
+failed, with the file named). Point directories, ``sweep.json`` and the claims are created with
+``customkd_cache.files``: a link another user planted in a shared sweep directory is refused (never
+written through).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import contextlib
 import hashlib
 import itertools
 import json
+import math
 import os
 import re
 import shutil
@@ -33,13 +38,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 from customkd_cache import specs
-from customkd_cache.errors import NonFiniteLossError, SpecError
+from customkd_cache.errors import CustomKDError, OutputError, SpecError
+from customkd_cache.files import check_no_links, ensure_dir, write_atomic
 from customkd_cache.store.claims import Claim, try_claim
 
 Status = Literal["done", "ran", "failed", "skipped"]
 SWEEP_FILE = "sweep.json"
 FAILED_FILE = "failed.json"
 LEASE_S = 600.0
+NAME_MAX = 200  # bytes of a point directory name (file systems allow 255; claims add a suffix)
 
 
 @dataclass(frozen=True)
@@ -110,8 +117,14 @@ def point_hash(full: dict[str, Any]) -> str:
 
 
 def point_name(point: dict[str, Any], full: dict[str, Any]) -> str:
-    """``key=value,...-hash``: readable, a plain directory name, unique through the hash."""
+    """``key=value,...-hash``: readable, a plain directory name, unique through the hash.
+
+    Names longer than ``NAME_MAX`` bytes (many linked keys) keep their start, then ``~`` and the hash.
+    """
     shown = ",".join(f"{k}={_short(v)}" for k, v in point.items())
+    shown = re.sub(r"[^A-Za-z0-9._+=,-]", "_", shown)
+    if len(shown) + 7 > NAME_MAX:
+        shown = shown[: NAME_MAX - 8] + "~"
     return f"{shown}-{point_hash(full)}" if shown else point_hash(full)
 
 
@@ -176,6 +189,7 @@ def plan_points(
     for point in expand_grid(grid):
         full = point_overrides(overrides, point)
         spec = load_point_spec(spec_path, full)
+        _check_files(spec, spec_path, point)
         name = point_name(point, full)
         _check_same_spec(out / name, spec)
         planned.append(PlannedPoint(SweepPoint(name, dict(point), out / name, "pending"), full, spec))
@@ -189,16 +203,21 @@ def read_sweep(out: Path) -> dict[str, Any]:
         SpecError: the file exists but is not a sweep file.
     """
     path = Path(out) / SWEEP_FILE
-    if not path.exists():
+    if not os.path.lexists(path):
         return {"points": {}}
+    fix = "restore it, or remove it (the next sweep call lists its points again)"
     try:
-        data = json.loads(path.read_text())
-    except ValueError as e:
-        raise SpecError(
-            f"{path}: not valid JSON ({e}); restore it or remove it to start the sweep afresh"
-        ) from None
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except IsADirectoryError:
+        raise SpecError(f"{path}: is a directory, not a sweep file; {fix}") from None
+    except (OSError, ValueError) as e:  # UnicodeDecodeError is a ValueError
+        raise SpecError(f"{path}: not valid JSON ({_first(e)}); {fix}") from None
     if not isinstance(data, dict) or not isinstance(data.get("points"), dict):
         raise SpecError(f"{path}: not a sweep file (no 'points' table); use another --out directory")
+    for name, entry in data["points"].items():
+        problem = _entry_problem(name, entry)
+        if problem:
+            raise SpecError(f"{path}: point {name[:80]!r} {problem}; {fix}")
     return data
 
 
@@ -231,34 +250,63 @@ def _run_point(
     point: SweepPoint, spec: specs.TrainSpec, *, spec_path: Path, retry_failed: bool, lease_s: float
 ) -> SweepPoint:
     run_dir = point.run_dir
-    if (run_dir / "results.json").exists():
+    if os.path.islink(run_dir):
+        return _with(point, "failed", _planted_dir(run_dir))
+    finished, damage = finished_run(run_dir)
+    if finished:
         return _with(point, "done")
-    if (run_dir / FAILED_FILE).exists() and not retry_failed:
-        return _with(point, "failed", _failed_message(run_dir))
-    claim = try_claim(run_dir.parent / ".claims", point.name.rsplit("-", 1)[-1], lease_s=lease_s)
+    if (damage or os.path.lexists(run_dir / FAILED_FILE)) and not retry_failed:
+        return _with(point, "failed", damage or _failed_message(run_dir))
+    try:
+        claims = ensure_dir(run_dir.parent / ".claims", within=run_dir.parent)
+    except OutputError as e:
+        return _with(point, "failed", str(e))
+    claim = try_claim(claims, point.name.rsplit("-", 1)[-1], lease_s=lease_s)
     if claim is None:
         return _with(point, "skipped")
     with claim, _heartbeat(claim, lease_s / 4):
-        if (run_dir / "results.json").exists():  # finished by the previous holder meanwhile
+        if finished_run(run_dir)[0]:  # finished by the previous holder meanwhile
             return _with(point, "done")
         return _train_point(point, spec, spec_path=spec_path)
+
+
+def finished_run(run_dir: Path) -> tuple[bool, str]:
+    """Whether ``run_dir`` holds a readable ``results.json`` (a JSON table whose
+    ``student_accuracy`` is a finite number or null); else "" or what is wrong with the file."""
+    path = run_dir / "results.json"
+    if not os.path.lexists(path):
+        return False, ""
+    fix = "rerun with --retry-failed to train the point again, or remove its run directory"
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        return False, f"{path}: damaged ({_first(e)}); {fix}"
+    acc = data.get("student_accuracy", "missing") if isinstance(data, dict) else "missing"
+    if not isinstance(data, dict) or not (acc is None or _is_number(acc)):
+        return False, f"{path}: damaged (no finite student_accuracy); {fix}"
+    return True, ""
 
 
 def _train_point(point: SweepPoint, spec: specs.TrainSpec, *, spec_path: Path) -> SweepPoint:
     from customkd_cache.stage_two.train import run_train
 
     run_dir = point.run_dir
-    resume = (run_dir / "checkpoints" / "last.pt").exists()
-    if not resume and run_dir.exists():  # killed before its first checkpoint: start it afresh
-        shutil.rmtree(run_dir)
-    (run_dir / FAILED_FILE).unlink(missing_ok=True)
     try:
+        ensure_dir(run_dir, within=run_dir.parent)
+        check_no_links(run_dir)
+        resume = (run_dir / "checkpoints" / "last.pt").exists()
+        if not resume:  # killed before its first checkpoint: start it afresh
+            shutil.rmtree(run_dir)
+            ensure_dir(run_dir, within=run_dir.parent)
+        (run_dir / FAILED_FILE).unlink(missing_ok=True)
         with _single_process():
             run_train(spec, spec_path=spec_path, out=run_dir, resume=resume)
-    except NonFiniteLossError as e:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / FAILED_FILE).write_text(json.dumps({"error": str(e), "time": time.time()}) + "\n")
-        return _with(point, "failed", str(e))
+    except CustomKDError as e:  # refused or failed at run time: recorded, and the sweep goes on
+        message = str(e).strip().replace("\n", " ")
+        with contextlib.suppress(CustomKDError, OSError):
+            ensure_dir(run_dir, within=run_dir.parent)
+            write_atomic(run_dir / FAILED_FILE, json.dumps({"error": message, "time": time.time()}) + "\n")
+        return _with(point, "failed", message)
     return _with(point, "ran")
 
 
@@ -304,15 +352,22 @@ def _with(point: SweepPoint, status: Status, error: str = "") -> SweepPoint:
 
 
 def _failed_message(run_dir: Path) -> str:
+    path = run_dir / FAILED_FILE
     try:
-        return str(json.loads((run_dir / FAILED_FILE).read_text()).get("error", ""))
-    except (OSError, ValueError):
-        return f"{run_dir / FAILED_FILE}: unreadable"
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        return f"{path}: unreadable ({_first(e)}); rerun with --retry-failed"
+    if not isinstance(data, dict) or not isinstance(data.get("error", ""), str):
+        return f"{path}: not a failure record; rerun with --retry-failed"
+    return str(data.get("error", ""))
 
 
 def _shard(shard: tuple[int, int] | None) -> tuple[int, int]:
     if shard is None:
-        return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+        from customkd_cache.stage_one.extract import Shard
+
+        env = Shard.from_env()
+        return env.index, env.count
     index, count = shard
     if not 0 <= index < count:
         raise SpecError(f"--shard {index}/{count}: need 0 <= I < N, e.g. --shard 0/4")
@@ -322,12 +377,12 @@ def _shard(shard: tuple[int, int] | None) -> tuple[int, int]:
 def _check_same_spec(run_dir: Path, spec: specs.TrainSpec) -> None:
     """Refuse to treat a run directory trained from another spec as this point."""
     path = run_dir / "spec.json"
-    if not path.exists():
+    if not path.is_file():
         return
     try:
-        old = json.loads(path.read_text())
-    except ValueError:
-        return  # written when killed: the point is retrained
+        old = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return  # written when killed, or damaged: the point fails or is retrained at run time
     diff = _first_difference(old, specs.to_dict(spec))
     if diff:
         raise SpecError(
@@ -357,9 +412,10 @@ def _set_dotted(data: dict[str, Any], key: str, value: Any, source: Path) -> Non
 def _locked_sweep(out: Path) -> Iterator[dict[str, Any]]:
     """``sweep.json`` read, handed to the body and written back atomically, under a claim so that
     concurrent sweeps never lose each other's points."""
-    out.mkdir(parents=True, exist_ok=True)
+    ensure_dir(out, what="--out")
+    claims = ensure_dir(out / ".claims", within=out, what="--out")
     deadline = time.monotonic() + 60.0
-    while (claim := try_claim(out / ".claims", "sweep.json", lease_s=60.0)) is None:
+    while (claim := try_claim(claims, "sweep.json", lease_s=60.0)) is None:
         if time.monotonic() > deadline:
             raise SpecError(
                 f"{out / '.claims'}: sweep.json stays locked; remove sweep.json.claim if no sweep runs"
@@ -368,9 +424,65 @@ def _locked_sweep(out: Path) -> Iterator[dict[str, Any]]:
     with claim:
         data = read_sweep(out)
         yield data
-        tmp = out / f".{SWEEP_FILE}.{os.getpid()}.tmp"
-        tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-        os.replace(tmp, out / SWEEP_FILE)
+        write_atomic(out / SWEEP_FILE, json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def _entry_problem(name: str, entry: Any) -> str:
+    """What is wrong with one ``points`` entry of sweep.json ("" when nothing)."""
+    if not isinstance(entry, dict):
+        return f"is {_first(entry)}, not a table"
+    run_dir = entry.get("run_dir", name)
+    if not isinstance(run_dir, str) or not _plain_name(run_dir):
+        return f"has run_dir {_first(run_dir)}, not a directory name inside the sweep"
+    if not isinstance(entry.get("overrides", {}), dict):
+        return "has overrides that are not a table"
+    return ""
+
+
+def _plain_name(name: str) -> bool:
+    return bool(name) and name not in (".", "..") and "/" not in name and "\0" not in name
+
+
+def _check_files(spec: specs.TrainSpec, spec_path: Path, point: dict[str, Any]) -> None:
+    """Refuse, while planning, a point whose spec names a file that does not exist (a grid value
+    such as ``student.weights=...`` would otherwise stop the sweep at that point)."""
+    from customkd_cache.errors import WeightsError
+    from customkd_cache.models.weights import resolve_weights_file
+
+    where = f"grid point {', '.join(f'{k}={v}' for k, v in point.items())}" if point else "the spec"
+    try:
+        if spec.student.weights:
+            resolve_weights_file(spec.student.weights, spec_path.parent, field="student.weights")
+    except WeightsError as e:
+        raise SpecError(f"{where}: {e}") from None
+    ssl = spec.ssl
+    lists = (ssl.labeled_list, ssl.unlabeled_list, ssl.eval_list, ssl.val_list) if ssl else ()
+    for listed in lists:
+        if listed and not specs.data_path(listed).is_file():
+            raise SpecError(
+                f"{where}: list file {specs.data_path(listed)} does not exist (relative paths resolve "
+                "against CUSTOMKD_DATA_ROOT); fix the value"
+            )
+
+
+def _planted_dir(run_dir: Path) -> str:
+    return (
+        f"{run_dir}: is a symbolic link (to {os.readlink(run_dir)}), which a sweep never makes; another "
+        "user may have planted it to redirect the point's writes: remove it, then rerun the sweep"
+    )
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _first(value: Any) -> str:
+    """A short one-line rendering of an exception or a value for messages."""
+    from customkd_cache.errors import first_line
+
+    if isinstance(value, BaseException):
+        return first_line(value, 120)
+    return repr(value)[:60]
 
 
 def _canonical(obj: Any) -> str:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import difflib
 import math
-import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -23,6 +22,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from torch import Tensor, nn
 
 from customkd_cache.errors import SpecError
+from customkd_cache.files import ensure_dir, save_torch
 from customkd_cache.models.weights import load_state_dict_into, read_state_dict, resolve_weights_file
 from customkd_cache.specs import StudentSpec
 
@@ -184,18 +184,15 @@ class Customizer(nn.Module):
 def save_student_checkpoint(student: Student, path: Path) -> None:
     """Write the timm model's ``state_dict`` (no projectors, no optimizer) to ``path`` atomically.
 
-    The file is written next to ``path`` and renamed over it, so a reader never sees a partial file.
+    The file is written next to ``path`` and renamed over it (``files.save_torch``), so a reader never
+    sees a partial file and a link at ``path`` is replaced, never written through. Raises
+    ``OutputError`` (one line) when it cannot be written (a full disk).
     It loads with ``timm.create_model(student.name, num_classes=student.num_classes,
     checkpoint_path=path)`` (after ``import customkd_cache.models.students`` for ``wrn_28_2``).
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        torch.save(student.timm_model().state_dict(), tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    ensure_dir(path.parent)
+    save_torch(path, student.timm_model().state_dict())  # never through a link planted at path
 
 
 def _closest_models(name: str) -> str:

@@ -68,8 +68,22 @@ class Shard:
 
     @classmethod
     def from_env(cls) -> Shard:
-        """The ``torchrun`` rank and world size, or the single shard."""
-        return cls(int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1")))
+        """The ``torchrun`` rank and world size (``RANK``, ``WORLD_SIZE``), or the single shard.
+
+        Raises SpecError when they are not integers with 0 <= RANK < WORLD_SIZE (a stale or mistyped
+        environment would otherwise compute nothing, or the wrong share).
+        """
+        rank, world = os.environ.get("RANK", "0"), os.environ.get("WORLD_SIZE", "1")
+        try:
+            index, count = int(rank), int(world)
+        except ValueError:
+            index, count = -1, 0
+        if not 0 <= index < count:
+            raise SpecError(
+                f"RANK={rank!r} WORLD_SIZE={world!r}: expected integers with 0 <= RANK < WORLD_SIZE "
+                "(torchrun sets them); unset both to run as one process, or fix them"
+            )
+        return cls(index, count)
 
 
 @dataclass(frozen=True, kw_only=True)
