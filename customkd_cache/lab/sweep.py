@@ -206,6 +206,11 @@ def read_sweep(out: Path) -> dict[str, Any]:
     if not os.path.lexists(path):
         return {"points": {}}
     fix = "restore it, or remove it (the next sweep call lists its points again)"
+    if path.is_symlink():
+        raise SpecError(
+            f"{path}: is a symbolic link (to {os.readlink(path)}), which a sweep never makes; another user "
+            "may have planted it to redirect the sweep's writes: remove it"
+        )
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except IsADirectoryError:

@@ -1,0 +1,645 @@
+"""Nothing is written through a link planted in a shared run, sweep or output folder.
+
+Anyone who can write to a shared folder can plant a symbolic link where a command is about to write
+(``metrics.jsonl -> ~victim/.bashrc``). For every path a command writes in such a folder, a link to a
+victim file is planted there; after the command the victim is unchanged, and the command either
+worked (the link replaced by the real file) or exited 2 with one line naming the link.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from customkd_cache import files
+from customkd_cache.specs import load_cache_spec, load_train_spec
+from customkd_cache.stage_one import extract
+from customkd_cache.stage_two import train as train_module
+from customkd_cache.testing import fakedata
+
+REPO = Path(__file__).resolve().parents[1]
+CACHE_SPEC = REPO / "cache_specs" / "smoke" / "officehome.toml"
+TRAIN_SPEC = REPO / "pipelines" / "smoke" / "officehome.toml"
+VICTIM = b"precious line\n" * 500
+
+
+class Killed(Exception):
+    pass
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory, one_thread: None) -> Iterator[dict[str, Any]]:
+    """A dataset, its smoke cache, a run killed after epoch 1 of 2 and a finished run."""
+    base = tmp_path_factory.mktemp("hostile")
+    root = fakedata.write_officehome(base / "OfficeHome", per_class=1)
+    mp = pytest.MonkeyPatch()
+    mp.setenv("CUSTOMKD_CACHE_ROOT", str(base / "caches"))
+    mp.setenv("HF_HUB_OFFLINE", "1")
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        mp.delenv(key, raising=False)
+    sets = [f"dataset.root={root}", "optim.epochs=2", "probe.epochs=5", "method=kd", "run.threads=1"]
+    extract.run_cache(
+        load_cache_spec(CACHE_SPEC, sets[:1]), spec_path=CACHE_SPEC, shard=extract.Shard(), progress=False
+    )
+    spec = load_train_spec(TRAIN_SPEC, sets)
+    one_epoch = train_module.train_one_epoch
+
+    def killed_after_epoch_0(run: Any, epoch: int, *args: Any) -> None:
+        if epoch > 0:
+            raise Killed
+        one_epoch(run, epoch, *args)
+
+    mp.setattr(train_module, "train_one_epoch", killed_after_epoch_0)
+    with pytest.raises(Killed):
+        train_module.run_train(spec, spec_path=TRAIN_SPEC, out=base / "killed")
+    mp.setattr(train_module, "train_one_epoch", one_epoch)
+    finished = load_train_spec(TRAIN_SPEC, [*sets, "optim.epochs=1"])
+    train_module.run_train(finished, spec_path=TRAIN_SPEC, out=base / "finished")
+    yield {"base": base, "root": root, "sets": sets, "killed": base / "killed", "finished": base / "finished"}
+    mp.undo()
+
+
+@pytest.fixture
+def victim(tmp_path: Path) -> Path:
+    path = tmp_path / "victim" / "bashrc"
+    path.parent.mkdir()
+    path.write_bytes(VICTIM)
+    return path
+
+
+def cli(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str]:
+    """Run the CLI in this process: (exit status, stderr); stdout is kept in ``cli.stdout``."""
+    from customkd_cache.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["customkd-cache", *args])
+    code = 0
+    try:
+        main()
+    except SystemExit as e:
+        code = int(e.code or 0)
+    captured = capsys.readouterr()
+    cli.stdout = captured.out  # type: ignore[attr-defined]
+    return code, captured.err
+
+
+def train_args(world: dict[str, Any], out: Path, *extra: str) -> list[str]:
+    sets = [x for s in world["sets"] for x in ("--set", s)]
+    return ["train", "--spec", str(TRAIN_SPEC), *sets, "--out", str(out), *extra]
+
+
+def plant(at: Path, victim: Path) -> None:
+    at.parent.mkdir(parents=True, exist_ok=True)
+    at.unlink(missing_ok=True)
+    at.symlink_to(victim)
+
+
+def links_below(directory: Path) -> list[str]:
+    return sorted(str(p.relative_to(directory)) for p in directory.rglob("*") if p.is_symlink())
+
+
+# Every path `train` writes in its run directory (old temporary names included: a link there must
+# not matter either).
+TRAIN_PATHS = [
+    "metrics.jsonl",
+    "results.json",
+    "results.json.tmp",
+    "spec.json",
+    "spec.json.tmp",
+    "caches.json.tmp",
+    "checkpoints/last.pt",
+    "checkpoints/last.tmp",
+    "student_best.pth",
+    "student_last.pth",
+    ".student_last.pth.tmp-1",
+]
+
+
+@pytest.mark.parametrize("name", TRAIN_PATHS)
+def test_train_resume_refuses_a_run_dir_with_a_planted_link(
+    name: str,
+    world: dict[str, Any],
+    victim: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(world["killed"], run)
+    plant(run / name, victim)
+    code, err = cli(monkeypatch, capsys, *train_args(world, run, "--resume"))
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert name in err and "symbolic link" in err, err
+    assert victim.read_bytes() == VICTIM
+
+
+def test_train_resume_refuses_a_planted_checkpoints_folder(
+    world: dict[str, Any],
+    victim: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(world["killed"], run)
+    shutil.copy(run / "checkpoints" / "last.pt", victim.parent / "last.pt")
+    before = (victim.parent / "last.pt").read_bytes()
+    shutil.rmtree(run / "checkpoints")
+    (run / "checkpoints").symlink_to(victim.parent)
+    code, err = cli(monkeypatch, capsys, *train_args(world, run, "--resume"))
+    assert code == 2 and "checkpoints" in err and "symbolic link" in err, err
+    assert victim.read_bytes() == VICTIM and (victim.parent / "last.pt").read_bytes() == before
+
+
+def test_links_planted_after_the_check_are_replaced_never_written_through(
+    world: dict[str, Any],
+    victim: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The second line of defence: with the run-directory check switched off (a link planted in the
+    window between the check and the write), every write still replaces the link."""
+    run = tmp_path / "run"
+    shutil.copytree(world["killed"], run)
+    for name in ["metrics.jsonl", "results.json", "checkpoints/last.pt", "student_last.pth", "spec.json"]:
+        if name != "checkpoints/last.pt":
+            plant(run / name, victim)
+    monkeypatch.setattr(files, "check_no_links", lambda *a, **k: None)
+    for module in list(sys.modules.values()):
+        if getattr(module, "__name__", "").startswith("customkd_cache.") and hasattr(
+            module, "check_no_links"
+        ):
+            monkeypatch.setattr(module, "check_no_links", lambda *a, **k: None)
+    code, err = cli(monkeypatch, capsys, *train_args(world, run, "--resume"))
+    assert victim.read_bytes() == VICTIM
+    assert code == 0, err
+    assert links_below(run) == []
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 2
+    assert json.loads((run / "results.json").read_text())["epochs"] == 2
+
+
+def test_appending_to_metrics_refuses_a_link(tmp_path: Path, victim: Path) -> None:
+    plant(tmp_path / "metrics.jsonl", victim)
+    with pytest.raises(files.OutputError, match="metrics.jsonl is a symbolic link"):
+        files.append_line(tmp_path / "metrics.jsonl", "{}")
+    assert victim.read_bytes() == VICTIM
+
+
+def test_a_full_disk_while_checkpointing_is_one_line_and_leaves_no_temporary(
+    world: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(world["killed"], run)
+    before = (run / "checkpoints" / "last.pt").read_bytes()
+
+    def enospc(obj: Any, f: Any, *args: Any, **kwargs: Any) -> None:
+        f.write(b"partial")
+        raise RuntimeError("[enforce fail at inline_container.cc:603] . unexpected pos 1 vs 0")
+
+    monkeypatch.setattr(torch, "save", enospc)
+    code, err = cli(monkeypatch, capsys, *train_args(world, run, "--resume"))
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "cannot write" in err and ("last.pt" in err or ".pth" in err), err
+    assert (run / "checkpoints" / "last.pt").read_bytes() == before
+    assert [p.name for p in run.rglob("*") if p.name.endswith(".tmp")] == []
+
+
+# --- sweep -------------------------------------------------------------------------------------
+
+
+def sweep_args(world: dict[str, Any], out: Path) -> list[str]:
+    sets = [x for s in world["sets"] if not s.startswith("seed") for x in ("--set", s)]
+    return ["sweep", "--spec", str(TRAIN_SPEC), *sets, "--out", str(out), "--grid", "seed=0"]
+
+
+def test_a_plain_sweep_rerun_never_writes_through_a_link_in_a_point(
+    world: dict[str, Any],
+    victim: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from customkd_cache.lab.sweep import plan_points
+
+    out = tmp_path / "sweep"
+    (planned,) = plan_points(
+        spec_path=TRAIN_SPEC,
+        out=out,
+        grid=[("seed", [0])],
+        overrides=world["sets"],
+    )
+    shutil.copytree(world["killed"], planned.point.run_dir)  # the same spec: a killed point
+    plant(planned.point.run_dir / "metrics.jsonl", victim)
+    code, err = cli(monkeypatch, capsys, *sweep_args(world, out))
+    assert victim.read_bytes() == VICTIM
+    assert code == 2 and "1 of 1 points failed" in err, err
+    failed = json.loads((planned.point.run_dir / "failed.json").read_text())
+    assert "metrics.jsonl -> " in failed["error"]
+
+
+@pytest.mark.parametrize("name", ["sweep.json", ".sweep.json.tmp", "POINT"])
+def test_sweep_refuses_or_replaces_links_in_its_folder(
+    name: str,
+    world: dict[str, Any],
+    victim: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from customkd_cache.lab.sweep import plan_points
+
+    out = tmp_path / "sweep"
+    out.mkdir()
+    (planned,) = plan_points(spec_path=TRAIN_SPEC, out=out, grid=[("seed", [0])], overrides=world["sets"])
+    target = planned.point.run_dir if name == "POINT" else out / name
+    if name == "POINT":
+        target.symlink_to(victim.parent)
+    else:
+        plant(target, victim)
+
+    def fake_train(spec: Any, *, spec_path: Path, out: Path, resume: bool = False) -> None:
+        assert name == ".sweep.json.tmp", "a refused sweep must not train"
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "results.json").write_text('{"student_accuracy": 0.5}')
+
+    monkeypatch.setattr(train_module, "run_train", fake_train)
+    code, err = cli(monkeypatch, capsys, *sweep_args(world, out))
+    assert victim.read_bytes() == VICTIM and sorted(p.name for p in victim.parent.iterdir()) == ["bashrc"]
+    if name == ".sweep.json.tmp":  # the old fixed temporary name: no longer used, the sweep works
+        assert code == 0 and not (out / "sweep.json").is_symlink(), err
+    else:
+        assert code == 2 and len(err.strip().splitlines()) == 1, err
+        assert "symbolic link" in err + cli.stdout, err  # type: ignore[attr-defined]
+
+
+def test_sweep_refuses_a_planted_claims_folder(
+    world: dict[str, Any],
+    victim: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    out = tmp_path / "sweep"
+    out.mkdir()
+    (out / ".claims").symlink_to(victim.parent)
+    code, err = cli(monkeypatch, capsys, *sweep_args(world, out))
+    assert code == 2 and ".claims is a symbolic link" in err, err
+    assert sorted(p.name for p in victim.parent.iterdir()) == ["bashrc"]
+
+
+# --- labels, export, report --------------------------------------------------------------------
+
+
+def test_labels_replace_links_never_write_through_them(
+    world: dict[str, Any],
+    victim: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    shared = tmp_path / "shared"
+    for name in (".labels.txt.tmp", "labels.txt"):
+        plant(shared / name, victim)
+    args = ["labels", "--spec", str(CACHE_SPEC), "--set", f"dataset.root={world['root']}"]
+    code, err = cli(
+        monkeypatch, capsys, *args, "--split", "Art", "--per-class", "1", "--out", str(shared / "labels.txt")
+    )
+    assert code == 0, err
+    assert victim.read_bytes() == VICTIM
+    assert (
+        not (shared / "labels.txt").is_symlink()
+        and len((shared / "labels.txt").read_text().splitlines()) == 65
+    )
+
+
+@pytest.mark.parametrize("name", ["export/export.json", "export/student.onnx", "export/.export.json.tmp"])
+def test_export_replaces_links_never_writes_through_them(
+    name: str,
+    world: dict[str, Any],
+    victim: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    run = tmp_path / "run"
+    shutil.copytree(world["finished"], run)
+    plant(run / name, victim)
+    code, err = cli(monkeypatch, capsys, "export", str(run), "--images", "4", "--runs", "1")
+    assert victim.read_bytes() == VICTIM
+    assert code == 0, err
+    assert (
+        not (run / "export" / "export.json").is_symlink()
+        and not (run / "export" / "student.onnx").is_symlink()
+    )
+
+
+def test_export_refuses_a_planted_export_folder(
+    world: dict[str, Any],
+    victim: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(world["finished"], run)
+    (run / "export").symlink_to(victim.parent)
+    code, err = cli(monkeypatch, capsys, "export", str(run), "--images", "4", "--runs", "1")
+    assert code == 2 and "export is a symbolic link" in err and len(err.strip().splitlines()) == 1, err
+    assert sorted(p.name for p in victim.parent.iterdir()) == ["bashrc"]
+
+
+def test_report_out_replaces_links_never_writes_through_them(
+    world: dict[str, Any],
+    victim: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    shared = tmp_path / "shared"
+    for ext in (".md", ".json", ".png"):
+        plant(shared / f"table{ext}", victim)
+    code, err = cli(monkeypatch, capsys, "report", str(world["finished"]), "--out", str(shared / "table"))
+    assert code == 0, err
+    assert victim.read_bytes() == VICTIM
+    assert links_below(shared) == [] and (shared / "table.png").read_bytes()[:4] == b"\x89PNG"
+
+
+# --- malformed inputs: one line and exit 2, or it works ----------------------------------------
+
+
+def one_line(code: int, err: str, needle: str) -> None:
+    assert code == 2, err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert needle in err, err
+
+
+@pytest.mark.parametrize(
+    ("results", "needle"),
+    [
+        (b"\x80\x04K\x01.", "not valid JSON"),
+        (b"{bad", "not valid JSON"),
+        (b'{"student_accuracy": "abc"}', 'student_accuracy = "abc" is not a finite number'),
+        (b'{"student_accuracy": [1]}', "student_accuracy = [1] is not a finite number"),
+        (b'{"student_accuracy": NaN}', "student_accuracy = NaN is not a finite number"),
+        (b'{"student_accuracy": true}', "student_accuracy = true is not a finite number"),
+    ],
+)
+def test_report_on_a_malformed_results_json(
+    results: bytes,
+    needle: str,
+    world: dict[str, Any],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    good, bad = tmp_path / "runs" / "a", tmp_path / "runs" / "b"
+    shutil.copytree(world["finished"], good)
+    shutil.copytree(world["finished"], bad)
+    (bad / "results.json").write_bytes(results)
+    code, err = cli(monkeypatch, capsys, "report", str(tmp_path / "runs"))
+    one_line(code, err, needle)
+    assert "b/results.json" in err
+
+
+@pytest.mark.parametrize(
+    ("metrics", "needle"),
+    [
+        (b"\xff\xfe{}\n", "not UTF-8 JSON lines"),
+        (b'{"epoch": "x", "student_accuracy": 0.5}\n', 'line 1: epoch = "x" is not an epoch number'),
+    ],
+)
+def test_report_on_a_malformed_metrics_jsonl(
+    metrics: bytes,
+    needle: str,
+    world: dict[str, Any],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(world["finished"], run)
+    (run / "metrics.jsonl").write_bytes(metrics)
+    code, err = cli(monkeypatch, capsys, "report", str(run))
+    one_line(code, err, needle)
+
+
+def fake_sweep(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fail: str = "") -> Path:
+    """A finished 2-point sweep (seed=0,1) made with a stand-in for run_train."""
+    from customkd_cache.errors import RunDirError
+    from customkd_cache.lab.sweep import run_sweep
+    from customkd_cache.specs import to_dict
+
+    def fake_train(spec: Any, *, spec_path: Path, out: Path, resume: bool = False) -> None:
+        if fail and spec.seed == 1:
+            raise RunDirError(f"{out}: {fail}")
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "spec.json").write_text(json.dumps(to_dict(spec)))
+        (out / "results.json").write_text(json.dumps({"student_accuracy": 0.5 + spec.seed / 10}))
+
+    monkeypatch.setattr(train_module, "run_train", fake_train)
+    out = tmp_path / "sweep"
+    run_sweep(spec_path=TRAIN_SPEC, out=out, grid=[("seed", [0, 1])], overrides=["dataset.root=/x"])
+    return out
+
+
+FAKE_SWEEP = ["--spec", str(TRAIN_SPEC), "--set", "dataset.root=/x", "--grid", "seed=0,1"]
+
+
+@pytest.mark.parametrize(
+    ("damage", "needle"),
+    [
+        ("entry", "point 'seed=0-"),
+        ("directory", "sweep.json: is a directory"),
+        ("failed", ""),
+    ],
+)
+def test_sweep_and_report_on_a_damaged_sweep_folder(
+    damage: str,
+    needle: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    out = fake_sweep(tmp_path, monkeypatch)
+    sweep_json = out / "sweep.json"
+    if damage == "entry":
+        data = json.loads(sweep_json.read_text())
+        name = sorted(data["points"])[0]
+        data["points"][name] = [1, 2]
+        sweep_json.write_text(json.dumps(data))
+    elif damage == "directory":
+        sweep_json.unlink()
+        sweep_json.mkdir()
+    else:
+        point = sorted(p for p in out.iterdir() if p.name.startswith("seed=0"))[0]
+        (point / "results.json").unlink()
+        (point / "failed.json").write_text("[1]")
+    for command in ("sweep", "report"):
+        args = [command, *FAKE_SWEEP, "--out", str(out)] if command == "sweep" else [command, str(out)]
+        code, err = cli(monkeypatch, capsys, *args)
+        if damage == "failed":  # a failed point with an unreadable record: named, the rest goes on
+            assert "Traceback" not in err and code == (2 if command == "sweep" else 0), err
+            assert command == "report" or "failed.json: not a failure record" in cli.stdout  # type: ignore[attr-defined]
+        else:
+            one_line(code, err, needle)
+
+
+def test_a_damaged_results_json_is_not_counted_as_done(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = fake_sweep(tmp_path, monkeypatch)
+    point = sorted(p for p in out.iterdir() if p.name.startswith("seed=1"))[0]
+    (point / "results.json").write_bytes(b"\x80\x04K\x01.")
+    code, err = cli(monkeypatch, capsys, "sweep", *FAKE_SWEEP, "--out", str(out))
+    assert code == 2 and "1 of 2 points failed" in err, err
+    assert "results.json: damaged" in cli.stdout and "--retry-failed" in cli.stdout  # type: ignore[attr-defined]
+    code, err = cli(monkeypatch, capsys, "sweep", *FAKE_SWEEP, "--out", str(out), "--retry-failed")
+    assert code == 0, err
+    assert json.loads((point / "results.json").read_text()) == {"student_accuracy": 0.6}
+
+
+def test_one_refused_point_does_not_stop_the_sweep(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from customkd_cache.lab.sweep import read_sweep
+
+    out = fake_sweep(tmp_path, monkeypatch, fail="unreadable spec.json")
+    points = read_sweep(out)["points"]
+    assert sorted(p["status"] for p in points.values()) == ["done", "failed"]
+    failed = next(p for p in points.values() if p["status"] == "failed")
+    assert "unreadable spec.json" in failed["error"]
+    code, err = cli(monkeypatch, capsys, "sweep", *FAKE_SWEEP, "--out", str(out))
+    one_line(code, err, "1 of 2 points failed")
+
+
+def test_sweep_refusals_before_anything_runs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(train_module, "run_train", lambda *a, **k: pytest.fail("must not train"))
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    base = ["sweep", "--spec", str(TRAIN_SPEC), "--set", "dataset.root=/x"]
+    cases = [
+        (["--grid", "seed=0", "--out", str(afile)], {}, "afile is a file, not a directory"),
+        (
+            ["--grid", "student.weights=none/w.pth,''", "--out", str(tmp_path / "w")],
+            {},
+            "grid point student.weights=none/w.pth: student.weights = 'none/w.pth'",
+        ),
+        (["--grid", "seed=0", "--out", str(tmp_path / "r")], {"RANK": "abc"}, "RANK='abc'"),
+        (["--grid", "seed=0", "--out", str(tmp_path / "r")], {"WORLD_SIZE": "0"}, "WORLD_SIZE='0'"),
+        (["--grid", "seed=0", "--out", str(tmp_path / "r")], {"RANK": "5", "WORLD_SIZE": "2"}, "0 <= RANK"),
+    ]
+    for args, env, needle in cases:
+        with monkeypatch.context() as m:
+            for key, value in env.items():
+                m.setenv(key, value)
+            code, err = cli(monkeypatch, capsys, *base, *args)
+        one_line(code, err, needle)
+    assert not (tmp_path / "w").exists()
+
+
+def test_cache_refuses_garbage_rank(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("RANK", "abc")
+    code, err = cli(monkeypatch, capsys, "cache", "--spec", str(CACHE_SPEC), "--dry-run")
+    one_line(code, err, "RANK='abc'")
+
+
+def test_a_point_name_over_255_bytes_is_shortened_with_its_hash(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from customkd_cache.lab.sweep import run_sweep
+
+    monkeypatch.setattr(train_module, "run_train", lambda *a, out, **k: out.mkdir(exist_ok=True))
+    keys = "+".join(
+        f"customkd.{k}"
+        for k in ("lambda_gen", "lambda_task", "stage_a_lr", "stage_a_weight_decay", "target_bound_scale")
+    )
+    grid = [(keys, [0.123456789, 0.5]), ("optim.lr+customkd.stage_a_lr", [0.1234567890123])] * 1
+    grid += [("optim.weight_decay+kd.temperature+probe.lr", [1.0])]
+    points = run_sweep(spec_path=TRAIN_SPEC, out=tmp_path / "s", grid=grid, overrides=["dataset.root=/x"])
+    names = [p.run_dir.name for p in points]
+    assert len(set(names)) == 2 and all(len(n.encode()) <= 255 for n in names)
+    assert all(p.run_dir.is_dir() for p in points)
+
+
+def test_report_out_refusals(
+    world: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    for out, needle in (("", "give a file prefix"), ("/", "give a file prefix"), (f"{afile}/t", "is a file")):
+        code, err = cli(monkeypatch, capsys, "report", str(world["finished"]), "--out", out)
+        one_line(code, err, needle)
+
+
+def test_export_refusals(
+    world: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    class Evil:
+        def __reduce__(self) -> tuple[Any, ...]:
+            return (print, ("code ran",))
+
+    run = world["finished"]
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    cases: list[tuple[list[str], str]] = [
+        ([str(run), "--images", "-60"], "--images -60"),
+        ([str(run), "--runs", "0"], "--runs 0"),
+        ([str(run), "--out", str(tmp_path)], "is a directory"),
+        ([str(run), "--out", f"{afile}/m.onnx"], "afile is a file, not a directory"),
+    ]
+    for contents, needle in ((Evil(), "refused unloaded"), ([1, 2, 3], "not a state dict of tensors")):
+        bad = tmp_path / f"bad{len(cases)}"
+        shutil.copytree(run, bad)
+        torch.save(contents, bad / "student_best.pth")
+        cases.append(([str(bad)], needle))
+    for args, needle in cases:
+        code, err = cli(monkeypatch, capsys, "export", *args)
+        one_line(code, err, needle)
+        assert "code ran" not in cli.stdout  # type: ignore[attr-defined]
+
+
+def test_labels_out_under_a_file(
+    world: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    args = [
+        "labels",
+        "--spec",
+        str(CACHE_SPEC),
+        "--set",
+        f"dataset.root={world['root']}",
+        "--split",
+        "Art",
+        "--per-class",
+        "1",
+    ]
+    code, err = cli(monkeypatch, capsys, *args, "--out", str(afile / "labels.txt"))
+    one_line(code, err, "afile is a file, not a directory")
+
+
+def test_a_wrong_labeled_list_never_echoes_lines_that_are_not_ids(tmp_path: Path) -> None:
+    from customkd_cache.data.datasets import Sample, SplitManifest, labeled_indices
+    from customkd_cache.errors import DatasetError
+
+    split = SplitManifest("Art", tuple(Sample(f"Art/c{i}/0001.jpg", i, 10) for i in range(3)))
+    shadow = ["root:$6$salt$hash:20228:0:99999:7:::", "daemon:*:20228:0:99999:7:::"]
+    with pytest.raises(DatasetError) as info:
+        labeled_indices(split, shadow)
+    assert "root" not in str(info.value) and "daemon" not in str(info.value)
+    assert "2 labeled id(s) not found (none of them looks like a sample id" in str(info.value)
+    with pytest.raises(DatasetError, match="first: 'Art/c1/0002.jpg'"):
+        labeled_indices(split, ["Art/c1/0002.jpg", *shadow])
