@@ -40,6 +40,7 @@ from torch import nn
 from customkd_cache import specs
 from customkd_cache.errors import CustomKDError, OutputError, first_line
 from customkd_cache.files import ensure_dir, scratch_dir, write_atomic
+from customkd_cache.optional import onnx_session, require
 
 Format = Literal["onnx", "torchscript"]
 Checkpoint = Literal["best", "last"]
@@ -434,11 +435,7 @@ def _batched(run: Callable[[torch.Tensor], torch.Tensor], pixels: torch.Tensor) 
 
 
 def _onnx_predictor(path: Path, *, threads: int) -> Callable[[torch.Tensor], torch.Tensor]:
-    ort = _require("onnxruntime")
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    session = onnx_session(path, threads=threads, error=ExportError, fix=_INSTALL)
 
     def run(x: torch.Tensor) -> torch.Tensor:
         return torch.from_numpy(session.run(["logits"], {"pixels": x.numpy()})[0])
@@ -470,15 +467,11 @@ def _cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
-def _require(module: str) -> Any:
-    import importlib
+_INSTALL = "pip install 'customkd-cache[export]'"
 
-    try:
-        return importlib.import_module(module)
-    except ImportError:
-        raise ExportError(
-            f"export needs the Python package '{module}': pip install 'customkd-cache[export]'"
-        ) from None
+
+def _require(module: str) -> Any:
+    return require(module, error=ExportError, fix=_INSTALL)
 
 
 @contextlib.contextmanager

@@ -40,6 +40,7 @@ import numpy as np
 import torch
 
 from customkd_cache.errors import CustomKDError
+from customkd_cache.optional import onnx_session, require
 
 MIN_COSINE = 0.9999
 # The Resize attributes that equal torch's F.interpolate(mode="bicubic", align_corners=False,
@@ -209,15 +210,7 @@ def read_dinov2_onnx(path: Path) -> OnnxDinov2:
 
 
 def _import(name: str) -> Any:
-    import importlib
-
-    try:
-        return importlib.import_module(name)
-    except ImportError:
-        raise ConversionError(
-            f"the ONNX conversion needs the Python package '{name}'; run: pip install onnx onnxruntime "
-            "(or make teachers)"
-        ) from None
+    return require(name, error=ConversionError, fix="pip install onnx onnxruntime (or make teachers)")
 
 
 def _consumers(graph: Any) -> dict[str, list[Any]]:
@@ -555,16 +548,17 @@ def parity_images(n: int = 4, size: int = 224, seed: int = 0) -> torch.Tensor:
 def run_onnx_tokens(vit: OnnxDinov2, images: torch.Tensor) -> torch.Tensor:
     """The graph's final-LayerNorm tokens ``(B, 1 + n, D)`` for ``images``, run by onnxruntime."""
     onnx = _import("onnx")
-    ort = _import("onnxruntime")
     model = onnx.ModelProto()
     model.CopyFrom(vit.model)
     model.graph.output.append(
         onnx.helper.make_tensor_value_info(vit.tokens_output, onnx.TensorProto.FLOAT, None)
     )
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = torch.get_num_threads()
-    options.log_severity_level = 3
-    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    session = onnx_session(
+        model.SerializeToString(),
+        threads=torch.get_num_threads(),
+        error=ConversionError,
+        fix="pip install onnx onnxruntime (or make teachers)",
+    )
     (tokens,) = session.run([vit.tokens_output], {vit.input_name: images.numpy()})
     return torch.from_numpy(np.asarray(tokens, np.float32))
 

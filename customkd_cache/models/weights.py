@@ -43,7 +43,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from customkd_cache.errors import SpecError, WeightsError
+from customkd_cache.errors import SpecError, WeightsError, first_line
+from customkd_cache.files import ensure_dir, write_atomic
 
 PACKAGE_PREFIX = "package:"
 WEIGHTS_ROOT_PREFIX = "weights:"
@@ -171,17 +172,12 @@ def save_state_dict(path: Path, state: dict[str, Tensor], *, metadata: dict[str,
     """
     import json
 
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    ensure_dir(path.parent)
     meta = {"customkd_cache": json.dumps(metadata, sort_keys=True)} if metadata else None
-    try:
-        save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(tmp), metadata=meta)
-        tmp.chmod(0o644)  # weights are shared: readable like any file a lab points everyone at
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    payload = save({k: v.detach().cpu().contiguous() for k, v in state.items()}, metadata=meta)
+    write_atomic(path, payload, mode=0o644)  # weights are shared: readable like any file a lab points at
 
 
 # --- reading -----------------------------------------------------------------------------------
@@ -354,5 +350,4 @@ def first_mismatch(e: BaseException) -> str:
 
 
 def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return text[0][:300] if text else type(e).__name__
+    return first_line(e, 300)
