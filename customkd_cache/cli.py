@@ -160,10 +160,11 @@ def sweep(
         typer.echo(f"{p.status:8s} {p.run_dir}" + (f"  ({p.error})" if p.error else ""))
     counts = {s: sum(p.status == s for p in points) for s in ("ran", "done", "failed", "skipped")}
     typer.echo(f"{out}: {len(points)} points: " + ", ".join(f"{n} {s}" for s, n in counts.items()))
-    if counts["failed"]:
+    failed = [p for p in points if p.status == "failed"]
+    if failed:
         raise SpecError(
-            f"{out}: {counts['failed']} of {len(points)} points failed (listed above, each with its "
-            "message); fix the cause, then rerun with --retry-failed"
+            f"{out}: {len(failed)} of {len(points)} points failed (each listed above); the first, "
+            f"{failed[0].name}: {failed[0].error}; fix the cause, then rerun with --retry-failed"
         )
 
 
