@@ -181,3 +181,20 @@ def test_first_line() -> None:
     assert first_line(ValueError("\n  first  \nsecond")) == "first"
     assert first_line(KeyError()) == "KeyError"
     assert first_line(ValueError("x" * 500), limit=10) == "x" * 10
+
+
+def test_a_read_only_directory_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    real_open = os.open
+
+    def read_only(path: str, flags: int, *args: int, **kwargs: object) -> int:
+        if flags & os.O_CREAT:
+            raise PermissionError(13, "Permission denied")
+        return real_open(path, flags, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "open", read_only)
+    with pytest.raises(
+        OutputError, match=r"table.md: cannot write \(Permission denied\); free space, or choose"
+    ):
+        files.write_atomic(tmp_path / "table.md", "x")
+    with pytest.raises(OutputError, match="metrics.jsonl: cannot write .Permission denied."):
+        files.append_line(tmp_path / "metrics.jsonl", "x")
