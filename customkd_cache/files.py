@@ -21,6 +21,10 @@ user who runs the command. So every file the package creates goes through this m
 - ``scratch_dir(parent)``: a fresh private directory for tools that write their own files by name
   (the onnxruntime quantizer), removed on exit and when SIGTERM ends the process.
 
+A SIGTERM that arrives while a temporary file or scratch directory exists ends the process with
+status 143 after removing it (where SIGTERM has its default action), so a killed command leaves no
+temporary files behind.
+
 Every failure is an ``OutputError`` (exit 2) naming the path and the fix; the temporary file is
 removed. ``dir_size`` is the one place that sizes a directory tree (links are not followed).
 """
@@ -63,7 +67,7 @@ def write_atomic(path: Path, data: bytes | str | Writer, *, mode: int | None = N
     path = Path(path)
     fd, tmp = _create_temp(path, fix)
     try:
-        with os.fdopen(fd, "wb") as f:
+        with _exit_on_sigterm(), os.fdopen(fd, "wb") as f:
             if callable(data):
                 data(f)
             else:
@@ -310,7 +314,10 @@ def _fsync_dir(directory: Path) -> None:
 
 @contextlib.contextmanager
 def _exit_on_sigterm() -> Iterator[None]:
-    if threading.current_thread() is not threading.main_thread():
+    """SIGTERM raises ``SystemExit(143)`` inside the block, so that its cleanup runs; only in the main
+    thread, and only where SIGTERM has its default action (a handler someone installed is kept)."""
+    main = threading.current_thread() is threading.main_thread()
+    if not main or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
         yield
         return
 

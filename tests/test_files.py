@@ -198,3 +198,19 @@ def test_a_read_only_directory_is_one_line(tmp_path: Path, monkeypatch: pytest.M
         files.write_atomic(tmp_path / "table.md", "x")
     with pytest.raises(OutputError, match="metrics.jsonl: cannot write .Permission denied."):
         files.append_line(tmp_path / "metrics.jsonl", "x")
+
+
+def test_sigterm_while_writing_leaves_no_temporary(tmp_path: Path) -> None:
+    code = (
+        "import os, signal, time\n"
+        "from customkd_cache.files import write_atomic\n"
+        "def slow(f):\n"
+        "    f.write(b'x' * 100)\n"
+        "    os.kill(os.getpid(), signal.SIGTERM)\n"
+        "    time.sleep(5)\n"
+        f"write_atomic({str(tmp_path / 'last.pt')!r}, slow)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM, proc.stderr
+    assert list(tmp_path.iterdir()) == []
