@@ -19,16 +19,11 @@ from customkd_cache.errors import SpecError
 from customkd_cache.models.students import bound_rms
 from customkd_cache.specs import load_cache_spec, load_train_spec
 from customkd_cache.stage_one import extract
+from customkd_cache.stage_two.evaluate import evaluate
 from customkd_cache.stage_two.losses import linear_cka
-from customkd_cache.stage_two.train import (
-    Run,
-    evaluate,
-    prepare_run,
-    run_train,
-    stage_a_cycles,
-    stage_a_report,
-    train_stage_a,
-)
+from customkd_cache.stage_two.stage_a import stage_a_cycles, stage_a_report, train_stage_a
+from customkd_cache.stage_two.state import Run
+from customkd_cache.stage_two.train import prepare_run, run_train
 from customkd_cache.testing import fakedata
 
 REPO = Path(__file__).resolve().parents[1]

@@ -480,7 +480,8 @@ def test_disk_full_while_checkpointing_keeps_no_partial_file(
     from types import SimpleNamespace
 
     from customkd_cache.errors import RunDirError
-    from customkd_cache.stage_two.train import TrainState, save_checkpoint
+    from customkd_cache.stage_two.run_dir import save_checkpoint
+    from customkd_cache.stage_two.state import TrainState
 
     def full(obj: Any, path: Path) -> None:
         Path(path).write_bytes(b"partial")

@@ -1,0 +1,164 @@
+"""The run directory: spec.json and caches.json, the resume check, the checkpoint, metrics.jsonl."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from customkd_cache.errors import RunDirError, SpecError
+from customkd_cache.specs import TrainSpec, to_dict
+from customkd_cache.stage_two.protocols import Protocol
+from customkd_cache.stage_two.state import Run, TrainState
+from customkd_cache.store import FeatureStore
+
+# Spec sections that may change on --resume: how the run is executed, not what it computes.
+RESUMABLE_SECTIONS = ("run",)
+
+
+def check_resume(out: Path, spec: TrainSpec) -> None:
+    """Refuse to resume a run in ``out`` with a spec that differs from its ``spec.json`` in anything
+    but ``RESUMABLE_SECTIONS``; checked before anything in ``out`` is written.
+
+    Raises RunDirError naming the differing keys (dotted), or when a checkpoint has no spec.json.
+    """
+    _check_out_dir(out)
+    path = out / "spec.json"
+    if not path.exists():
+        if (out / "checkpoints" / "last.pt").exists():
+            raise RunDirError(
+                f"{path}: missing beside a checkpoint; cannot check the resume, start a new --out"
+            )
+        return
+    try:
+        old = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise RunDirError(f"{path}: unreadable ({e}); cannot check the resume, start a new --out") from None
+    new = json.loads(json.dumps(to_dict(spec)))
+    differ = [k for k in differing_keys(old, new) if k.split(".")[0] not in RESUMABLE_SECTIONS]
+    if differ:
+        shown = ", ".join(differ[:10]) + (f" ... ({len(differ)} keys)" if len(differ) > 10 else "")
+        raise RunDirError(
+            f"--resume {out}: the spec differs from the run's spec.json in {shown}; resume with the same "
+            f"spec (only [{', '.join(RESUMABLE_SECTIONS)}] may change) or start a new --out"
+        )
+
+
+def differing_keys(old: Any, new: Any, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two JSON objects (a whole value when not both dicts)."""
+    if not (isinstance(old, dict) and isinstance(new, dict)):
+        return [] if old == new else [prefix or "(the whole spec)"]
+    out: list[str] = []
+    for key in sorted(set(old) | set(new)):
+        dotted = f"{prefix}.{key}" if prefix else str(key)
+        if key not in old or key not in new:
+            out.append(dotted)
+        else:
+            out += differing_keys(old[key], new[key], dotted)
+    return out
+
+
+def _check_out_dir(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise SpecError(f"--out {out}: is a file, not a directory; give a directory for the run")
+
+
+def prepare_out(out: Path, spec: TrainSpec, store: FeatureStore, protocol: Protocol, *, resume: bool) -> None:
+    _check_out_dir(out)
+    if out.exists() and any(out.iterdir()) and not resume:
+        raise SpecError(
+            f"--out {out}: directory is not empty; pass --resume to continue that run or choose a new one"
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "spec.json", to_dict(spec))
+    caches = {
+        str(store.path): {"fingerprint": store.fingerprint, "request_key": store.attrs.get("request_key")}
+    }
+    if protocol.labeled_list_sha256:
+        caches["labeled_list"] = {"sha256": protocol.labeled_list_sha256}
+    write_json(out / "caches.json", caches)
+
+
+def save_checkpoint(run: Run, state: TrainState) -> None:
+    """All state needed to resume after the epoch just finished, written atomically."""
+    path = run.out / "checkpoints" / "last.pt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    blob = {"models": run.models.state_dict(), "state": state.__dict__, "fingerprint": run.store.fingerprint}
+    tmp = path.with_suffix(".tmp")
+    try:
+        torch.save(blob, tmp)
+        os.replace(tmp, path)
+    except OSError as e:  # disk full, quota: keep the last good checkpoint, leave no partial file
+        tmp.unlink(missing_ok=True)
+        raise RunDirError(
+            f"{path}: cannot write the checkpoint ({e.strerror or e}); free space, then rerun with --resume "
+            f"(it continues from epoch {max(state.epoch - 1, 0)})"
+        ) from None
+
+
+def load_checkpoint(run: Run) -> TrainState:
+    """The state saved after the last finished epoch (a fresh state when there is none).
+
+    The checkpoint is loaded with ``weights_only=True``: it holds tensors and plain containers only,
+    and a run directory may be shared, so nothing in it may run code. Lines of ``metrics.jsonl``
+    beyond the checkpointed epochs (logged, then killed before the checkpoint) are dropped.
+
+    Raises RunDirError for a checkpoint that is unreadable, holds anything else, or was trained on
+    another cache.
+    """
+    path = run.out / "checkpoints" / "last.pt"
+    state = _read_checkpoint(run, path) if path.exists() else TrainState()
+    metrics = run.out / "metrics.jsonl"
+    if metrics.exists():
+        lines = metrics.read_text().splitlines()[: state.epoch]
+        metrics.write_text("".join(line + "\n" for line in lines))
+    return state
+
+
+def _read_checkpoint(run: Run, path: Path) -> TrainState:
+    fix = f"remove {path} to restart the run from epoch 0, or start a new --out directory"
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+        fingerprint, models, state = blob["fingerprint"], blob["models"], TrainState(**blob["state"])
+    except pickle.UnpicklingError:
+        raise RunDirError(
+            f"{path}: holds objects other than tensors and plain containers, refused unloaded (loading "
+            f"them could run code); {fix}"
+        ) from None
+    except Exception as e:  # truncated or foreign file: several types
+        reason = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+        raise RunDirError(f"{path}: not a loadable checkpoint of this tool ({reason}); {fix}") from None
+    if fingerprint != run.store.fingerprint:
+        raise RunDirError(f"{path}: checkpoint was trained on another cache; start a new --out directory")
+    run.models.load_state_dict(models)
+    return state
+
+
+def log_epoch(m: dict[str, Any], epochs: int) -> None:
+    acc = m.get("student_accuracy")
+    shown = f", student acc {100 * acc:.2f}%" if acc is not None else ""
+    if "val_accuracy" in m:
+        shown += f", val {100 * m['val_accuracy']:.2f}%"
+    if "stage_a_ce" in m:
+        shown = f", stage A CE {m['stage_a_ce']:.3f} acc {100 * m['stage_a_accuracy']:.1f}%" + shown
+    print(
+        f"epoch {m['epoch'] + 1}/{epochs}: loss {m['loss_total']:.4f}{shown} ({m['seconds']:.1f} s)",
+        file=sys.stderr,
+        flush=True,
+    )
+
+
+def write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def append_jsonl(path: Path, obj: dict[str, Any]) -> None:
+    with path.open("a") as f:
+        f.write(json.dumps(obj, sort_keys=True) + "\n")
