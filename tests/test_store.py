@@ -204,7 +204,7 @@ class TestCreateOpen:
         dead = multiprocessing.get_context("spawn").Process(target=int)
         dead.start()
         dead.join()
-        tag = store_module._host_tag()
+        tag = store_module.create._host_tag()
         left = tmp_path / f".s.zarr.tmp-{tag}-{dead.pid}-0123"
         alive = tmp_path / f".s.zarr.tmp-{tag}-{os.getpid()}-4567"
         other = tmp_path / ".s.zarr.tmp-elsewhere-1-89ab"

@@ -26,8 +26,9 @@ from pathlib import Path
 from typing import Literal
 
 from customkd_cache.errors import StoreError
-from customkd_cache.store import CLAIMS_DIR, open_store
 from customkd_cache.store.claims import is_stale, remove_if_stale
+from customkd_cache.store.feature_store import open_store
+from customkd_cache.store.layout import CLAIMS_DIR
 
 Kind = Literal["temp_dir", "stale_claim", "tombstone", "incomplete_store"]
 DAY_S = 86400.0
