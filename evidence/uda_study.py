@@ -39,16 +39,6 @@ REPO = Path(__file__).resolve().parents[1]
 # (name, data folder, splits, writer, cache spec, pipeline, source split, eval split)
 BENCHMARKS = (
     (
-        "mnist_to_mnistm",
-        "mnistm",
-        MNISTM_SPLITS,
-        write_mnistm_domains,
-        REPO / "cache_specs" / "mnistm" / "efficientnet_lite0.toml",
-        REPO / "pipelines" / "mnistm" / "mnist_to_mnistm.toml",
-        "mnist_train",
-        "mnistm_test",
-    ),
-    (
         "fmnist_to_sketch",
         "fmnist_sketch",
         SKETCH_SPLITS,
@@ -58,13 +48,23 @@ BENCHMARKS = (
         "fmnist_train",
         "sketch_test",
     ),
+    (
+        "mnist_to_mnistm",
+        "mnistm",
+        MNISTM_SPLITS,
+        write_mnistm_domains,
+        REPO / "cache_specs" / "mnistm" / "efficientnet_lite0.toml",
+        REPO / "pipelines" / "mnistm" / "mnist_to_mnistm.toml",
+        "mnist_train",
+        "mnistm_test",
+    ),
 )
 # the logits-matching baseline joins when the installed package has it
 METHODS = tuple(
     m for m in ("student_only", "kd", "dkd", "logits", "customkd", "customkd+dkd") if m in KNOWN_METHODS
 )
-# The same candidates for every method: AdamW at two learning rates, SGD (momentum, cosine) at one.
-GRID: study.Grid = (("adamw", (1e-3, 3e-3)), ("sgd", (0.03,)))
+# The same two candidates for every method (the SSL study's grid): AdamW 3e-3, SGD (momentum) 0.03.
+GRID: study.Grid = (("adamw", (3e-3,)), ("sgd", (0.03,)))
 SEEDS = (0, 1, 2)
 FULL = study.Plan(0, 0, 0, 3, (10,), SEEDS, (), GRID, 0)
 QUICK = study.Plan(0, 0, 0, 3, (1,), (0, 1), (), (("adamw", (3e-3,)), ("sgd", (0.03,))), 200, uda_epochs=1)
