@@ -50,7 +50,7 @@ train: install  ## customkd-cache train --spec $(SPEC) $(ARGS)
 
 # The README's path on data the project generates: an OfficeHome-layout folder (4 domains x 65 classes
 # x 1 image), the tiny smoke teacher and student.
-smoke: install  ## cache -> sweep -> report -> export on a generated dataset, offline, about a minute
+smoke: install  ## cache -> sweep -> report -> export on a generated dataset, offline, about 1.5 min (2 cores, idle)
 	$(PY) -c "from pathlib import Path; from customkd_cache.testing.fakedata import write_officehome; write_officehome(Path('$(SMOKE)/data/OfficeHome'))"
 	export CUSTOMKD_DATA_ROOT=$(SMOKE)/data CUSTOMKD_CACHE_ROOT=$(SMOKE)/caches HF_HUB_OFFLINE=1; set -e; \
 	$(CLI) cache --spec cache_specs/smoke/officehome.toml --set dataset.root=OfficeHome -q; \

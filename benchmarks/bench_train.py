@@ -85,9 +85,9 @@ def main() -> None:
         "--grid",
         type=int,
         default=28,
-        help="runs in a sweep (P7: one cache + GRID cached runs vs one online run of the same length)",
+        help="runs in a sweep (one cache + GRID cached runs vs one online run of the same length)",
     )
-    ap.add_argument("--epochs", type=int, default=10, help="run length for the P7 comparison")
+    ap.add_argument("--epochs", type=int, default=10, help="run length for the grid-vs-online comparison")
     ap.add_argument("--student", default="mobilenetv3_large_100")
     ap.add_argument("--size", type=int, default=224)
     ap.add_argument("--images", type=int, default=64)
@@ -130,12 +130,13 @@ def main() -> None:
         print(f"  {k:13s} {med[k]:8.2f} s   runs: {[round(x, 2) for x in v]}")
     print(f"cached / student-only: {med['cache'] / med['student_only']:.3f}   (goal <= 1.15)")
     print(f"online / cached:       {med['online'] / med['cache']:.2f}x   (goal >= 5x)")
-    # P7: a sweep of --grid runs of --epochs epochs from one cache (built once, timed above) vs a single
-    # online run of the same length; stage-B epochs are the measured medians.
+    # Grid vs online: a sweep of --grid runs of --epochs epochs from one cache (built once, timed above)
+    # vs a single online run of the same length; stage-B epochs are the measured medians.
     grid = cache_seconds + args.grid * args.epochs * med["cache"]
     online = args.epochs * med["online"]
     print(
-        f"P7: cache build {cache_seconds:.1f} s + {args.grid} runs x {args.epochs} epochs cached = "
+        f"grid vs online: cache build {cache_seconds:.1f} s + {args.grid} runs x {args.epochs} epochs "
+        "cached = "
         f"{grid:.0f} s; "
         f"one online run of {args.epochs} epochs = {online:.0f} s; online / grid = {online / grid:.2f}x "
         "(goal > 1)"

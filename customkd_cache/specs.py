@@ -265,7 +265,7 @@ class DkdSpec(_Spec):
 
 
 class CustomKDSpec(_Spec):
-    """CustomKD's two stages (METHOD.md): stage A customizes the teacher feature, stage B distils.
+    """CustomKD's two stages (docs/method.md): stage A customizes the teacher feature, stage B distils.
 
     Stage A trains ``P_t`` so that the student's head classifies ``P_t(f_t)``: its budget is counted
     in optimizer steps on labeled (row, view) pairs drawn with replacement, because a pass over a few

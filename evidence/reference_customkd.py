@@ -1,4 +1,4 @@
-"""A minimal, independent reference of CustomKD (METHOD.md) to check the pipeline against.
+"""A minimal, independent reference of CustomKD (docs/method.md) to check the pipeline against.
 
 Same store, same rows and the same student as the study, but none of stage two's code: the cached
 view-0 features are read straight from the store, the images straight from the idx files (view 0 is

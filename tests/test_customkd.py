@@ -1,4 +1,4 @@
-"""CustomKD's own contracts (METHOD.md), on the smoke cache.
+"""CustomKD's own contracts (docs/method.md), on the smoke cache.
 
 Stage A is a converged optimization with its own budget in optimizer steps and its own optimizer;
 the customized target is bounded as the spec says; each ablation switch changes exactly what it

@@ -13,13 +13,23 @@ README_MAX_BYTES = 10 * 1024
 
 LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
 # a relative path with at least one folder and a file extension, not part of a URL or an absolute path
-PATH = re.compile(r"(?<![\w./:~$<{-])((?:[\w.-]+/)+[\w.-]+\.(?:toml|py|md|json|png|txt|sh|cfg|yaml))(?![\w/{])")
+PATH = re.compile(
+    r"(?<![\w./:~$<{-])((?:[\w.-]+/)+[\w.-]+\.(?:toml|py|md|json|png|txt|sh|cfg|yaml))(?![\w/{])"
+)
 BARE_MD = re.compile(r"(?<![\w./-])([A-Z][A-Z_]*\.md)\b")
 PLACEHOLDERS = {"PREFIX.md"}  # `report --out PREFIX` writes PREFIX.md
 
 
 def doc_files() -> list[Path]:
     return [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+
+
+def code_files() -> list[Path]:
+    """The project's Python files, this test file excepted (its examples name missing files on purpose)."""
+    found = []
+    for folder in ("customkd_cache", "tests", "evidence", "benchmarks"):
+        found += sorted(p for p in (REPO / folder).rglob("*.py") if p.resolve() != Path(__file__).resolve())
+    return found
 
 
 def top_level() -> set[str]:
@@ -75,22 +85,32 @@ def test_file_references_exist(doc: Path) -> None:
 
 def test_no_bare_references_to_missing_markdown() -> None:
     """``METHOD.md``-style names in the docs and the code name files that exist."""
-    sources = [*doc_files()]
-    for folder in ("customkd_cache", "tests", "evidence", "benchmarks"):
-        sources += sorted((REPO / folder).rglob("*.py"))
-    known = {p.name for p in doc_files()}
+    known = {p.name for p in doc_files()} | PLACEHOLDERS
     missing = [
         f"{src.relative_to(REPO)}: {name}"
-        for src in sources
+        for src in [*doc_files(), *code_files()]
         for name in BARE_MD.findall(src.read_text())
         if name not in known
     ]
     assert not missing, f"references to markdown files that do not exist: {missing}"
 
 
+def test_code_cites_docs_that_exist() -> None:
+    """Docstrings and comments that point into docs/ point at files that exist."""
+    missing = [
+        f"{src.relative_to(REPO)}: {ref}"
+        for src in code_files()
+        for ref in PATH.findall(src.read_text())
+        if ref.startswith("docs/") and not (REPO / ref).exists()
+    ]
+    assert not missing, f"references to docs that do not exist: {missing}"
+
+
 def test_readme_is_short() -> None:
     size = (REPO / "README.md").stat().st_size
-    assert size <= README_MAX_BYTES, f"README.md is {size} bytes; keep it <= {README_MAX_BYTES} (move detail to docs/)"
+    assert size <= README_MAX_BYTES, (
+        f"README.md is {size} bytes; keep it <= {README_MAX_BYTES} (move detail to docs/)"
+    )
 
 
 def test_checks_catch_what_they_should(tmp_path: Path) -> None:
@@ -101,7 +121,7 @@ def test_checks_catch_what_they_should(tmp_path: Path) -> None:
         "/usr/share/x/y.txt, `runs/smoke/report.md`.\n"
     )
     assert relative_links(doc) == ["docs/nothing.md"]
-    assert path_references(doc) == ["pipelines/digits/D.toml"]
+    assert path_references(doc) == ["docs/nothing.md", "pipelines/digits/D.toml"]
     assert BARE_MD.findall(doc.read_text()) == ["METHOD.md"]
     assert slug("Compact stores (int8)") == "compact-stores-int8"
     assert slug("UDA: digits and MNIST") == "uda-digits-and-mnist"

@@ -1,4 +1,4 @@
-"""Losses of CustomKD and of the baselines it is compared with (METHOD.md).
+"""Losses of CustomKD and of the baselines it is compared with (docs/method.md).
 
 Pure functions on tensors: no module state is changed except where a docstring says so. Every loss
 returns a 0-dim float32 tensor and computes in float32 whatever dtype its inputs arrive in (float16
@@ -125,7 +125,7 @@ def customization_loss(
     freeze_head: bool = False,
     activation: Callable[[Tensor], Tensor] | None = None,
 ) -> Tensor:
-    """Stage A of CustomKD (METHOD.md): ``CE(H_s(P_t(f_t)), y)`` over labeled rows.
+    """Stage A of CustomKD (docs/method.md): ``CE(H_s(P_t(f_t)), y)`` over labeled rows.
 
     ``f_t`` (B, d_t) teacher features (standardized by the caller when the spec says so), ``target``
     (B,) int64. ``head`` is the student's classifier ``H_s`` (d_s -> C), ``customizer`` is ``P_t``
@@ -208,7 +208,7 @@ def stage_b_loss(
     dkd_ramp: float = 1.0,
     h_s: Tensor | None = None,
 ) -> StageBTerms:
-    """Stage B of CustomKD and the baselines (METHOD.md), on a batch mixing labeled and unlabeled rows.
+    """Stage B of CustomKD and the baselines (docs/method.md), on a batch mixing labeled and unlabeled rows.
 
     Inputs: ``logits`` (B, C) = ``H_s(f_s)``; ``f_s`` (B, d_s) the student's pre-logits feature;
     ``f_t`` (B, d_t) the cached teacher feature of the same view (standardized by the caller when

@@ -1,4 +1,4 @@
-"""The teacher probe: a linear classifier on frozen, cached teacher features (METHOD.md).
+"""The teacher probe: a linear classifier on frozen, cached teacher features (docs/method.md).
 
 It gives the teacher's own accuracy, the logits for the logit-based baselines (kd, dkd) and
 pseudo-labels. It is trained once per run from the cache in seconds and is not part of CustomKD's
