@@ -34,7 +34,7 @@ DatasetKind = Literal[
     "list_file",
 ]
 FeatureKind = Literal["cls", "cls+mean_patch", "embed", "pooled"]
-Method = Literal["student_only", "kd", "fitnet", "dkd", "customkd", "customkd+kd", "customkd+dkd"]
+Method = Literal["student_only", "kd", "fitnet", "dkd", "logits", "customkd", "customkd+kd", "customkd+dkd"]
 METHODS: tuple[str, ...] = Method.__args__  # type: ignore[attr-defined]
 
 DEFAULT_ROOTS: dict[str, str] = {
@@ -253,7 +253,9 @@ class OptimSpec(_Spec):
 
 class KdSpec(_Spec):
     temperature: float = Field(4.0, gt=0.0)
-    weight: float = Field(1.0, ge=0.0)
+    weight: float = Field(
+        1.0, ge=0.0, description="weight of the kd term, and of the logit L2 term of method = 'logits'"
+    )
 
 
 class DkdSpec(_Spec):
@@ -505,6 +507,22 @@ def load_any_spec(path: Path | str, overrides: list[str] | tuple[str, ...] = ())
 def to_dict(spec: BaseModel) -> dict[str, Any]:
     """The resolved spec as plain JSON-able data (tuples become lists)."""
     return spec.model_dump(mode="json")
+
+
+def differing_keys(old: Any, new: Any, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two JSON objects (resolved specs), sorted; a key
+    present in one only differs; a whole value when not both dicts (``"(the whole spec)"`` at the
+    top)."""
+    if not (isinstance(old, dict) and isinstance(new, dict)):
+        return [] if old == new else [prefix or "(the whole spec)"]
+    out: list[str] = []
+    for key in sorted(set(old) | set(new)):
+        dotted = f"{prefix}.{key}" if prefix else str(key)
+        if key not in old or key not in new:
+            out.append(dotted)
+        else:
+            out += differing_keys(old[key], new[key], dotted)
+    return out
 
 
 # --- error messages ----------------------------------------------------------------------------

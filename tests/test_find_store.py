@@ -14,10 +14,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from customkd_cache.catalog import cache_identity, fingerprint, request_key
+from customkd_cache.catalog import cache_identity, find_store, fingerprint, request_key
 from customkd_cache.errors import StoreError
 from customkd_cache.specs import CacheSpec, load_cache_spec, load_train_spec, to_dict
-from customkd_cache.stage_two.train import find_store
 from customkd_cache.store import SplitInit, create_or_open_store, store_name
 
 REPO = Path(__file__).resolve().parents[1]

@@ -18,6 +18,8 @@ from customkd_cache.stage_two.losses import (
     dkd_loss,
     feature_mse,
     kd_loss,
+    logit_l2,
+    method_terms,
     stage_b_loss,
     standardize,
 )
@@ -112,6 +114,14 @@ class TestPureLosses:
         y = rng.integers(0, 5, size=6)
         got = dkd_loss(t32(s), t32(t), torch.from_numpy(y), alpha=alpha, beta=beta, temperature=temp).item()
         assert got == pytest.approx(np_dkd(s, t, y, alpha, beta, temp), rel=1e-4)
+
+    def test_logit_l2_hand_value(self) -> None:
+        # (1-0)^2, (2-4)^2, (0-0)^2, (-1-2)^2 -> (1 + 4 + 0 + 9) / 4 = 3.5
+        s, t = t32([[1.0, 2.0], [0.0, -1.0]]).requires_grad_(), t32([[0.0, 4.0], [0.0, 2.0]])
+        loss = logit_l2(s, t.requires_grad_())
+        assert loss.item() == pytest.approx(3.5)
+        loss.backward()
+        assert t.grad is None and s.grad is not None
 
     def test_dkd_recovers_kd(self) -> None:
         # DKD paper, Eq. 7: KD = TCKD + (1 - p_t^target) * NCKD, per sample.
@@ -231,6 +241,7 @@ USED = {
     "kd": {"kd"},
     "fitnet": {"gen"},
     "dkd": {"dkd"},
+    "logits": {"logit"},
     "customkd": {"gen", "task"},
     "customkd+kd": {"gen", "task", "kd"},
     "customkd+dkd": {"gen", "task", "dkd"},
@@ -245,7 +256,7 @@ class TestStageBLoss:
     def test_terms_and_weighted_sum(self, method: str) -> None:
         batch = Batch()
         terms = batch.loss(method)
-        for name in ("gen", "task", "kd", "dkd"):
+        for name in ("gen", "task", "kd", "dkd", "logit"):
             assert (getattr(terms, name).item() != 0.0) == (name in USED[method]), name
         w_gen = CK.fitnet_weight if method == "fitnet" else CK.lambda_gen
         expected = (
@@ -254,10 +265,11 @@ class TestStageBLoss:
             + CK.lambda_task * terms.task
             + KD.weight * terms.kd
             + DKD.weight * RAMP * terms.dkd
+            + KD.weight * terms.logit
         )
         assert terms.total.item() == pytest.approx(expected.item(), rel=1e-6)
         assert terms.total.requires_grad
-        assert not any(getattr(terms, n).requires_grad for n in ("ce", "gen", "task", "kd", "dkd"))
+        assert not any(getattr(terms, n).requires_grad for n in ("ce", "gen", "task", "kd", "dkd", "logit"))
 
     def test_term_values_match_numpy(self) -> None:
         batch = Batch()
@@ -270,6 +282,15 @@ class TestStageBLoss:
         assert terms.task.item() == pytest.approx(np_mse(batch.f_s, batch.customizer(batch.f_t)), rel=1e-5)
         kd_all_rows = np_kd(z, batch.teacher_logits.double().numpy(), KD.temperature)
         assert terms.kd.item() == pytest.approx(kd_all_rows, rel=1e-5)
+
+    def test_logit_term_matches_numpy_on_all_rows(self) -> None:
+        batch = Batch()
+        t = batch.teacher_logits.double().numpy()
+        expected = float(((batch.np_logits() - t) ** 2).mean())
+        terms = batch.loss("logits")
+        assert terms.logit.item() == pytest.approx(expected, rel=1e-5)
+        assert terms.total.item() == pytest.approx(terms.ce.item() + KD.weight * expected, rel=1e-5)
+        assert method_terms("logits") == {"logit"}
 
     def test_dkd_uses_labels_then_teacher_argmax(self) -> None:
         batch = Batch()
@@ -303,6 +324,8 @@ class TestStageBLoss:
             batch.loss("fitnet", student_projector=None)
         with pytest.raises(ValueError, match="teacher_logits"):
             batch.loss("kd", teacher_logits=None)
+        with pytest.raises(ValueError, match="teacher_logits"):
+            batch.loss("logits", teacher_logits=None)
         with pytest.raises(SpecError, match="customkd"):
             batch.loss("customdk")
 

@@ -388,22 +388,12 @@ def _check_same_spec(run_dir: Path, spec: specs.TrainSpec) -> None:
         old = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return  # written when killed, or damaged: the point fails or is retrained at run time
-    diff = _first_difference(old, specs.to_dict(spec))
+    diff = specs.differing_keys(old, specs.to_dict(spec))
     if diff:
         raise SpecError(
-            f"{path}: this point was trained from a different spec ({diff} differs); "
+            f"{path}: this point was trained from a different spec ({diff[0]} differs); "
             "use a new --out directory, or remove that run directory to retrain it"
         )
-
-
-def _first_difference(a: Any, b: Any, prefix: str = "") -> str:
-    if isinstance(a, dict) and isinstance(b, dict):
-        for key in sorted(set(a) | set(b)):
-            found = _first_difference(a.get(key), b.get(key), f"{prefix}{key}.")
-            if found:
-                return found
-        return ""
-    return prefix.rstrip(".") if a != b else ""
 
 
 def _set_dotted(data: dict[str, Any], key: str, value: Any, source: Path) -> None:

@@ -28,7 +28,14 @@ from torch.utils.data import DataLoader
 from torch.utils.data import Dataset as TorchDataset
 
 from customkd_cache import __version__
-from customkd_cache.catalog import cache_identity, dataset_identity, fingerprint, request_key
+from customkd_cache.catalog import (
+    cache_identity,
+    dataset_identity,
+    fingerprint,
+    request_key,
+    split_digests,
+    teacher_key,
+)
 from customkd_cache.data.datasets import Dataset, open_dataset
 from customkd_cache.data.views import render_view, sample_views, to_tensor
 from customkd_cache.distributed import resolve_device
@@ -96,6 +103,7 @@ class CachePlan:
     identity: dict[str, Any]
     fingerprint: str
     request_key: str
+    teacher_key: str
     path: Path
     units: list[tuple[str, int]] = field(default_factory=list)
 
@@ -126,7 +134,12 @@ def plan_cache(spec: CacheSpec, *, spec_path: Path | None, shard: Shard) -> Cach
     splits = {s.name: len(s.samples) for s in manifest.splits}
     identity = cache_identity(
         spec=spec,
-        dataset=dataset_identity(kind=spec.dataset.kind, manifest_digest=manifest.digest(), splits=splits),
+        dataset=dataset_identity(
+            kind=spec.dataset.kind,
+            manifest_digest=manifest.digest(),
+            splits=splits,
+            digests=split_digests(manifest),
+        ),
         teacher=teacher.identity(),
     )
     fp = fingerprint(identity)
@@ -141,6 +154,7 @@ def plan_cache(spec: CacheSpec, *, spec_path: Path | None, shard: Shard) -> Cach
         identity=identity,
         fingerprint=fp,
         request_key=rkey,
+        teacher_key=teacher_key(spec=spec),
         path=path,
         units=mine,
     )
@@ -165,6 +179,7 @@ def open_plan_store(plan: CachePlan, *, command: Sequence[str] = ()) -> FeatureS
     inits = split_inits(plan.dataset)
     extra: dict[str, Any] = {
         "request_key": plan.request_key,
+        "teacher_key": plan.teacher_key,
         "classes": list(manifest.classes),
         "dataset_kind": plan.spec.dataset.kind,
     }

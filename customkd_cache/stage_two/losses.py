@@ -87,6 +87,13 @@ def dkd_loss(
     return alpha * tckd + beta * nckd
 
 
+def logit_l2(student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
+    """The ``logits`` baseline, Ba & Caruana 2014 ("Do Deep Nets Really Need to be Deep?"): the mean
+    over the batch and the classes of ``(s - t)^2`` between the student's and the teacher's logits
+    (B, C); no temperature, no softmax, no gradient into ``teacher_logits``."""
+    return F.mse_loss(student_logits.float(), teacher_logits.detach().float())
+
+
 def feature_mse(pred: Tensor, target: Tensor) -> Tensor:
     """Mean squared error averaged over the batch and every feature dimension; shapes must match."""
     return F.mse_loss(pred.float(), target.float())
@@ -154,7 +161,8 @@ class StageBTerms:
     ``total`` (0-dim float32) carries the graph: call ``backward`` on it. The other fields are the
     *unweighted* terms, detached 0-dim float32 tensors (kept as tensors so logging them does not force
     a device sync every step), 0 where the method does not use them:
-    ``total = ce + w_gen * gen + lambda_task * task + kd.weight * kd + dkd.weight * dkd_ramp * dkd``,
+    ``total = ce + w_gen * gen + lambda_task * task + kd.weight * kd + dkd.weight * dkd_ramp * dkd
+    + kd.weight * logit``,
     with ``w_gen = customkd.lambda_gen`` for the CustomKD methods and ``customkd.fitnet_weight`` for
     ``fitnet``.
     """
@@ -165,6 +173,7 @@ class StageBTerms:
     task: Tensor
     kd: Tensor
     dkd: Tensor
+    logit: Tensor
 
 
 # Which distillation terms each method adds to the labeled CE.
@@ -173,6 +182,7 @@ _METHOD_TERMS: dict[str, frozenset[str]] = {
     "kd": frozenset({"kd"}),
     "fitnet": frozenset({"gen"}),
     "dkd": frozenset({"dkd"}),
+    "logits": frozenset({"logit"}),
     "customkd": frozenset({"gen", "task"}),
     "customkd+kd": frozenset({"gen", "task", "kd"}),
     "customkd+dkd": frozenset({"gen", "task", "dkd"}),
@@ -180,11 +190,16 @@ _METHOD_TERMS: dict[str, frozenset[str]] = {
 assert set(_METHOD_TERMS) == set(METHODS), "every method in specs.METHODS needs its terms here"
 
 
+# The terms that read the teacher probe's logits.
+TEACHER_LOGIT_TERMS = frozenset({"kd", "dkd", "logit"})
+
+
 def method_terms(method: str) -> frozenset[str]:
-    """The distillation terms ``method`` adds to the labeled CE: a subset of gen, task, kd, dkd.
+    """The distillation terms ``method`` adds to the labeled CE: a subset of gen, task, kd, dkd, logit.
 
     What a method needs follows from them: ``gen`` the student projector ``P_s``, ``task`` the
-    customizer ``P_t`` (and so stage A), ``kd``/``dkd`` the teacher probe's logits.
+    customizer ``P_t`` (and so stage A), ``kd``/``dkd``/``logit`` the teacher probe's logits
+    (``TEACHER_LOGIT_TERMS``).
     """
     if method not in _METHOD_TERMS:
         raise SpecError(f"method: unknown '{method}'{closest(method, METHODS)}; valid: {', '.join(METHODS)}")
@@ -228,6 +243,8 @@ def stage_b_loss(
       label on labeled rows and the teacher probe's argmax on unlabeled rows (its pseudo-label), so
       unlabeled rows get the same decoupling the teacher itself would imply. ``dkd_ramp`` in [0, 1]
       is mdistiller's warm-up factor ``min(epoch / warmup, 1)``, applied by the caller's schedule.
+    - ``logit`` (logits): ``logit_l2`` against ``teacher_logits`` on all rows, weighted by
+      ``kd.weight`` (the logit-matching weight; no temperature).
 
     Raises ``SpecError`` for an unknown method and ``ValueError`` when a module or the teacher logits
     the method needs are missing (a caller bug, not a user input).
@@ -236,7 +253,7 @@ def stage_b_loss(
     zero = logits.new_zeros((), dtype=torch.float32)
     ce = _labeled_ce(logits, target, labeled_mask)
     total = ce
-    gen = task = kd_term = dkd_term = zero
+    gen = task = kd_term = dkd_term = logit_term = zero
 
     if "gen" in terms:
         gen = feature_mse(_required(student_projector, "student_projector", method)(f_s), f_t)
@@ -258,6 +275,9 @@ def stage_b_loss(
             logits, t_logits, dkd_target, alpha=dkd.alpha, beta=dkd.beta, temperature=dkd.temperature
         )
         total = total + dkd.weight * dkd_ramp * dkd_term
+    if "logit" in terms:
+        logit_term = logit_l2(logits, _required(teacher_logits, "teacher_logits", method))
+        total = total + kd.weight * logit_term
 
     return StageBTerms(
         total=total,
@@ -266,6 +286,7 @@ def stage_b_loss(
         task=task.detach(),
         kd=kd_term.detach(),
         dkd=dkd_term.detach(),
+        logit=logit_term.detach(),
     )
 
 

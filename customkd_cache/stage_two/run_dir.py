@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from customkd_cache.errors import RunDirError, SpecError
-from customkd_cache.specs import TrainSpec, to_dict
+from customkd_cache.specs import TrainSpec, differing_keys, to_dict
 from customkd_cache.stage_two.protocols import Protocol
 from customkd_cache.stage_two.state import Run, TrainState
 from customkd_cache.store import FeatureStore
@@ -47,20 +47,6 @@ def check_resume(out: Path, spec: TrainSpec) -> None:
             f"--resume {out}: the spec differs from the run's spec.json in {shown}; resume with the same "
             f"spec (only [{', '.join(RESUMABLE_SECTIONS)}] may change) or start a new --out"
         )
-
-
-def differing_keys(old: Any, new: Any, prefix: str = "") -> list[str]:
-    """Dotted keys whose values differ between two JSON objects (a whole value when not both dicts)."""
-    if not (isinstance(old, dict) and isinstance(new, dict)):
-        return [] if old == new else [prefix or "(the whole spec)"]
-    out: list[str] = []
-    for key in sorted(set(old) | set(new)):
-        dotted = f"{prefix}.{key}" if prefix else str(key)
-        if key not in old or key not in new:
-            out.append(dotted)
-        else:
-            out += differing_keys(old[key], new[key], dotted)
-    return out
 
 
 def _check_out_dir(out: Path) -> None:

@@ -9,11 +9,11 @@ import torch
 from customkd_cache.errors import NonFiniteLossError
 from customkd_cache.specs import TrainSpec
 from customkd_cache.stage_two.build import lr_at
-from customkd_cache.stage_two.losses import StageBTerms, method_terms, stage_b_loss
+from customkd_cache.stage_two.losses import TEACHER_LOGIT_TERMS, StageBTerms, method_terms, stage_b_loss
 from customkd_cache.stage_two.replay import Row, draw_views, epoch_items, make_loader, stage_b_batches
 from customkd_cache.stage_two.state import Run, TrainState
 
-LOSS_TERMS = ("total", "ce", "gen", "task", "kd", "dkd")
+LOSS_TERMS = ("total", "ce", "gen", "task", "kd", "dkd", "logit")
 
 
 def epoch_batches(run: Run, epoch: int) -> list[list[Row]]:
@@ -108,7 +108,7 @@ def _stage_b_step(run: Run, batch: dict[str, torch.Tensor], dkd_ramp: float) -> 
     spec, models = run.spec, run.models
     logits, f_s, h_s = models.student.forward_parts(batch["pixels"])
     f_t = _teacher_features(run, batch)
-    needs_logits = bool({"kd", "dkd"} & method_terms(spec.method))
+    needs_logits = bool(TEACHER_LOGIT_TERMS & method_terms(spec.method))
     teacher_logits = run.probe.logits(f_t) if needs_logits else None
     terms = stage_b_loss(
         method=spec.method,

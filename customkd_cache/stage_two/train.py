@@ -16,27 +16,18 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from customkd_cache.catalog import recorded_storage, request_key, request_key_with_storage
+from customkd_cache.catalog import check_store, find_store
 from customkd_cache.data.datasets import Dataset, open_dataset
 from customkd_cache.distributed import Dist, resolve_device
-from customkd_cache.errors import SpecError, StoreError
+from customkd_cache.errors import SpecError
 from customkd_cache.models.students import Student, data_config, save_student_checkpoint
-from customkd_cache.specs import (
-    CacheSpec,
-    StoreSpec,
-    TrainSpec,
-    cache_root,
-    load_cache_spec,
-    spec_relative_path,
-    to_dict,
-)
+from customkd_cache.specs import TrainSpec
 from customkd_cache.stage_two.build import build_models
 from customkd_cache.stage_two.evaluate import evaluate, summarize
 from customkd_cache.stage_two.online import create_online_teacher
@@ -45,7 +36,6 @@ from customkd_cache.stage_two.replay import FeatureSource, ReplayDataset, combin
 from customkd_cache.stage_two.run_dir import (
     append_jsonl,
     check_resume,
-    differing_keys,
     load_checkpoint,
     log_epoch,
     prepare_out,
@@ -55,140 +45,7 @@ from customkd_cache.stage_two.run_dir import (
 from customkd_cache.stage_two.stage_a import fit_probe, labeled_features, stage_a_cycles, train_stage_a
 from customkd_cache.stage_two.stage_b import epoch_batches, train_stage_b, train_view_count
 from customkd_cache.stage_two.state import Run, TrainState
-from customkd_cache.store import FeatureStore, open_store, store_dirs
-
-
-def find_store(spec: TrainSpec, *, spec_path: Path | None, manifest_digest: str) -> Path:
-    """The store this train spec reads: ``cache.store``, or the one made from ``cache.spec``.
-
-    A store made from the cache spec with other ``[store]`` settings (``--set store.dtype=int8``)
-    holds the same features, so it matches too. Preferred, in order: the exact request key, then the
-    spec's ``store.dtype``, then any storage.
-
-    Raises StoreError when no store under CUSTOMKD_CACHE_ROOT was made from the cache spec for this
-    dataset (naming the stores of the same samples and teacher, and how they differ), or when several
-    tie (naming each with its storage).
-    """
-    if spec.cache.store:
-        return spec_relative_path(spec.cache.store, spec_path)
-    cspec_path = spec_relative_path(spec.cache.spec, spec_path)
-    cspec = load_cache_spec(cspec_path, []).model_copy(update={"dataset": spec.dataset})
-    root = cache_root()
-    stores = [c for path in store_dirs(root) if (c := _read_listed(path)) is not None]
-    exact = request_key(spec=cspec, manifest_digest=manifest_digest)
-    found = _made_from(cspec, manifest_digest, exact, stores)
-    if not found:
-        raise StoreError(
-            f"no store under {root} was made from {cspec_path} for this dataset"
-            f"{_near_misses(cspec, manifest_digest, stores)}; run "
-            f"`customkd-cache cache --spec {cspec_path} --set dataset.root={spec.dataset.root or '...'}` "
-            "first, or set cache.store = PATH (CUSTOMKD_CACHE_ROOT must match)"
-        )
-    best = _preferred(found, cspec, exact)
-    if len(best) > 1:
-        names = ", ".join(f"{c.path} ({c.storage_label(cspec.store)})" for c in best)
-        raise StoreError(f"several stores match {cspec_path} ({names}); set cache.store = PATH to choose one")
-    return best[0].path
-
-
-@dataclass(frozen=True)
-class _Listed:
-    """A readable store under the cache root, with what ``find_store`` compares."""
-
-    path: Path
-    request_key: str
-    storage: StoreSpec | None  # its [store] section, as hashed into request_key
-    manifest_digest: str
-    teacher: str
-    written: dict[str, Any]  # the cache spec it was made from (provenance: diagnostics only)
-
-    def storage_label(self, want: StoreSpec) -> str:
-        """``int8``, plus the other [store] fields that differ from ``want`` (``int8, unit_rows=16``)."""
-        if self.storage is None:
-            return "storage unknown"
-        have, asked = to_dict(self.storage), to_dict(want)
-        return ", ".join(
-            [self.storage.dtype] + [f"{k}={v}" for k, v in have.items() if k != "dtype" and v != asked[k]]
-        )
-
-
-def _read_listed(path: Path) -> _Listed | None:
-    """The store at ``path`` (its attributes only), or None when it cannot be read: a damaged store
-    is never a match, as in ``list_stores``, which reports it as damaged."""
-    try:
-        attrs = open_store(path).attrs
-    except Exception:  # StoreError, or zarr's own errors for a damaged hierarchy
-        return None
-    identity = attrs.get("identity", {})
-    return _Listed(
-        path=path,
-        request_key=str(attrs.get("request_key") or ""),
-        storage=recorded_storage(identity),
-        manifest_digest=str(identity.get("dataset", {}).get("manifest_digest", "")),
-        teacher=str(identity.get("teacher", {}).get("name", "")),
-        written=attrs.get("provenance", {}).get("spec", {}),
-    )
-
-
-def _made_from(cspec: CacheSpec, manifest_digest: str, exact: str, stores: list[_Listed]) -> list[_Listed]:
-    """The stores made from ``cspec`` for these samples, with its storage (request key ``exact``) or
-    their own."""
-
-    def matches(c: _Listed) -> bool:
-        if c.request_key == exact:
-            return True
-        if c.storage is None:
-            return False
-        key = request_key_with_storage(spec=cspec, manifest_digest=manifest_digest, storage=c.storage)
-        return c.request_key == key
-
-    return [c for c in stores if matches(c)]
-
-
-def _preferred(found: list[_Listed], cspec: CacheSpec, exact: str) -> list[_Listed]:
-    """The first non-empty of: exact request-key matches, matches in the spec's dtype, all of them."""
-    same = [c for c in found if c.request_key == exact]
-    same_dtype = [c for c in found if c.storage is not None and c.storage.dtype == cspec.store.dtype]
-    return same or same_dtype or found
-
-
-def _near_misses(cspec: CacheSpec, manifest_digest: str, stores: list[_Listed]) -> str:
-    """``"; stores for the same samples and teacher: PATH (int8; differs in views.num_views)"`` or ``""``."""
-    near = [c for c in stores if c.manifest_digest == manifest_digest and c.teacher == cspec.teacher.name]
-    if not near:
-        return ""
-    asked = {k: to_dict(cspec)[k] for k in ("teacher", "views")}
-
-    def describe(c: _Listed) -> str:
-        differs = differing_keys({k: c.written.get(k) for k in asked}, asked)
-        shown = f"; differs in {', '.join(differs)}" if differs else ""
-        return f"{c.path} ({c.storage_label(cspec.store)}{shown})"
-
-    return f"; stores for the same samples and teacher: {', '.join(describe(c) for c in near)}"
-
-
-def check_store(
-    store: FeatureStore, *, spec: TrainSpec, spec_path: Path | None, manifest_digest: str
-) -> None:
-    """Refuse a store that is incomplete, from another teacher/feature kind, or for other samples."""
-    store.require_complete()  # names the missing units and the cache command that finishes them
-    identity = store.attrs.get("identity", {})
-    got = identity.get("dataset", {}).get("manifest_digest")
-    if got != manifest_digest:
-        raise StoreError(
-            f"{store.path}: cache was made for other samples (manifest {str(got)[:12]}, this dataset "
-            f"{manifest_digest[:12]}); check dataset.root/splits or rebuild the cache"
-        )
-    if spec.cache.spec:
-        cspec = load_cache_spec(spec_relative_path(spec.cache.spec, spec_path), [])
-        teacher = identity.get("teacher", {})
-        want = {"source": cspec.teacher.source, "name": cspec.teacher.name, "feature": cspec.teacher.feature}
-        have = {k: teacher.get(k) for k in want}
-        if have != want:
-            raise StoreError(
-                f"{store.path}: cache was made by teacher {have}, but {spec.cache.spec} asks for {want}; "
-                "point cache.store at the right store or rebuild"
-            )
+from customkd_cache.store import FeatureStore, open_store
 
 
 def run_train(spec: TrainSpec, *, spec_path: Path | None, out: Path, resume: bool = False) -> dict[str, Any]:
