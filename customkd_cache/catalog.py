@@ -1,24 +1,30 @@
-"""Cache identity: the fingerprint of everything that changes the stored values.
+"""Cache identity, and the lookup of the store a train spec reads.
 
-A store is named by ``sha256(canonical_json(identity))`` where ``identity`` holds the dataset
-manifest digest, the teacher's identity (source, name, weights digest, preprocessing resolved from
-the model, feature kind, precision), the view policy and seed, the stored dtype and layout, and the
-format version. Run settings (batch size, workers, device) are not identity. If any part cannot be
-computed the caller fails: there is no random fallback key.
+A store is named by ``sha256(canonical_json(identity))`` where ``identity`` holds the dataset part
+(the manifest digest over every split, and one digest per split: ``split_digests``), the teacher's
+identity (source, name, weights digest, preprocessing resolved from the model, feature kind,
+precision), the view policy and seed, the stored dtype and layout, and the format version. Run
+settings (batch size, workers, device) are not identity. If any part cannot be computed the caller
+fails: there is no random fallback key.
 
-A second, cheaper digest, the *request key*, identifies a cache spec as written (manifest digest plus
-the teacher, views and store sections of the spec). Stage two uses it to find the store made from a
-cache spec without building the teacher; the store's fingerprint stays the authority. The ``[store]``
-section (dtype, unit_rows, compressor) is how features are stored, not what they are: it stays in
-both digests (the bytes differ), and stage two also accepts a store whose key is the spec's with the
-store's own recorded ``[store]`` section (``request_key_with_storage``), so a store made with
-``--set store.dtype=int8`` is still found from the spec.
+A second, cheaper digest, the *teacher key*, identifies a cache spec's teacher, views and store
+sections as written, without its dataset. Stage two finds the store made from a cache spec without
+building the teacher: a store serves a train spec when its teacher key is the cache spec's and its
+split digests include every split the train spec lists, equal, so one store made over every split
+of a dataset (``make cache DATASET=domainnet``) serves each pipeline that reads some of them; the
+store's fingerprint stays the authority. The ``[store]`` section (dtype, unit_rows, compressor) is
+how features are stored, not what they are: it stays in both digests (the bytes differ), and stage
+two also accepts a store whose key is the spec's with the store's own recorded ``[store]`` section
+(``teacher_key_with_storage``), so a store made with ``--set store.dtype=int8`` is still found.
+Stores made before split digests were recorded are found by their *request key* (the teacher key's
+sections plus the whole manifest digest), so only for exactly the splits they were made over.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -40,7 +46,7 @@ from customkd_cache.specs import (
 from customkd_cache.store import FeatureStore, open_store, store_dirs
 
 if TYPE_CHECKING:
-    from customkd_cache.data.datasets import Manifest
+    from customkd_cache.data.datasets import Manifest, SplitManifest
 
 
 def canonical_json(obj: Any) -> str:
@@ -175,37 +181,73 @@ def recorded_storage(identity: dict[str, Any]) -> StoreSpec | None:
 # --- resolving the cache -----------------------------------------------------------------------
 
 
-def find_store(spec: TrainSpec, *, spec_path: Path | None, manifest_digest: str) -> Path:
-    """The store this train spec reads: ``cache.store``, or the one made from ``cache.spec``.
+def find_store(spec: TrainSpec, *, spec_path: Path | None, manifest: Manifest) -> Path:
+    """The store this train spec reads: ``cache.store``, or one made from ``cache.spec`` that holds
+    every split of ``manifest`` (the train spec's dataset).
 
-    A store made from the cache spec with other ``[store]`` settings (``--set store.dtype=int8``)
-    holds the same features, so it matches too. Preferred, in order: the exact request key, then the
-    spec's ``store.dtype``, then any storage.
+    A store serves the train spec when it was made from the cache spec's teacher, views and store
+    sections (``teacher_key``; a store made with other ``[store]`` settings holds the same features, so
+    it matches too) and records, for every split the train spec lists, the same ``split_digests``: one
+    store over every split of a dataset serves each pipeline that reads some of them. Stores made
+    before split digests were recorded match only on the whole manifest (``request_key``). Preferred,
+    in order: the spec's own ``[store]``, then its ``store.dtype``, then any storage.
 
-    Raises StoreError when no store under CUSTOMKD_CACHE_ROOT was made from the cache spec for this
-    dataset (naming the stores of the same samples and teacher, and how they differ), or when several
-    tie (naming each with its storage).
+    Raises StoreError when no store under CUSTOMKD_CACHE_ROOT serves the spec (naming the stores of
+    the same teacher, what differs, and the cache command that makes a store that serves it), or when
+    several tie (naming each with its storage).
     """
     if spec.cache.store:
         return spec_relative_path(spec.cache.store, spec_path)
-    cspec_path = spec_relative_path(spec.cache.spec, spec_path)
-    cspec = load_cache_spec(cspec_path, []).model_copy(update={"dataset": spec.dataset})
+    cspec_path = Path(os.path.normpath(spec_relative_path(spec.cache.spec, spec_path)))
+    cspec = load_cache_spec(cspec_path, [])
+    want = split_digests(manifest)
     root = cache_root()
     stores = [c for path in store_dirs(root) if (c := _read_listed(path)) is not None]
-    exact = request_key(spec=cspec, manifest_digest=manifest_digest)
-    found = _made_from(cspec, manifest_digest, exact, stores)
+    whole = cspec.model_copy(update={"dataset": spec.dataset})  # how older stores were keyed
+    found = [c for c in stores if _serves(c, cspec, want, whole, manifest.digest())]
     if not found:
+        command = cache_command(spec, cspec, cspec_path, want)
         raise StoreError(
-            f"no store under {root} was made from {cspec_path} for this dataset"
-            f"{_near_misses(cspec, manifest_digest, stores)}; run "
-            f"`customkd-cache cache --spec {cspec_path} --set dataset.root={spec.dataset.root or '...'}` "
-            "first, or set cache.store = PATH (CUSTOMKD_CACHE_ROOT must match)"
+            f"no store under {root} was made from {cspec_path} with the splits {', '.join(want)} of this "
+            f"dataset{_near_misses(cspec, want, stores)}; run `{command}` first, or set "
+            "cache.store = PATH (CUSTOMKD_CACHE_ROOT must match)"
         )
-    best = _preferred(found, cspec, exact)
+    best = _preferred(found, cspec)
     if len(best) > 1:
         names = ", ".join(f"{c.path} ({c.storage_label(cspec.store)})" for c in best)
         raise StoreError(f"several stores match {cspec_path} ({names}); set cache.store = PATH to choose one")
     return best[0].path
+
+
+def cache_command(spec: TrainSpec, cspec: CacheSpec, cspec_path: Path, want: dict[str, str]) -> str:
+    """The ``customkd-cache cache`` command that makes a store serving ``spec``: the cache spec, with
+    ``--set`` for each dataset field where the train spec's dataset differs, and the train spec's
+    splits added when the cache spec lists splits that leave some out."""
+    import shlex
+
+    mine, theirs = spec.dataset, cspec.dataset
+    sets: list[str] = []
+    if mine.resolved_root() != theirs.resolved_root():
+        sets.append(f"dataset.root={mine.root}")
+    if theirs.splits and not set(want) <= set(theirs.splits):
+        merged = [*theirs.splits, *(s for s in want if s not in theirs.splits)]
+        sets.append("dataset.splits=" + json.dumps(merged))
+    for name in ("max_per_split", "skip_list", "max_pixels"):
+        value = getattr(mine, name)
+        if value != getattr(theirs, name):
+            sets.append(f"dataset.{name}={_toml_value(value)}")
+    words = ["customkd-cache", "cache", "--spec", str(cspec_path)]
+    for item in sets:
+        words += ["--set", item]
+    return shlex.join(words)
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{json.dumps(k)} = {v}" for k, v in value.items()) + "}"
+    if isinstance(value, str):
+        return json.dumps(value)
+    return str(value)
 
 
 @dataclass(frozen=True)
@@ -213,9 +255,12 @@ class _Listed:
     """A readable store under the cache root, with what ``find_store`` compares."""
 
     path: Path
-    request_key: str
-    storage: StoreSpec | None  # its [store] section, as hashed into request_key
+    request_key: str  # with the whole manifest digest (stores made before split digests)
+    teacher_key: str  # without the dataset ("" for stores made before split digests)
+    split_digests: dict[str, str] | None
+    storage: StoreSpec | None  # its [store] section, as hashed into both keys
     manifest_digest: str
+    dataset_kind: str
     teacher: str
     written: dict[str, Any]  # the cache spec it was made from (provenance: diagnostics only)
 
@@ -231,78 +276,155 @@ class _Listed:
 
 def _read_listed(path: Path) -> _Listed | None:
     """The store at ``path`` (its attributes only), or None when it cannot be read: a damaged store
-    is never a match, as in ``list_stores``, which reports it as damaged."""
+    (StoreError, or zarr's own errors for a damaged hierarchy) is never a match, as in
+    ``list_stores``, which reports it as damaged."""
     try:
         attrs = open_store(path).attrs
-    except Exception:  # StoreError, or zarr's own errors for a damaged hierarchy
+        identity = attrs.get("identity", {})
+        dataset = identity.get("dataset", {})
+        teacher = identity.get("teacher", {})
+        provenance = attrs.get("provenance", {})
+        written = provenance.get("spec", {}) if isinstance(provenance, dict) else {}
+        digests = recorded_split_digests(identity)
+        return _Listed(
+            path=path,
+            request_key=str(attrs.get("request_key") or ""),
+            teacher_key=str(attrs.get("teacher_key") or "") if digests is not None else "",
+            split_digests=digests,
+            storage=recorded_storage(identity),
+            manifest_digest=str(dataset.get("manifest_digest", "")),
+            dataset_kind=str(dataset.get("kind", "")),
+            teacher=str(teacher.get("name", "")),
+            written=written if isinstance(written, dict) else {},
+        )
+    except Exception:  # noqa: BLE001 - malformed attributes are a damaged store, skipped
         return None
-    identity = attrs.get("identity", {})
-    return _Listed(
-        path=path,
-        request_key=str(attrs.get("request_key") or ""),
-        storage=recorded_storage(identity),
-        manifest_digest=str(identity.get("dataset", {}).get("manifest_digest", "")),
-        teacher=str(identity.get("teacher", {}).get("name", "")),
-        written=attrs.get("provenance", {}).get("spec", {}),
-    )
 
 
-def _made_from(cspec: CacheSpec, manifest_digest: str, exact: str, stores: list[_Listed]) -> list[_Listed]:
-    """The stores made from ``cspec`` for these samples, with its storage (request key ``exact``) or
-    their own."""
+def _serves(
+    c: _Listed, cspec: CacheSpec, want: dict[str, str], whole: CacheSpec, manifest_digest: str
+) -> bool:
+    """``c`` was made from ``cspec`` (any storage) and holds every wanted split with its digest; a store
+    made before split digests, from ``whole`` (the cache spec over the train spec's dataset) for
+    exactly this manifest."""
+    if c.teacher_key:
+        keys = {teacher_key(spec=cspec)}
+        if c.storage is not None:
+            keys.add(teacher_key_with_storage(spec=cspec, storage=c.storage))
+        held = c.split_digests or {}
+        return c.teacher_key in keys and all(held.get(s) == d for s, d in want.items())
+    keys = {request_key(spec=whole, manifest_digest=manifest_digest)}
+    if c.storage is not None:
+        keys.add(request_key_with_storage(spec=whole, manifest_digest=manifest_digest, storage=c.storage))
+    return c.request_key in keys
 
-    def matches(c: _Listed) -> bool:
-        if c.request_key == exact:
-            return True
-        if c.storage is None:
-            return False
-        key = request_key_with_storage(spec=cspec, manifest_digest=manifest_digest, storage=c.storage)
-        return c.request_key == key
 
-    return [c for c in stores if matches(c)]
-
-
-def _preferred(found: list[_Listed], cspec: CacheSpec, exact: str) -> list[_Listed]:
-    """The first non-empty of: exact request-key matches, matches in the spec's dtype, all of them."""
-    same = [c for c in found if c.request_key == exact]
+def _preferred(found: list[_Listed], cspec: CacheSpec) -> list[_Listed]:
+    """The first non-empty of: stores in the spec's own storage, in its dtype, all of them."""
+    same = [c for c in found if c.storage is None or c.storage == cspec.store]
     same_dtype = [c for c in found if c.storage is not None and c.storage.dtype == cspec.store.dtype]
     return same or same_dtype or found
 
 
-def _near_misses(cspec: CacheSpec, manifest_digest: str, stores: list[_Listed]) -> str:
-    """``"; stores for the same samples and teacher: PATH (int8; differs in views.num_views)"`` or ``""``."""
-    near = [c for c in stores if c.manifest_digest == manifest_digest and c.teacher == cspec.teacher.name]
+_SHOW_NEAR = 3  # stores named in a miss
+
+
+def _near_misses(cspec: CacheSpec, want: dict[str, str], stores: list[_Listed]) -> str:
+    """``"; stores of the same teacher: PATH (int8; differs in views.num_views)"`` or ``""``: each
+    store of the dataset kind and teacher name, with the spec fields and the splits that differ."""
+    near = [c for c in stores if c.dataset_kind == cspec.dataset.kind and c.teacher == cspec.teacher.name]
     if not near:
         return ""
     asked = {k: to_dict(cspec)[k] for k in ("teacher", "views")}
 
     def describe(c: _Listed) -> str:
         differs = differing_keys({k: c.written.get(k) for k in asked}, asked)
-        shown = f"; differs in {', '.join(differs)}" if differs else ""
-        return f"{c.path} ({c.storage_label(cspec.store)}{shown})"
+        if c.split_digests is None:
+            splits = [] if not c.manifest_digest else ["made before per-split digests: another manifest"]
+        else:
+            missing = [s for s in want if s not in c.split_digests]
+            other = [s for s in want if s in c.split_digests and c.split_digests[s] != want[s]]
+            splits = [f"lacks split {', '.join(missing)}"] if missing else []
+            if other:
+                splits.append(
+                    f"other samples in split {', '.join(other)} (dataset.root, max_per_split, skip_list "
+                    "or the files differ)"
+                )
+        shown = "; ".join(([f"differs in {', '.join(differs)}"] if differs else []) + splits)
+        return f"{c.path} ({c.storage_label(cspec.store)}{'; ' + shown if shown else ''})"
 
-    return f"; stores for the same samples and teacher: {', '.join(describe(c) for c in near)}"
+    more = f" and {len(near) - _SHOW_NEAR} more" if len(near) > _SHOW_NEAR else ""
+    return f"; stores of the same teacher: {', '.join(describe(c) for c in near[:_SHOW_NEAR])}{more}"
 
 
-def check_store(
-    store: FeatureStore, *, spec: TrainSpec, spec_path: Path | None, manifest_digest: str
-) -> None:
-    """Refuse a store that is incomplete, from another teacher/feature kind, or for other samples."""
-    store.require_complete()  # names the missing units and the cache command that finishes them
+def check_store(store: FeatureStore, *, spec: TrainSpec, spec_path: Path | None, manifest: Manifest) -> None:
+    """Refuse a store that does not hold what the train spec reads, in one line: a split missing or
+    incomplete, other samples in a split (per-split digest, or the whole manifest for stores made
+    before split digests), ids or labels in the store that are not the dataset's (a store altered
+    after it was written), or another teacher/feature kind."""
     identity = store.attrs.get("identity", {})
-    got = identity.get("dataset", {}).get("manifest_digest")
-    if got != manifest_digest:
+    want = split_digests(manifest)
+    missing = [s for s in want if s not in store.split_names]
+    if missing:
         raise StoreError(
-            f"{store.path}: cache was made for other samples (manifest {str(got)[:12]}, this dataset "
-            f"{manifest_digest[:12]}); check dataset.root/splits or rebuild the cache"
+            f"{store.path}: no split {', '.join(missing)} in this store (it holds "
+            f"{', '.join(store.split_names)}); point cache.store at a store made over those splits"
         )
+    gaps = [s for s in want if not store.split_complete(s)]
+    if gaps:
+        raise StoreError(
+            f"{store.path}: cache is incomplete in split {', '.join(gaps)}; finish it with "
+            f"`{store.finish_command()}` (it resumes), then rerun"
+        )
+    digests = recorded_split_digests(identity)
+    if digests is not None:
+        other = [s for s in want if digests.get(s) != want[s]]
+        if other:
+            raise StoreError(
+                f"{store.path}: cache was made for other samples in split {', '.join(other)}; check "
+                "dataset.root, max_per_split and skip_list, or rebuild the cache"
+            )
+    else:
+        got = identity.get("dataset", {}).get("manifest_digest")
+        if got != manifest.digest():
+            raise StoreError(
+                f"{store.path}: cache was made for other samples (manifest {str(got)[:12]}, this dataset "
+                f"{manifest.digest()[:12]}); check dataset.root/splits or rebuild the cache"
+            )
+    for split in want:
+        _check_rows(store, manifest.split(split))
     if spec.cache.spec:
         cspec = load_cache_spec(spec_relative_path(spec.cache.spec, spec_path), [])
         teacher = identity.get("teacher", {})
-        want = {"source": cspec.teacher.source, "name": cspec.teacher.name, "feature": cspec.teacher.feature}
-        have = {k: teacher.get(k) for k in want}
-        if have != want:
+        want_t = {
+            "source": cspec.teacher.source,
+            "name": cspec.teacher.name,
+            "feature": cspec.teacher.feature,
+        }
+        have = {k: teacher.get(k) for k in want_t}
+        if have != want_t:
             raise StoreError(
-                f"{store.path}: cache was made by teacher {have}, but {spec.cache.spec} asks for {want}; "
+                f"{store.path}: cache was made by teacher {have}, but {spec.cache.spec} asks for {want_t}; "
                 "point cache.store at the right store or rebuild"
             )
+
+
+def _check_rows(store: FeatureStore, split: SplitManifest) -> None:
+    """The store's ids and labels of ``split`` are the dataset manifest's, row for row."""
+    ids, labels = store.ids(split.name), store.labels(split.name)
+    if ids != split.ids():
+        bad = next((i for i, (a, b) in enumerate(zip(ids, split.ids(), strict=False)) if a != b), len(ids))
+        raise StoreError(
+            f"{store.path}: split '{split.name}' ids differ from the dataset's from row {bad} on "
+            f"({len(ids)} in the store, {len(split)} in the dataset); the store was altered or made "
+            "from other files: remove it and rebuild the cache"
+        )
+    want = split.labels()
+    if labels.shape != want.shape or not (labels == want).all():
+        rows = (labels != want).nonzero()[0] if labels.shape == want.shape else [0]
+        first = int(rows[0])
+        raise StoreError(
+            f"{store.path}: split '{split.name}' labels differ from the dataset's in {len(rows)} row(s) "
+            f"(first: '{ids[first]}' is {int(labels[first])} in the store, {int(want[first])} in the "
+            "dataset); the store was altered after it was written: remove it and rebuild the cache"
+        )

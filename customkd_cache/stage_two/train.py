@@ -125,10 +125,9 @@ def prepare_run(spec: TrainSpec, *, spec_path: Path | None, out: Path, resume: b
         check_resume(out, spec)
     device = dist.device if dist.world > 1 else resolve_device(spec.run.device)
     dataset = open_dataset(spec.dataset)
-    digest = dataset.manifest.digest()
-    store_path = find_store(spec, spec_path=spec_path, manifest_digest=digest)
+    store_path = find_store(spec, spec_path=spec_path, manifest=dataset.manifest)
     store = open_store(store_path)
-    check_store(store, spec=spec, spec_path=spec_path, manifest_digest=digest)
+    check_store(store, spec=spec, spec_path=spec_path, manifest=dataset.manifest)
     protocol = build_protocol(spec, dataset)
     if not protocol.labeled:
         raise SpecError("the protocol gives no labeled rows: check uda.source or ssl.labeled_list")
