@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -27,6 +28,7 @@ import zarr
 
 from customkd_cache.distributed import Dist
 from customkd_cache.specs import load_train_spec
+from customkd_cache.stage_two.run_dir import log_epoch
 from customkd_cache.stage_two.train import prepare_run, run_train
 from customkd_cache.testing import fakedata
 from customkd_cache.testing import run_cli as cli
@@ -264,6 +266,18 @@ class TestRefusals:
         assert "other samples" in proc.stderr
 
 
+EPOCH_LINE = re.compile(r".+: epoch \d+/\d+: loss ")
+
+
+def test_epoch_lines_name_their_run(capsys: pytest.CaptureFixture[str]) -> None:
+    """Runs going side by side (a sweep's processes) print epoch lines that say which run they are."""
+    metrics = {"epoch": 0, "loss_total": 1.5, "student_accuracy": 0.25, "seconds": 0.4}
+    log_epoch(metrics, 2, run="runs/sweep/method=kd,seed=0-f58b85")
+    line = capsys.readouterr().err.strip()
+    assert line == "runs/sweep/method=kd,seed=0-f58b85: epoch 1/2: loss 1.5000, student acc 25.00% (0.4 s)"
+    assert EPOCH_LINE.match(line)
+
+
 def _train(
     world: dict[str, Path], out: Path, *extra: str, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess[str]:
@@ -274,7 +288,7 @@ def _train(
 def _refused(proc: subprocess.CompletedProcess[str], *words: str) -> None:
     """Exit 2 with one line on stderr that names every word."""
     assert proc.returncode == 2, proc.stderr
-    lines = [x for x in proc.stderr.strip().splitlines() if not x.startswith("epoch ")]
+    lines = [x for x in proc.stderr.strip().splitlines() if not EPOCH_LINE.match(x)]
     assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
     for word in words:
         assert word in lines[0], (word, lines[0])

@@ -125,7 +125,9 @@ def _read_checkpoint(run: Run, path: Path) -> TrainState:
     return state
 
 
-def log_epoch(m: dict[str, Any], epochs: int) -> None:
+def log_epoch(m: dict[str, Any], epochs: int, *, run: str) -> None:
+    """One line per epoch on stderr, prefixed with the run (its --out directory), so that the lines of
+    runs going side by side (a sweep's processes, shards) say which run they belong to."""
     acc = m.get("student_accuracy")
     shown = f", student acc {100 * acc:.2f}%" if acc is not None else ""
     if "val_accuracy" in m:
@@ -133,7 +135,7 @@ def log_epoch(m: dict[str, Any], epochs: int) -> None:
     if "stage_a_ce" in m:
         shown = f", stage A CE {m['stage_a_ce']:.3f} acc {100 * m['stage_a_accuracy']:.1f}%" + shown
     print(
-        f"epoch {m['epoch'] + 1}/{epochs}: loss {m['loss_total']:.4f}{shown} ({m['seconds']:.1f} s)",
+        f"{run}: epoch {m['epoch'] + 1}/{epochs}: loss {m['loss_total']:.4f}{shown} ({m['seconds']:.1f} s)",
         file=sys.stderr,
         flush=True,
     )

@@ -115,7 +115,7 @@ def train_one_epoch(run: Run, epoch: int, state: TrainState, total_steps: int) -
     if run.dist.is_main:
         append_jsonl(out / "metrics.jsonl", metrics)
         save_checkpoint(run, state)
-        log_epoch(metrics, spec.optim.epochs)
+        log_epoch(metrics, spec.optim.epochs, run=str(out))
     run.dist.barrier()
 
 
