@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from customkd_cache.data.datasets import open_dataset, write_labeled_list
+from customkd_cache.data import open_dataset, write_labeled_list
 from customkd_cache.specs import CacheSpec, TrainSpec
 from customkd_cache.stage_one import extract
 from customkd_cache.stage_two.train import run_train

@@ -46,7 +46,7 @@ from customkd_cache.specs import (
 from customkd_cache.store import FeatureStore, open_store, store_dirs
 
 if TYPE_CHECKING:
-    from customkd_cache.data.datasets import Manifest, SplitManifest
+    from customkd_cache.data import Manifest, SplitManifest
 
 
 def canonical_json(obj: Any) -> str:

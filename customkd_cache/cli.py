@@ -360,7 +360,7 @@ def labels(
     set_: SetOpt = None,
 ) -> None:
     """Draw an SSL labeled subset (N per class, seeded) from a spec's dataset and write it to a list file."""
-    from customkd_cache.data.datasets import open_dataset, write_labeled_list
+    from customkd_cache.data import open_dataset, write_labeled_list
 
     parsed = specs.load_any_spec(spec, set_ or [])
     manifest = open_dataset(parsed.dataset).manifest

@@ -23,30 +23,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from customkd_cache.errors import SpecError, closest
 
-DatasetKind = Literal[
-    "officehome",
-    "domainnet",
-    "cifar100",
-    "cifar10",
-    "imagenet",
-    "fashion_mnist",
-    "image_folder",
-    "list_file",
-]
 FeatureKind = Literal["cls", "cls+mean_patch", "embed", "pooled"]
 Method = Literal["student_only", "kd", "fitnet", "dkd", "logits", "customkd", "customkd+kd", "customkd+dkd"]
 METHODS: tuple[str, ...] = Method.__args__  # type: ignore[attr-defined]
-
-DEFAULT_ROOTS: dict[str, str] = {
-    "officehome": "officehome",
-    "domainnet": "domainnet",
-    "cifar100": "cifar100",
-    "cifar10": "cifar10",
-    "imagenet": "imagenet",
-    "fashion_mnist": "/usr/share/datasets/fashion-mnist",
-    "image_folder": "images",
-    "list_file": ".",
-}
 
 
 class _Spec(BaseModel):
@@ -60,7 +39,7 @@ class _Spec(BaseModel):
 class DatasetSpec(_Spec):
     """Which images: a dataset in its real on-disk layout."""
 
-    kind: DatasetKind
+    kind: str = Field(..., description="a dataset kind of customkd_cache.data.registry.KINDS")
     root: str = Field("", description="dataset root; relative roots resolve against CUSTOMKD_DATA_ROOT")
     splits: tuple[str, ...] = Field((), description="splits to use; empty = every split of the dataset")
     max_per_split: Union[int, dict[str, int]] = Field(
@@ -75,6 +54,16 @@ class DatasetSpec(_Spec):
         "since a small compressed file can decode to gigabytes per worker",
     )
 
+    @field_validator("kind")
+    @classmethod
+    def _registered_kind(cls, v: str) -> str:
+        from customkd_cache.data.registry import KIND_NAMES  # imports nothing else: no cycle
+
+        if v not in KIND_NAMES:
+            valid = ", ".join(KIND_NAMES)
+            raise ValueError(f"unknown dataset kind {v!r}{closest(v, KIND_NAMES)}; valid kinds: {valid}")
+        return v
+
     @field_validator("max_per_split")
     @classmethod
     def _non_negative(cls, v: int | dict[str, int]) -> int | dict[str, int]:
@@ -84,7 +73,9 @@ class DatasetSpec(_Spec):
         return v
 
     def resolved_root(self) -> Path:
-        return data_path(self.root or DEFAULT_ROOTS[self.kind])
+        from customkd_cache.data.registry import kind_info
+
+        return data_path(self.root or kind_info(self.kind).default_root)
 
 
 class RunSpec(_Spec):

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from customkd_cache.data.datasets import FASHION_MNIST_CLASSES
+from customkd_cache.data import FASHION_MNIST_CLASSES
 from customkd_cache.specs import data_root
 
 DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from customkd_cache.data.datasets import Dataset, open_dataset
+from customkd_cache.data import Dataset, open_dataset
 from customkd_cache.data.views import render_view, sample_views, to_tensor
 from customkd_cache.specs import CacheSpec, DatasetSpec, ViewsSpec
 from customkd_cache.stage_two.replay import (

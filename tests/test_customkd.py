@@ -16,7 +16,7 @@ import torch
 
 from customkd_cache.distributed import Dist
 from customkd_cache.errors import SpecError
-from customkd_cache.models.students import bound_rms
+from customkd_cache.models.customizer import bound_rms
 from customkd_cache.specs import load_cache_spec, load_train_spec
 from customkd_cache.stage_one import extract
 from customkd_cache.stage_two.evaluate import evaluate

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from customkd_cache.data.datasets import (
+from customkd_cache.data import (
     OFFICEHOME_CLASSES,
     OFFICEHOME_DOMAINS,
     Manifest,
@@ -28,11 +28,12 @@ from customkd_cache.data.datasets import (
     read_labeled_list,
     write_labeled_list,
 )
+from customkd_cache.data.registry import KIND_NAMES
 from customkd_cache.errors import DatasetError
-from customkd_cache.specs import DatasetKind, DatasetSpec
+from customkd_cache.specs import DatasetSpec
 from customkd_cache.testing import fakedata
 
-KINDS: tuple[str, ...] = typing.get_args(DatasetKind)
+KINDS: tuple[str, ...] = KIND_NAMES
 Sizes = dict[str, tuple[int, dict[str, int]]]
 REAL_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 

@@ -524,7 +524,7 @@ def test_labels_out_under_a_file(
 
 
 def test_a_wrong_labeled_list_never_echoes_lines_that_are_not_ids(tmp_path: Path) -> None:
-    from customkd_cache.data.datasets import Sample, SplitManifest, labeled_indices
+    from customkd_cache.data import Sample, SplitManifest, labeled_indices
     from customkd_cache.errors import DatasetError
 
     split = SplitManifest("Art", tuple(Sample(f"Art/c{i}/0001.jpg", i, 10) for i in range(3)))

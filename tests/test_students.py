@@ -10,9 +10,9 @@ import torch
 from torch import nn
 
 from customkd_cache.errors import SpecError, WeightsError
+from customkd_cache.models.customizer import create_projector
 from customkd_cache.models.students import (
     Student,
-    create_projector,
     create_student,
     save_student_checkpoint,
 )

@@ -100,7 +100,7 @@ def export_student(
     if quantize is not None and (quantize != "int8" or fmt != "onnx"):
         raise ExportError(f"--quantize {quantize}: only int8, and only with --format onnx")
     _check_counts(max_images=max_images, latency_runs=latency_runs, warmup_runs=warmup_runs)
-    from customkd_cache.data.datasets import open_dataset
+    from customkd_cache.data import open_dataset
 
     spec = load_run_spec(run_dir)
     path = Path(out) if out else run_dir / "export" / ("student.onnx" if fmt == "onnx" else "student.pt")

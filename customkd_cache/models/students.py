@@ -1,22 +1,21 @@
-"""Edge students and the projectors of CustomKD.
+"""Edge students: timm models and WideResNet-28-2, their checkpoints and data config.
 
 A student is any timm model (MobileNetV3 by default) or ``wrn_28_2``, the WideResNet-28-2 of the
 semi-supervised literature, which importing this module registers in timm's model registry so that
 ``timm.create_model("wrn_28_2", num_classes=C, checkpoint_path=...)`` works like for any timm model.
 ``Student`` exposes what CustomKD needs: the pooled pre-logits feature ``f_s`` and the linear head
-``H_s`` with ``logits = H_s(f_s)``. Student weights files are found, read and loaded by ``weights.py``.
+``H_s`` with ``logits = H_s(f_s)``. Student weights files are found, read and loaded by ``weights.py``;
+the customizer and projectors of CustomKD live in ``customizer.py``.
 """
 
 from __future__ import annotations
 
 import difflib
-import math
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import timm
 import timm.data
-import torch
 import torch.nn.functional as F
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from torch import Tensor, nn
@@ -132,53 +131,6 @@ def create_student(spec: StudentSpec, *, num_classes: int, spec_dir: Path | None
         state = read_state_dict(path, field="student.weights")
         load_state_dict_into(model, state, by=spec.weights_keys, source=f"student.weights file {path}")
     return Student(model, spec.name)
-
-
-def create_projector(d_in: int, d_out: int, kind: Literal["linear", "mlp"]) -> nn.Module:
-    """A training-only projector (CustomKD's ``P_t``, ``P_s``): float32 (B, d_in) -> (B, d_out).
-
-    ``linear``: one ``nn.Linear``. ``mlp``: Linear-BatchNorm1d-ReLU-Linear with hidden width
-    ``max(d_in, d_out)``, so the bottleneck is never narrower than either side.
-    """
-    if kind == "linear":
-        return nn.Linear(d_in, d_out)
-    if kind == "mlp":
-        hidden = max(d_in, d_out)
-        return nn.Sequential(
-            nn.Linear(d_in, hidden), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True), nn.Linear(hidden, d_out)
-        )
-    raise SpecError(f"customkd.projector: unknown kind '{kind}'; valid: linear, mlp")
-
-
-def bound_rms(z: Tensor, max_rms: Tensor) -> Tensor:
-    """Scale each row of ``z`` (B, D) down so its RMS is at most ``max_rms`` (0-dim; inf = no bound).
-
-    Rows already inside the bound are returned as they are; the scaling is differentiable, so a loss
-    on the output can still change each row's direction once its norm is at the bound.
-    """
-    if math.isinf(float(max_rms)):  # no graph through inf / rms: its gradient would be 0 * inf = NaN
-        return z
-    rms = z.float().pow(2).mean(dim=1, keepdim=True).sqrt()
-    scale = torch.clamp(max_rms.to(rms.dtype) / rms.clamp(min=1e-12), max=1.0)
-    return z * scale.to(z.dtype)
-
-
-class Customizer(nn.Module):
-    """CustomKD's ``P_t`` (d_t -> d_s) with a bound on the RMS of each output row.
-
-    The bound is the buffer ``max_rms`` (0-dim float32, ``inf`` = none), set before each stage-A cycle
-    from ``customkd.target_bound``; it is part of the state dict, so a resumed run uses the same one.
-    """
-
-    max_rms: Tensor
-
-    def __init__(self, proj: nn.Module) -> None:
-        super().__init__()
-        self.proj = proj
-        self.register_buffer("max_rms", torch.tensor(float("inf")))
-
-    def forward(self, f_t: Tensor) -> Tensor:
-        return bound_rms(self.proj(f_t), self.max_rms)
 
 
 def save_student_checkpoint(student: Student, path: Path) -> None:

@@ -36,7 +36,7 @@ from customkd_cache.catalog import (
     split_digests,
     teacher_key,
 )
-from customkd_cache.data.datasets import Dataset, open_dataset
+from customkd_cache.data import Dataset, open_dataset
 from customkd_cache.data.views import render_view, sample_views, to_tensor
 from customkd_cache.distributed import resolve_device
 from customkd_cache.errors import SpecError, StoreError

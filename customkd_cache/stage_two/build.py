@@ -13,7 +13,8 @@ import torch
 from torch import nn
 
 from customkd_cache.errors import SpecError
-from customkd_cache.models.students import Customizer, Student, create_projector, create_student
+from customkd_cache.models.customizer import Customizer, create_projector
+from customkd_cache.models.students import Student, create_student
 from customkd_cache.specs import TrainSpec
 from customkd_cache.stage_two.losses import method_terms
 

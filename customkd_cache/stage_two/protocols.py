@@ -7,7 +7,7 @@ import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from customkd_cache.data.datasets import Dataset, SplitManifest, labeled_indices, read_labeled_list
+from customkd_cache.data import Dataset, SplitManifest, labeled_indices, read_labeled_list
 from customkd_cache.errors import SpecError
 from customkd_cache.specs import TrainSpec, data_path
 from customkd_cache.stage_two.replay import Row

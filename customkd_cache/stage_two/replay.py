@@ -35,7 +35,7 @@ from customkd_cache.errors import StoreError
 from customkd_cache.store import dequantize, open_store
 
 if TYPE_CHECKING:
-    from customkd_cache.data.datasets import Dataset
+    from customkd_cache.data import Dataset
     from customkd_cache.store import FeatureStore
 
 # Blocks whose rows are shuffled together in streaming mode. Larger windows mix more of the dataset

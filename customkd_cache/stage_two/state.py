@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from customkd_cache.data.datasets import Dataset
+from customkd_cache.data import Dataset
 from customkd_cache.distributed import Dist
 from customkd_cache.specs import TrainSpec
 from customkd_cache.stage_two.build import Models

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from customkd_cache.catalog import check_store, find_store
-from customkd_cache.data.datasets import Dataset, open_dataset
+from customkd_cache.data import Dataset, open_dataset
 from customkd_cache.distributed import Dist, resolve_device
 from customkd_cache.errors import SpecError
 from customkd_cache.models.students import Student, data_config, save_student_checkpoint

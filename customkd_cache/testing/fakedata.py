@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from customkd_cache.data.datasets import (
+from customkd_cache.data import (
     CIFAR10_TRAIN_BATCHES,
     DOMAINNET_DOMAINS,
     OFFICEHOME_CLASSES,

@@ -1,0 +1,117 @@
+"""Image decoding: a file (or its bytes) -> an RGB ``PIL.Image``, with every failure named.
+
+Owns the mode conversions (alpha on white, 16-bit grey, float grey), EXIF orientation, the
+``dataset.max_pixels`` bound checked before decoding, and the one-line ``DatasetError`` for a file
+that is not an image or is truncated.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import struct
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from customkd_cache.errors import DatasetError
+
+_SKIP_HINT = "re-download it, or leave it out by adding its id to a dataset.skip_list file"
+
+
+def skip_hint(sample_id: str) -> str:
+    return f"re-download it, or leave it out by adding '{sample_id}' to a dataset.skip_list file"
+
+
+DECODE_ERRORS = (
+    OSError,
+    SyntaxError,
+    ValueError,
+    EOFError,
+    struct.error,
+    Image.DecompressionBombError,
+    Image.DecompressionBombWarning,
+)
+# What a malformed EXIF block can raise inside Pillow; it must not make a readable image fail.
+_EXIF_ERRORS = (OSError, SyntaxError, ValueError, struct.error, KeyError, TypeError, IndexError)
+_SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+_ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
+
+
+def decode_image(source: Path | bytes, *, name: str) -> Image.Image:
+    """Decode an image file (or its bytes) fully to RGB, with its EXIF orientation applied.
+
+    Modes: transparent images (RGBA, LA, PA, palette or L/RGB with a transparency key) are
+    composited on white, like a viewer shows them (and like OfficeHome's white product shots);
+    16-bit and 32-bit integer grey (``I;16``, ``I``) are scaled by 255/65535; float grey is clipped
+    to 0..255; CMYK, YCbCr, 1-bit, L and palette images are converted by Pillow.
+
+    Raises ``DatasetError`` naming ``name`` when the data is not an image, is truncated (the whole
+    image is decoded, so truncation is detected) or has a mode that has no RGB conversion.
+    """
+    return decode(source, name, _SKIP_HINT)
+
+
+def decode(source: Path | bytes, name: str, hint: str, *, max_pixels: int | None = None) -> Image.Image:
+    try:
+        with opened(source if isinstance(source, Path) else io.BytesIO(source), max_pixels) as im:
+            im.load()
+            return _to_rgb(_exif_transposed(im))
+    except DECODE_ERRORS as e:
+        raise DatasetError(f"{name}: unreadable image ({reason(e)}); {hint}") from e
+
+
+class _TooLarge(ValueError):
+    pass
+
+
+@contextlib.contextmanager
+def opened(source: Path | io.BytesIO, max_pixels: int | None) -> Iterator[Image.Image]:
+    """``Image.open`` that refuses an image of more than ``max_pixels`` before decoding it, and
+    treats Pillow's DecompressionBombWarning as the error it is."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        with Image.open(source) as im:
+            if max_pixels is not None and im.width * im.height > max_pixels:
+                raise _TooLarge(
+                    f"{im.width}x{im.height} px is more than dataset.max_pixels = {max_pixels}; "
+                    "raise dataset.max_pixels if the image is genuine"
+                )
+            yield im
+
+
+def reason(e: BaseException) -> str:
+    return " ".join(str(e).split()) or type(e).__name__
+
+
+def orientation(im: Image.Image) -> int:
+    try:
+        return int(im.getexif().get(0x0112, 1))
+    except _EXIF_ERRORS:
+        return 1
+
+
+def _exif_transposed(im: Image.Image) -> Image.Image:
+    if orientation(im) == 1:
+        return im
+    try:
+        return ImageOps.exif_transpose(im)
+    except _EXIF_ERRORS:
+        return im
+
+
+def _to_rgb(im: Image.Image) -> Image.Image:
+    """A new RGB image (never ``im`` itself, which may still hold the file open)."""
+    if im.mode in _SIXTEEN_BIT_MODES:
+        grey = np.asarray(im).astype(np.float64).clip(0, 65535) * (255.0 / 65535.0)
+        return Image.fromarray(grey.round().astype(np.uint8)).convert("RGB")
+    if im.mode == "F":
+        return Image.fromarray(np.asarray(im).clip(0, 255).round().astype(np.uint8)).convert("RGB")
+    if im.mode in _ALPHA_MODES or "transparency" in im.info:
+        rgba = im.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return im.convert("RGB")

@@ -1,0 +1,1 @@
+"""Dataset adapters, one module per on-disk layout; each adapter is named in ``data/registry.py``."""
