@@ -24,7 +24,7 @@ from customkd_cache.catalog import (
     split_digests,
     teacher_key,
 )
-from customkd_cache.data.datasets import Manifest, Sample, SplitManifest
+from customkd_cache.data import Manifest, Sample, SplitManifest
 from customkd_cache.errors import StoreError
 from customkd_cache.specs import CacheSpec, load_cache_spec, load_train_spec, to_dict
 from customkd_cache.store import SplitInit, create_or_open_store, store_name
