@@ -11,8 +11,9 @@ DATASET ?=
 SPEC ?=
 ARGS ?=
 SMOKE ?= runs/smoke
+PAPER_OUT ?= runs/paper/$(DATASET)
 
-.PHONY: help install test test-slow lint cache train smoke demo evidence bench clean
+.PHONY: help install test test-slow lint cache train paper gpu-check smoke demo evidence bench clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -47,6 +48,13 @@ cache: install  ## run every spec in cache_specs/$(DATASET)/ (or SPEC=file); ARG
 train: install  ## customkd-cache train --spec $(SPEC) $(ARGS)
 	@[ -n "$(SPEC)" ] || { echo "make train: give SPEC=pipelines/....toml" >&2; exit 2; }
 	$(CLI) train --spec $(SPEC) $(ARGS)
+
+paper: install  ## the paper's table for DATASET: every task x 7 methods x 3 seeds from its cache (ARGS=--dry-run)
+	@[ -n "$(DATASET)" ] || { echo "make paper: give DATASET=officehome or DATASET=domainnet" >&2; exit 2; }
+	$(CLI) paper --dataset $(DATASET) --out $(PAPER_OUT) $(ARGS)
+
+gpu-check: install  ## stage-one/-two throughput, bf16 cosine and nccl on one GPU (GPU_CHECK_CPU=1: CPU dry mode)
+	PYTHON=$(PY) benchmarks/gpu_check.sh
 
 # The README's path on data the project generates: an OfficeHome-layout folder (4 domains x 65 classes
 # x 1 image), the tiny smoke teacher and student.

@@ -201,6 +201,70 @@ def report(
         typer.echo(f"wrote {', '.join(str(p) for p in written)}", err=True)
 
 
+@app.command()
+def paper(
+    dataset: Annotated[str, typer.Option(help="the dataset: its tasks are pipelines/DATASET/*.toml")],
+    out: Annotated[
+        Path, typer.Option(help="one sweep directory per task, paper.json (the plan), table.md/.json")
+    ] = Path("runs/paper"),
+    pipelines: Annotated[
+        Optional[Path], typer.Option(help="folder of task pipelines (default pipelines/DATASET)")
+    ] = None,
+    task: Annotated[
+        Optional[list[str]], typer.Option("--task", help="only this task (a pipeline's stem); repeatable")
+    ] = None,
+    method: Annotated[
+        Optional[list[str]],
+        typer.Option("--method", help="only this method (default: the paper's 7); repeatable"),
+    ] = None,
+    seed: Annotated[Optional[list[int]], typer.Option("--seed", help="seeds (default 0, 1, 2)")] = None,
+    set_: SetOpt = None,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="print the number of runs and the GPU hours; train nothing")
+    ] = False,
+    images_per_s: Annotated[
+        float,
+        typer.Option(help="--dry-run: stage-two images per second per GPU (assumed; measure with gpu_check)"),
+    ] = 1000.0,
+    report_only: Annotated[bool, typer.Option("--report-only", help="only write the table from OUT")] = False,
+    shard: Annotated[Optional[str], typer.Option(help="this job's share of each task's points, I/N")] = None,
+    retry_failed: Annotated[bool, typer.Option("--retry-failed", help="train failed points again")] = False,
+) -> None:
+    """The paper's comparison: every task x method x seed from one cache, then its table."""
+    from customkd_cache.lab.paper import (
+        PAPER_METHODS,
+        PAPER_SEEDS,
+        estimate,
+        paper_report,
+        plan_paper,
+        run_paper,
+    )
+    from customkd_cache.stage_one.extract import Shard
+
+    if not report_only:
+        plan = plan_paper(
+            dataset,
+            pipelines=pipelines,
+            tasks=task or (),
+            methods=method or PAPER_METHODS,
+            seeds=seed or PAPER_SEEDS,
+            overrides=set_ or [],
+        )
+        if dry_run:
+            for line in estimate(plan, images_per_s=images_per_s).lines():
+                typer.echo(line)
+            return
+        part = Shard.parse(shard) if shard else None
+        points = run_paper(
+            plan, out, shard=(part.index, part.count) if part else None, retry_failed=retry_failed
+        )
+        counts = {s: sum(p.status == s for p in points) for s in ("ran", "done", "failed", "skipped")}
+        typer.echo(f"{out}: {len(points)} points: " + ", ".join(f"{n} {s}" for s, n in counts.items()))
+    table, written = paper_report(out)
+    typer.echo(table.to_markdown(), nl=False)
+    typer.echo(f"wrote {', '.join(str(p) for p in written)}", err=True)
+
+
 @app.command(name="export")
 def export_(
     run_dir: Annotated[Path, typer.Argument(help="a finished train run directory", show_default=False)],

@@ -21,7 +21,7 @@ import io
 import json
 import math
 import statistics
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -543,3 +543,98 @@ def _chosen_cell(g: Group, pct: bool) -> str:
 
 def _label(g: Group) -> str:
     return ",".join(f"{v}" for v in g.key.values()) or "all"
+
+
+# --- the paper's table -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PaperTable:
+    """The paper's table: one row per method, one column per task, then the average over tasks.
+
+    A cell is the mean ± std over seeds of the method's finished runs on the task. The average is
+    taken per seed over the tasks (a seed counts only when every task has it finished), then mean ±
+    std over those seeds; ``missing`` names the runs not finished (failed, incomplete or absent).
+    """
+
+    metric: str
+    tasks: list[str]
+    methods: list[str]
+    cells: dict[str, dict[str, Stat]]
+    average: dict[str, Stat]
+    missing: dict[str, list[str]]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "metric": self.metric,
+            "tasks": self.tasks,
+            "methods": self.methods,
+            "cells": {m: {t: asdict(s) for t, s in row.items()} for m, row in self.cells.items()},
+            "average": {m: asdict(s) for m, s in self.average.items()},
+            "missing": self.missing,
+        }
+
+    def to_markdown(self) -> str:
+        pct = _is_fraction(self.metric)
+        head = ["method", *(task_label(t) for t in self.tasks), "avg"]
+        lines = [
+            f"{self.metric}{' (%)' if pct else ''}: mean ± std over seeds; avg: over tasks per seed, then "
+            "mean ± std over the seeds every task finished",
+            "",
+            "| " + " | ".join(head) + " |",
+            "|---|" + "---:|" * (len(head) - 1),
+        ]
+        for m in self.methods:
+            cells = [_fmt(self.cells[m][t], pct) for t in self.tasks]
+            lines.append("| " + " | ".join([m, *cells, _fmt(self.average[m], pct)]) + " |")
+        notes = [f"- {m}: {', '.join(runs)}" for m, runs in self.missing.items() if runs]
+        if notes:
+            lines += ["", "Not finished (not averaged):", *notes]
+        return "\n".join(lines) + "\n"
+
+
+def task_label(task: str) -> str:
+    """``A_to_C`` -> ``A→C`` (a pipeline's stem as a column name)."""
+    return task.replace("_to_", "→")
+
+
+def paper_table(
+    runs_by_task: Mapping[str, Sequence[RunRecord]],
+    *,
+    methods: Sequence[str],
+    seeds: Sequence[int],
+    metric: str = "student_accuracy",
+) -> PaperTable:
+    """The table of ``runs_by_task`` (task -> its sweep's runs, grid keys ``method`` and ``seed``).
+
+    Raises SpecError when a finished run's metric is not a finite number (``RunRecord.metric``).
+    """
+    values: dict[tuple[str, str, int], float] = {}
+    for task, runs in runs_by_task.items():
+        for r in runs:
+            value = r.metric(metric) if r.status == "done" else None
+            if value is not None:
+                values[(task, str(r.value("method")), int(r.value("seed")))] = value
+    tasks = list(runs_by_task)
+    cells: dict[str, dict[str, Stat]] = {}
+    average: dict[str, Stat] = {}
+    missing: dict[str, list[str]] = {}
+    for m in methods:
+        cells[m] = {t: Stat.of([values.get((t, m, s)) for s in seeds]) for t in tasks}
+        per_seed = [
+            statistics.mean(values[(t, m, s)] for t in tasks)
+            for s in seeds
+            if tasks and all((t, m, s) in values for t in tasks)
+        ]
+        average[m] = Stat.of(per_seed)
+        missing[m] = [f"{t} seed={s}" for t in tasks for s in seeds if (t, m, s) not in values]
+    return PaperTable(metric, tasks, list(methods), cells, average, missing)
+
+
+def write_paper_table(table: PaperTable, prefix: Path) -> list[Path]:
+    """Write ``PREFIX.md`` and ``PREFIX.json`` (atomically, as ``write_report``); return their paths."""
+    ensure_dir(prefix.parent, what="--out")
+    md, js = prefix.with_name(prefix.name + ".md"), prefix.with_name(prefix.name + ".json")
+    write_atomic(md, table.to_markdown())
+    write_atomic(js, json.dumps(table.to_json(), indent=2, sort_keys=True) + "\n")
+    return [md, js]

@@ -28,6 +28,7 @@ from customkd_cache.distributed import Dist, resolve_device
 from customkd_cache.errors import SpecError
 from customkd_cache.models.students import Student, data_config, save_student_checkpoint
 from customkd_cache.specs import TrainSpec
+from customkd_cache.stage_two import tensorboard
 from customkd_cache.stage_two.build import build_models
 from customkd_cache.stage_two.evaluate import evaluate, summarize
 from customkd_cache.stage_two.online import create_online_teacher
@@ -66,6 +67,7 @@ def run_train(spec: TrainSpec, *, spec_path: Path | None, out: Path, resume: boo
         if dist.is_main:
             save_student_checkpoint(run.models.student, out / "student_last.pth")
             write_json(out / "results.json", results)
+            tensorboard.close(out)
         dist.barrier()
     return results
 
@@ -114,6 +116,7 @@ def train_one_epoch(run: Run, epoch: int, state: TrainState, total_steps: int) -
     state.history.append(metrics)
     if run.dist.is_main:
         append_jsonl(out / "metrics.jsonl", metrics)
+        tensorboard.log_metrics(out, metrics)
         save_checkpoint(run, state)
         log_epoch(metrics, spec.optim.epochs, run=str(out))
     run.dist.barrier()
