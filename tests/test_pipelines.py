@@ -20,7 +20,8 @@ from typing import Any
 import pytest
 
 from customkd_cache.catalog import check_store, find_store
-from customkd_cache.data.datasets import open_dataset, write_labeled_list
+from customkd_cache.data.datasets import open_dataset
+from customkd_cache.data.labels import write_labeled_list
 from customkd_cache.specs import load_cache_spec, load_train_spec
 from customkd_cache.stage_one.extract import Shard, run_cache
 from customkd_cache.stage_two.train import run_train
