@@ -61,7 +61,7 @@ BENCHMARKS = (
 )
 # the logits-matching baseline joins when the installed package has it
 METHODS = tuple(
-    m for m in ("student_only", "kd", "dkd", "logits", "customkd", "customkd+dkd") if m in KNOWN_METHODS
+    m for m in ("student_only", "kd", "dkd", "customkd", "customkd+dkd", "logits") if m in KNOWN_METHODS
 )
 # One candidate setting, the same for every method (the digits study's: AdamW, lr 3e-3, 5 passes over
 # the target): on the shared 2-core CPU a run takes about 6 minutes, and the study's budget does not
@@ -94,26 +94,46 @@ def prepare(bench: tuple[Any, ...], plan: study.Plan) -> dict[str, Any]:
     }
 
 
-def run_points(bench: tuple[Any, ...], plan: study.Plan, work: Path, prep: dict[str, Any]) -> dict[str, Any]:
-    """Every (method, seed) run of the benchmark at its one candidate setting, seed by seed (one sweep
-    call per run, shared round-robin between the ``--shard`` processes)."""
-    name, pipeline = bench[0], bench[5]
-    grid = plan.uda_grid if plan is QUICK else GRIDS[name]
-    assert len(grid) == 1 and len(grid[0][1]) == 1, "one candidate setting per benchmark"
+def schedule(plan: study.Plan) -> list[tuple[str, int, tuple[str, ...]]]:
+    """(benchmark, seed, methods) in the order the runs are made: every method of the first benchmark
+    at the first seed, source only on the second, the other seeds of the first, then the rest of the
+    second (what a cut-short study has first)."""
+    first, second = (b[0] for b in BENCHMARKS)
+    s0, rest = plan.seeds[0], plan.seeds[1:]
+    return [
+        (first, s0, METHODS),
+        (second, s0, METHODS[:1]),
+        *[(first, s, METHODS) for s in rest],
+        (second, s0, METHODS[1:]),
+        *[(second, s, METHODS) for s in rest],
+    ]
+
+
+def run_points(plan: study.Plan, work: Path, preps: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Every (method, seed) run of each benchmark at its one candidate setting, one sweep call per run
+    (shared round-robin between the ``--shard`` processes), in :func:`schedule`'s order."""
     epochs = plan.epochs[0] if plan.uda_epochs is None else plan.uda_epochs
-    points: dict[str, list[study.SweepPoint]] = {m: [] for m in METHODS}
-    for seed in plan.seeds:
-        for m in METHODS:
-            points[m] += study.sweep(
-                pipeline,
+    pipelines = {b[0]: b[5] for b in BENCHMARKS}
+    out: dict[str, dict[str, Any]] = {}
+    for name in preps:
+        grid = plan.uda_grid if plan is QUICK else GRIDS[name]
+        assert len(grid) == 1 and len(grid[0][1]) == 1, "one candidate setting per benchmark"
+        points: dict[str, list[study.SweepPoint]] = {m: [] for m in METHODS}
+        out[name] = {"grid": [list(g) for g in grid], "epochs": epochs, "points": points}
+    for name, seed, methods in schedule(plan):
+        if name not in preps:
+            continue
+        for m in methods:
+            out[name]["points"][m] += study.sweep(
+                pipelines[name],
                 work / name,
                 methods=[m],
-                grid=grid,
+                grid=plan.uda_grid if plan is QUICK else GRIDS[name],
                 epochs=[epochs],
                 seed=seed,
-                common=prep["common"],
+                common=preps[name]["common"],
             )
-    return {"grid": [list(g) for g in grid], "epochs": epochs, "points": points}
+    return out
 
 
 def summarize(prep: dict[str, Any], ran: dict[str, Any]) -> dict[str, Any]:
@@ -183,9 +203,9 @@ def main() -> None:
         "epochs": plan.epochs[0] if plan.uda_epochs is None else plan.uda_epochs,
         "seeds": list(plan.seeds),
     }
-    preps = [prepare(b, plan) for b in benches]
-    ran = [run_points(b, plan, work, p) for b, p in zip(benches, preps, strict=True)]
-    results["benchmarks"] = {b[0]: summarize(p, r) for b, p, r in zip(benches, preps, ran, strict=True)}
+    preps = {b[0]: prepare(b, plan) for b in benches}
+    ran = run_points(plan, work, preps)
+    results["benchmarks"] = {name: summarize(preps[name], ran[name]) for name in preps}
     results["wall_minutes"] = round((time.perf_counter() - t0) / 60, 1)
     if index != 0:
         return
