@@ -295,6 +295,25 @@ def test_unreadable_file_is_a_weights_error(tmp_path: Path) -> None:
         create_teacher(make_spec(name="test_vit", weights=str(tmp_path / "junk.pt")))
 
 
+class _Payload:
+    def __reduce__(self) -> tuple[Any, tuple[str]]:
+        return (print, ("code ran",))
+
+
+@pytest.mark.parametrize("name", ["customkd-tiny-clip", "test_vit"])
+def test_pickle_with_code_is_one_line(name: str, tmp_path: Path) -> None:
+    # open_clip reads the file itself (torch.load with weights_only): its UnpicklingError must not escape.
+    source = "open_clip" if name.startswith("customkd") else "timm"
+    feature = "embed" if source == "open_clip" else "cls"
+    torch.save({"x": _Payload()}, tmp_path / "evil.pt")
+    with pytest.raises(WeightsError) as info:
+        create_teacher(
+            make_spec(source=source, name=name, feature=feature, weights=str(tmp_path / "evil.pt"))
+        )
+    message = str(info.value)
+    assert str(tmp_path / "evil.pt") in message and "\n" not in message
+
+
 def test_package_weights_missing_package() -> None:
     with pytest.raises(WeightsError, match="pip install customkd_no_such_pkg"):
         create_teacher(make_spec(name="test_vit", weights="package:customkd_no_such_pkg/w.pth"))

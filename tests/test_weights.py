@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -68,6 +69,52 @@ class TestResolve:
     def test_malformed_package_reference(self) -> None:
         with pytest.raises(WeightsError, match="PKG/REL/PATH"):
             resolve_weights_file("package:onlyname", None, field="teacher.weights")
+
+    def test_package_lookup_runs_no_code_of_the_package(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        # find_spec("evilmod.sub") would import evilmod, running its __init__: a folder on sys.path
+        # (the working directory under `python -m`) is enough to plant one.
+        marker = tmp_path / "ran"
+        for pkg in ("evilmod", "evilmod/sub"):
+            (tmp_path / pkg).mkdir()
+            (tmp_path / pkg / "__init__.py").write_text(f"open({str(marker)!r}, 'a').write('{pkg}')\n")
+        (tmp_path / "evilmod" / "sub" / "x.pth").write_bytes(b"x")
+        monkeypatch.syspath_prepend(str(tmp_path))
+        path = resolve_weights_file("package:evilmod.sub/x.pth", None, field="teacher.weights")
+        assert path == tmp_path / "evilmod" / "sub" / "x.pth"
+        with pytest.raises(WeightsError, match="has no file"):
+            resolve_weights_file("package:evilmod.sub/y.pth", None, field="teacher.weights")
+        with pytest.raises(WeightsError, match="'evilmod.nope' is not installed"):
+            resolve_weights_file("package:evilmod.nope/x.pth", None, field="teacher.weights")
+        assert not marker.exists() and "evilmod" not in sys.modules
+
+    @pytest.mark.parametrize(
+        "weights",
+        [
+            "weights:../outside.pth",
+            "weights:a/../../outside.pth",
+            "package:customkd_cache/../../../../etc/passwd",
+            "package:customkd_cache//etc/passwd",
+        ],
+    )
+    def test_prefixed_paths_stay_under_their_root(
+        self, weights: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        (tmp_path / "root").mkdir()
+        (tmp_path / "outside.pth").write_bytes(b"x")
+        monkeypatch.setenv("CUSTOMKD_WEIGHTS_ROOT", str(tmp_path / "root"))
+        with pytest.raises(WeightsError, match="must stay inside") as info:
+            resolve_weights_file(weights, None, field="teacher.weights")
+        assert "\n" not in str(info.value)
+
+    def test_weights_root_file(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        (tmp_path / "t").mkdir()
+        (tmp_path / "t" / "w.pth").write_bytes(b"x")
+        monkeypatch.setenv("CUSTOMKD_WEIGHTS_ROOT", str(tmp_path))
+        assert (
+            resolve_weights_file("weights:t/w.pth", None, field="teacher.weights") == tmp_path / "t" / "w.pth"
+        )
 
 
 class TestRead:

