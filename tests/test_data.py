@@ -686,6 +686,45 @@ class TestNothingDroppedOrUnbounded:
             ds.load_image("all", 0)
         _one_line_error(excinfo, "cat", "decompression bomb")
 
+    @pytest.mark.parametrize("case", ["bad_args", "huge_shape", "ndarray_call"])
+    def test_hostile_cifar_arrays_are_refused_before_allocating(self, tmp_path: Path, case: str) -> None:
+        root = fakedata.write_cifar10(tmp_path / "c10", n_train=10, n_test=5)
+        reconstruct = np.ndarray((0,)).__reduce__()[0]
+        args: dict[str, tuple[typing.Any, tuple[typing.Any, ...]]] = {
+            "bad_args": (reconstruct, ("x",)),
+            "huge_shape": (reconstruct, (np.ndarray, (10**13,), b"B")),
+            "ndarray_call": (np.ndarray, ((10**13,),)),
+        }
+
+        class Hostile:
+            def __reduce__(self) -> tuple[typing.Any, tuple[typing.Any, ...]]:
+                return args[case]
+
+        with (root / "cifar-10-batches-py" / "test_batch").open("wb") as f:
+            pickle.dump({b"data": Hostile(), b"labels": [0]}, f, protocol=2)
+        with pytest.raises(DatasetError) as excinfo:
+            open_dataset(DatasetSpec(kind="cifar10", root=str(root)))
+        _one_line_error(excinfo, "test_batch")
+
+    def test_a_nested_label_list_is_refused_without_expanding_it(self, tmp_path: Path) -> None:
+        import tracemalloc
+
+        root = fakedata.write_cifar10(tmp_path / "c10", n_train=10, n_test=5)
+        nested: list[typing.Any] = [0]
+        for _ in range(22):  # a few hundred pickle bytes; 4 M labels once expanded
+            nested = [nested, nested]
+        with (root / "cifar-10-batches-py" / "test_batch").open("wb") as f:
+            pickle.dump({b"data": np.zeros((2, 3072), np.uint8), b"labels": nested}, f)
+        tracemalloc.start()
+        try:
+            with pytest.raises(DatasetError) as excinfo:
+                open_dataset(DatasetSpec(kind="cifar10", root=str(root)))
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        _one_line_error(excinfo, "test_batch", "labels")
+        assert peak < 8 << 20
+
     @pytest.mark.parametrize("labels", [["a", "b"], 7])
     def test_a_malformed_cifar_batch(self, tmp_path: Path, labels: typing.Any) -> None:
         root = fakedata.write_cifar10(tmp_path / "c10", n_train=10, n_test=5)

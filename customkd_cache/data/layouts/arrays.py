@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import gzip
 import io
+import math
+import os
 import pickle
 import struct
 from pathlib import Path
@@ -76,14 +78,26 @@ def _row_index(sample_id: str) -> int:
     return int(sample_id.rsplit("/", 1)[1])
 
 
+class _NdarrayType:
+    """Stands for ``numpy.ndarray`` inside a pickle: the subtype argument of ``_reconstruct``, never
+    callable, so a pickle cannot call ``ndarray(shape)`` to allocate an array of any size."""
+
+
+_REAL_RECONSTRUCT = np.ndarray((0,)).__reduce__()[0]  # numpy's own, whatever module holds it
+_RECONSTRUCT = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct")}
+
+
 class _NumpyOnlyUnpickler(pickle.Unpickler):
-    """Loads CIFAR's pickles, refusing every global except what numpy arrays need (no code runs)."""
+    """Loads CIFAR's pickles, refusing every global except what numpy arrays need (no code runs).
+
+    Arrays are bounded before they are allocated: ``_reconstruct`` may not ask for more elements than
+    the file has bytes (the array's data comes from the file), and ``ndarray`` itself is not callable.
+    """
 
     _ALLOWED = {
         ("numpy", "ndarray"),
         ("numpy", "dtype"),
-        ("numpy.core.multiarray", "_reconstruct"),
-        ("numpy._core.multiarray", "_reconstruct"),
+        *_RECONSTRUCT,
         ("numpy.core.multiarray", "scalar"),
         ("numpy._core.multiarray", "scalar"),
         ("numpy.core.numeric", "_frombuffer"),
@@ -91,10 +105,30 @@ class _NumpyOnlyUnpickler(pickle.Unpickler):
         ("_codecs", "encode"),  # bytes pickled by Python 3 with protocol 2
     }
 
+    def __init__(self, f: Any, *, max_elements: int) -> None:
+        super().__init__(f, encoding="bytes")
+        self.max_elements = max_elements
+
     def find_class(self, module: str, name: str) -> Any:
         if (module, name) not in self._ALLOWED:
             raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
+        if (module, name) == ("numpy", "ndarray"):
+            return _NdarrayType
+        if (module, name) in _RECONSTRUCT:
+            return self._reconstruct
         return super().find_class(module, name)
+
+    def _reconstruct(self, subtype: Any, shape: Any, dtype: Any) -> np.ndarray:
+        if subtype is not _NdarrayType:
+            raise pickle.UnpicklingError("_reconstruct of something other than numpy.ndarray")
+        dims = shape if isinstance(shape, tuple) else (shape,)
+        if not all(type(d) is int and d >= 0 for d in dims) or not isinstance(dtype, bytes | str):
+            raise pickle.UnpicklingError(f"_reconstruct with a bad shape or dtype {shape!r:.60}")
+        if math.prod(dims) > self.max_elements:
+            raise pickle.UnpicklingError(
+                f"an array of shape {dims!r:.60} is larger than the {self.max_elements}-byte file"
+            )
+        return _REAL_RECONSTRUCT(np.ndarray, dims, dtype)  # type: ignore[no-any-return]
 
 
 def _unpickle(path: Path) -> dict[Any, Any]:
@@ -102,9 +136,22 @@ def _unpickle(path: Path) -> dict[Any, Any]:
         raise DatasetError(f"CIFAR file not found: {path} (expected layout: ROOT/{path.parent.name}/...)")
     try:
         with path.open("rb") as f:
-            data = _NumpyOnlyUnpickler(f, encoding="bytes").load()
-    except (OSError, EOFError, ValueError, pickle.UnpicklingError, AttributeError, ImportError) as e:
-        raise DatasetError(f"{path}: not a CIFAR python pickle ({e}); re-download the python version") from e
+            data = _NumpyOnlyUnpickler(f, max_elements=os.fstat(f.fileno()).st_size).load()
+    except (
+        OSError,
+        EOFError,
+        ValueError,
+        TypeError,
+        MemoryError,
+        RecursionError,
+        pickle.UnpicklingError,
+        AttributeError,
+        ImportError,
+    ) as e:
+        reason = " ".join(str(e).split())[:200] or type(e).__name__
+        raise DatasetError(
+            f"{path}: not a CIFAR python pickle ({reason}); re-download the python version"
+        ) from None
     if not isinstance(data, dict):
         raise DatasetError(f"{path}: expected a pickled dict, got {type(data).__name__}; re-download it")
     return data
@@ -115,7 +162,18 @@ def _field(data: dict[Any, Any], key: str, path: Path) -> Any:
     for k in (key.encode(), key):
         if k in data:
             return data[k]
-    raise DatasetError(f"{path}: no '{key}' entry (found {sorted(map(str, data))}); re-download the dataset")
+    found = sorted(repr(k)[:40] for k in data if isinstance(k, str | bytes))[:10]
+    raise DatasetError(f"{path}: no '{key}' entry (found {found}); re-download the dataset")
+
+
+def _labels(raw: Any, path: Path, key: str) -> np.ndarray:
+    """``(N,)`` int64 labels from a list of ints or a 1-D integer array; checked before converting, so
+    a nested list (which a few hundred pickle bytes can make huge) is refused, not expanded."""
+    if isinstance(raw, np.ndarray) and raw.ndim == 1 and raw.dtype.kind in "iu":
+        return raw.astype(np.int64)
+    if isinstance(raw, list) and all(type(v) is int for v in raw):
+        return np.asarray(raw, dtype=np.int64)
+    raise DatasetError(f"{path}: '{key}' is not a list of integer labels; re-download the dataset")
 
 
 _CIFAR_LABEL_KEYS = {"cifar10": "labels", "cifar100": "fine_labels"}
@@ -126,11 +184,12 @@ def _read_cifar_split(files: tuple[Path, ...], label_key: str) -> tuple[np.ndarr
     images, labels = [], []
     for path in files:
         data = _unpickle(path)
-        try:
-            x = np.asarray(_field(data, "data", path))
-            y = np.asarray(_field(data, label_key, path), dtype=np.int64).reshape(-1)
-        except (TypeError, ValueError, OverflowError) as e:
-            raise DatasetError(f"{path}: malformed CIFAR batch ({e}); re-download the dataset") from None
+        x = _field(data, "data", path)
+        if not isinstance(x, np.ndarray):
+            raise DatasetError(
+                f"{path}: 'data' is a {type(x).__name__}, not an array; re-download the dataset"
+            )
+        y = _labels(_field(data, label_key, path), path, label_key)
         if x.dtype != np.uint8 or x.ndim != 2 or x.shape[1] != 3072 or len(y) != len(x):
             raise DatasetError(
                 f"{path}: expected 'data' uint8 (N, 3072) and N labels, got {x.dtype} {x.shape} and "
@@ -143,7 +202,14 @@ def _read_cifar_split(files: tuple[Path, ...], label_key: str) -> tuple[np.ndarr
 
 def _names(path: Path, key: str) -> tuple[str, ...]:
     raw = _field(_unpickle(path), key, path)
-    return tuple(n.decode("utf-8") if isinstance(n, bytes) else str(n) for n in raw)
+    if not isinstance(raw, list | tuple) or not all(isinstance(n, str | bytes) for n in raw):
+        raise DatasetError(f"{path}: '{key}' is not a list of class names; re-download the dataset")
+    try:
+        return tuple(n.decode("utf-8") if isinstance(n, bytes) else n for n in raw)
+    except UnicodeDecodeError:
+        raise DatasetError(
+            f"{path}: '{key}' holds a name that is not UTF-8; re-download the dataset"
+        ) from None
 
 
 def list_cifar(spec: DatasetSpec, root: Path) -> Listing:
