@@ -83,7 +83,7 @@ class _NdarrayType:
     callable, so a pickle cannot call ``ndarray(shape)`` to allocate an array of any size."""
 
 
-_REAL_RECONSTRUCT = np.ndarray((0,)).__reduce__()[0]  # numpy's own, whatever module holds it
+_REAL_RECONSTRUCT: Any = np.ndarray((0,)).__reduce__()[0]  # numpy's own, whatever module holds it
 _RECONSTRUCT = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct")}
 
 
