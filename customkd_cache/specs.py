@@ -102,7 +102,7 @@ class TeacherSpec(_Spec):
     weights_keys: Literal["by_name", "by_order"] = Field(
         "by_name", description="match state-dict keys by name, or by position when only names differ"
     )
-    input_size: int = Field(224, ge=8)
+    input_size: int = Field(224, ge=8, le=4096)
     feature: FeatureKind = "cls"
     precision: Literal["fp32", "bf16"] = "fp32"
     init_seed: int = Field(0, description="torch seed for weights = 'random'")
@@ -126,7 +126,7 @@ class TeacherSpec(_Spec):
 
 
 class ViewsSpec(_Spec):
-    num_views: int = Field(8, ge=1, description="views per image; view 0 is the evaluation view")
+    num_views: int = Field(8, ge=1, le=1024, description="views per image; view 0 is the evaluation view")
     seed: int = Field(0, ge=0)
     scale: tuple[float, float] = (0.08, 1.0)
     ratio: tuple[float, float] = (3.0 / 4.0, 4.0 / 3.0)
@@ -200,7 +200,7 @@ class StudentSpec(_Spec):
     name: str = "mobilenetv3_large_100"
     weights: str = Field("", description="local weights file (or 'package:...') for the init; empty = random")
     weights_keys: Literal["by_name", "by_order"] = "by_name"
-    input_size: int = Field(224, ge=8)
+    input_size: int = Field(224, ge=8, le=4096)
     in22k_head: bool = False
 
 

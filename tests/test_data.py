@@ -658,6 +658,14 @@ class TestNothingDroppedOrUnbounded:
             open_dataset(DatasetSpec(kind="list_file", root=str(lists.parent), lists=(str(lists),)))
         _one_line_error(excinfo, f"{lists}:2", "999999999999")
 
+    def test_an_image_listed_twice_names_both_lines(self, tmp_path: Path) -> None:
+        lists = fakedata.write_list_file(tmp_path / "listed", num_classes=2, per_class=1)
+        text = lists.read_text().splitlines()
+        lists.write_text("\n".join([*text, text[0].rsplit(" ", 1)[0] + " 1"]) + "\n")
+        with pytest.raises(DatasetError) as excinfo:
+            open_dataset(DatasetSpec(kind="list_file", root=str(lists.parent), lists=(str(lists),)))
+        _one_line_error(excinfo, f"{lists}:3", "line 1")
+
     def test_a_nul_byte_in_a_list_entry(self, tmp_path: Path) -> None:
         lists = fakedata.write_list_file(tmp_path / "listed", num_classes=2, per_class=1)
         lists.write_text(lists.read_text().replace("img 000", "img\x00000", 1))

@@ -168,3 +168,12 @@ class TestFingerprint:
             "teacher.input_size=48",
         ):
             assert fp(change) != ref, change
+
+
+@pytest.mark.parametrize(
+    "override", ["views.num_views=1000000000", "teacher.input_size=1000000", "teacher.input_size=4097"]
+)
+def test_absurd_sizes_are_refused_by_the_spec(override: str) -> None:
+    with pytest.raises(SpecError) as info:
+        specs.validate(specs.CacheSpec, specs.apply_overrides(MINIMAL, [override]), "x.toml")
+    assert override.split("=")[0] in str(info.value) and "\n" not in str(info.value)

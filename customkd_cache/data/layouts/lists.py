@@ -38,6 +38,7 @@ def _read_list_file(path: Path, root: Path) -> list[_ListLine]:
             f"{path}: cannot read list file ({e}); expected UTF-8 `relative/path label` lines"
         ) from e
     out = []
+    seen: dict[str, int] = {}
     for lineno, raw in enumerate(text.split("\n"), start=1):
         line = raw.strip()
         if not line:
@@ -53,6 +54,12 @@ def _read_list_file(path: Path, root: Path) -> list[_ListLine]:
         if rel.is_absolute() or ".." in rel.parts:
             raise DatasetError(f"{path}:{lineno}: {rel} must be a path inside the dataset root {root}")
         sample_id = rel.as_posix()
+        if sample_id in seen:
+            raise DatasetError(
+                f"{path}:{lineno}: {sample_id} is already listed at line {seen[sample_id]}; an image is "
+                "listed once per split (with one label): remove one of the lines"
+            )
+        seen[sample_id] = lineno
         try:
             st = os.stat(root / sample_id)
         except OSError:
