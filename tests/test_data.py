@@ -689,10 +689,27 @@ class TestNothingDroppedOrUnbounded:
         root = self._folder(tmp_path)
         small = Image.open(next((root / "cat").iterdir()))
         monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", small.width * small.height - 1)
-        ds = open_dataset(DatasetSpec(kind="image_folder", root=str(root)))
-        with pytest.raises(DatasetError) as excinfo:
-            ds.load_image("all", 0)
-        _one_line_error(excinfo, "cat", "decompression bomb")
+        path = next((root / "cat").iterdir())
+        with pytest.raises(DatasetError) as excinfo:  # without dataset.max_pixels, Pillow's bound holds
+            decode_image(path, name=str(path))
+        message = _one_line_error(excinfo, "cat", "decompression bomb", "raise dataset.max_pixels")
+        assert "re-download" not in message
+
+    def test_max_pixels_can_be_raised_past_pillows_bound(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        root = self._folder(tmp_path)
+        small = Image.open(next((root / "cat").iterdir()))
+        pixels = small.width * small.height
+        monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", pixels // 3)  # stands for Pillow's 89 MP
+        ds = open_dataset(DatasetSpec(kind="image_folder", root=str(root), max_pixels=pixels))
+        assert ds.load_image("all", 0).size == small.size
+        assert ds.image_size("all", 0) == small.size
+        tight = open_dataset(DatasetSpec(kind="image_folder", root=str(root), max_pixels=pixels - 1))
+        for read in (tight.load_image, tight.image_size):
+            with pytest.raises(DatasetError) as excinfo:
+                read("all", 0)
+            assert "re-download" not in _one_line_error(excinfo, "cat", "raise dataset.max_pixels")
 
     @pytest.mark.parametrize("case", ["bad_args", "huge_shape", "ndarray_call"])
     def test_hostile_cifar_arrays_are_refused_before_allocating(self, tmp_path: Path, case: str) -> None:

@@ -61,7 +61,18 @@ def decode(source: Path | bytes, name: str, hint: str, *, max_pixels: int | None
             im.load()
             return _to_rgb(_exif_transposed(im))
     except DECODE_ERRORS as e:
-        raise DatasetError(f"{name}: unreadable image ({reason(e)}); {hint}") from e
+        raise decode_error(name, e, hint) from e
+
+
+def decode_error(name: str, e: BaseException, hint: str) -> DatasetError:
+    """The one-line error for an image that failed to open or decode; one that is only larger than
+    allowed says how to raise the bound, not "re-download it"."""
+    if isinstance(e, _TooLarge | Image.DecompressionBombError | Image.DecompressionBombWarning):
+        leave_out = hint.removeprefix("re-download it, or ")
+        return DatasetError(
+            f"{name}: image too large ({reason(e)}); raise dataset.max_pixels if genuine, or {leave_out}"
+        )
+    return DatasetError(f"{name}: unreadable image ({reason(e)}); {hint}")
 
 
 class _TooLarge(ValueError):
@@ -72,14 +83,15 @@ class _TooLarge(ValueError):
 def opened(source: Path | io.BytesIO, max_pixels: int | None) -> Iterator[Image.Image]:
     """``Image.open`` that refuses an image of more than ``max_pixels`` before decoding it, and
     treats Pillow's DecompressionBombWarning as the error it is."""
+    if max_pixels is not None and max_pixels > (Image.MAX_IMAGE_PIXELS or max_pixels):
+        # Pillow's own bound (89 MP by default) would refuse first: dataset.max_pixels is the bound.
+        # It is only ever raised, to the largest bound a spec of this process asked for.
+        Image.MAX_IMAGE_PIXELS = max_pixels
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         with Image.open(source) as im:
             if max_pixels is not None and im.width * im.height > max_pixels:
-                raise _TooLarge(
-                    f"{im.width}x{im.height} px is more than dataset.max_pixels = {max_pixels}; "
-                    "raise dataset.max_pixels if the image is genuine"
-                )
+                raise _TooLarge(f"{im.width}x{im.height} px is more than dataset.max_pixels = {max_pixels}")
             yield im
 
 

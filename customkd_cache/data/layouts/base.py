@@ -9,7 +9,7 @@ from typing import Protocol
 
 from PIL import Image
 
-from customkd_cache.data.decode import DECODE_ERRORS, decode, opened, orientation, reason, skip_hint
+from customkd_cache.data.decode import DECODE_ERRORS, decode, decode_error, opened, orientation, skip_hint
 from customkd_cache.data.manifest import Sample, SplitManifest
 from customkd_cache.data.registry import layout
 from customkd_cache.errors import DatasetError, closest
@@ -41,7 +41,7 @@ class FileReader:
                 w, h = im.size
                 turned = orientation(im)
         except DECODE_ERRORS as e:
-            raise DatasetError(f"{path}: unreadable image ({reason(e)}); {skip_hint(sample.id)}") from e
+            raise decode_error(str(path), e, skip_hint(sample.id)) from e
         # EXIF orientations 5..8 rotate by 90 degrees, so the decoded image has swapped sides.
         return (h, w) if turned in (5, 6, 7, 8) else (w, h)
 
