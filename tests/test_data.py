@@ -673,6 +673,20 @@ class TestNothingDroppedOrUnbounded:
             open_dataset(DatasetSpec(kind="list_file", root=str(lists.parent), lists=(str(lists),)))
         _one_line_error(excinfo, f"{lists}:1", "NUL")
 
+    def test_a_linked_sub_folder_is_followed_and_a_loop_refused(self, tmp_path: Path) -> None:
+        root = self._folder(tmp_path)
+        before = open_dataset(DatasetSpec(kind="image_folder", root=str(root))).manifest.split("all")
+        extra = tmp_path / "elsewhere"
+        extra.mkdir()
+        Image.new("RGB", (8, 8), "red").save(extra / "x.png")
+        (root / "cat" / "more").symlink_to(extra, target_is_directory=True)
+        after = open_dataset(DatasetSpec(kind="image_folder", root=str(root))).manifest.split("all")
+        assert len(after) == len(before) + 1 and "cat/more/x.png" in after.ids()
+        (extra / "back").symlink_to(root / "cat", target_is_directory=True)
+        with pytest.raises(DatasetError) as excinfo:
+            open_dataset(DatasetSpec(kind="image_folder", root=str(root)))
+        _one_line_error(excinfo, "back", "loop")
+
     def test_an_image_over_the_pixel_limit_is_refused_before_decoding(self, tmp_path: Path) -> None:
         root = self._folder(tmp_path)
         small = Image.open(next((root / "cat").iterdir()))

@@ -123,17 +123,27 @@ def _entries(folder: Path) -> list[os.DirEntry[str]]:
 
 
 def _scan_images(root: Path, rel: str) -> list[tuple[str, int]]:
-    """``(id, size)`` of every image under ``root / rel`` (recursive), sorted by id."""
+    """``(id, size)`` of every image under ``root / rel`` (recursive), sorted by id.
+
+    Linked sub-folders are followed (their images keep the linked path as id, like linked class
+    folders); a link back to a folder above it is a loop, refused with one line. A linked entry that
+    leads nowhere is refused too: nothing is dropped silently.
+    """
     found: list[tuple[str, int]] = []
-    stack = [rel]
+    stack = [(rel, (os.path.realpath(root / rel),))]
     while stack:
-        prefix = stack.pop()
+        prefix, above = stack.pop()
         for e in _entries(root / prefix):
             if _is_hidden(e.name):
                 continue
-            # Linked sub-folders are not followed: a link to a parent would never end.
-            if e.is_dir(follow_symlinks=False):
-                stack.append(f"{prefix}/{e.name}")
+            if _followed(e, "is_dir"):
+                real = os.path.realpath(e.path) if e.is_symlink() else os.path.join(above[-1], e.name)
+                if real in above:
+                    raise DatasetError(
+                        f"{root / prefix / e.name}: links to a folder above it ({real}), a loop; "
+                        "remove the link or point it elsewhere"
+                    )
+                stack.append((f"{prefix}/{e.name}", (*above, real)))
             elif os.path.splitext(e.name)[1].lower() in IMAGE_EXTENSIONS:
                 if not _followed(e, "is_file"):  # a dangling or looping link: never dropped silently
                     raise DatasetError(
