@@ -130,7 +130,7 @@ def _scan_images(root: Path, rel: str) -> list[tuple[str, int]]:
     leads nowhere is refused too: nothing is dropped silently.
     """
     found: list[tuple[str, int]] = []
-    stack = [(rel, (os.path.realpath(root / rel),))]
+    stack: list[tuple[str, tuple[str, ...]]] = [(rel, (os.path.realpath(root / rel),))]
     while stack:
         prefix, above = stack.pop()
         for e in _entries(root / prefix):
