@@ -31,7 +31,7 @@ from customkd_cache.stage_two.train import run_train
 from evidence.fmnist import ensure_fashion_mnist, log, read_idx, ssl_lists
 
 REPO = Path(__file__).resolve().parents[1]
-CACHE_SPEC = REPO / "cache_specs" / "fashion_mnist" / "efficientnet_lite0.toml"
+CACHE_SPECS = REPO / "cache_specs" / "fashion_mnist"
 TRAIN_SPEC = REPO / "pipelines" / "fashion_mnist" / "labels4_mobilenetv3.toml"
 OUT = REPO / "evidence" / "results"
 
@@ -71,6 +71,13 @@ CANDIDATES: dict[str, tuple[str, list[str]]] = {
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument(
+        "--teachers",
+        nargs="+",
+        default=["efficientnet_lite0"],
+        help="cache specs under cache_specs/fashion_mnist/ (without .toml), one store each",
+    )
+    ap.add_argument("--cache-only", action="store_true", help="build the stores and stop")
     ap.add_argument("--per-class", type=int, nargs="+", default=[4, 10, 25], help="labels per class")
     ap.add_argument("--seeds", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--train", type=int, default=4000, help="training images cached (lists come from them)")
@@ -101,14 +108,20 @@ def train_one(job: dict[str, Any]) -> dict[str, Any]:
         log(f"[defaults] {out.name}: {time.perf_counter() - t0:.0f} s")
     res = json.loads(done.read_text())
     keep = ("student_accuracy", "val_accuracy", "best_val_accuracy", "teacher_accuracy", "wall_seconds")
-    return {**{k: res.get(k) for k in keep}, **{k: job[k] for k in ("candidate", "per_class", "seed")}}
+    return {
+        **{k: res.get(k) for k in keep},
+        **{k: job[k] for k in ("candidate", "teacher", "per_class", "seed")},
+    }
 
 
-def jobs(args: argparse.Namespace, folder: Path, store: Path) -> list[dict[str, Any]]:
+def jobs(args: argparse.Namespace, folder: Path, stores: dict[str, Path]) -> list[dict[str, Any]]:
     _, labels = read_idx(folder, "train")
     out = []
-    for seed in args.seeds:  # seed by seed: an interrupted study has whole seeds of every label count
-        for per_class in args.per_class:
+    settings = [(s, t, pc) for s in args.seeds for t in stores for pc in args.per_class]
+    # seed by seed: an interrupted study has whole seeds of every teacher and label count
+    for seed, teacher, per_class in settings:
+        store = stores[teacher]
+        if True:
             lists = ssl_lists(
                 args.work / "lists",
                 labels=labels[: args.train],
@@ -121,6 +134,7 @@ def jobs(args: argparse.Namespace, folder: Path, store: Path) -> list[dict[str, 
                 method, extra = CANDIDATES[name]
                 overrides = [
                     *data_overrides(folder, args),
+                    f"cache.spec={CACHE_SPECS / (teacher + '.toml')}",
                     f"cache.store={store}",
                     f"method={method}",
                     f"seed={seed}",
@@ -134,10 +148,12 @@ def jobs(args: argparse.Namespace, folder: Path, store: Path) -> list[dict[str, 
                     *extra,
                 ]
                 tag = name.replace(":", "_").replace(",", "_").replace("=", "")
-                run_dir = args.work / f"pc{per_class}_s{seed}_{tag}"
+                prefix = "" if teacher == "efficientnet_lite0" else f"{teacher}_"
+                run_dir = args.work / f"{prefix}pc{per_class}_s{seed}_{tag}"
                 out.append(
                     {
                         "candidate": name,
+                        "teacher": teacher,
                         "per_class": per_class,
                         "seed": seed,
                         "overrides": overrides,
@@ -227,26 +243,39 @@ def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("CUSTOMKD_CACHE_ROOT", str(REPO / "caches"))
     t0 = time.perf_counter()
     folder = ensure_fashion_mnist()
-    cspec = load_cache_spec(
-        CACHE_SPEC, [*data_overrides(folder, args), f"views.num_views={args.views}", "run.num_workers=1"]
-    )
-    store = extract.run_cache(cspec, spec_path=CACHE_SPEC, shard=extract.Shard(), progress=False).path
-    todo = jobs(args, folder, store)
-    log(f"[defaults] {len(todo)} runs from {store}, {args.jobs} at a time")
+    stores: dict[str, Path] = {}
+    for teacher in args.teachers:
+        cpath = CACHE_SPECS / f"{teacher}.toml"
+        cspec = load_cache_spec(
+            cpath, [*data_overrides(folder, args), f"views.num_views={args.views}", "run.num_workers=1"]
+        )
+        stores[teacher] = extract.run_cache(
+            cspec, spec_path=cpath, shard=extract.Shard(), progress=False
+        ).path
+        log(f"[defaults] {teacher}: {stores[teacher]}")
+    if args.cache_only:
+        return
+    todo = jobs(args, folder, stores)
+    log(f"[defaults] {len(todo)} runs, {args.jobs} at a time")
     with ProcessPoolExecutor(max_workers=args.jobs) as pool:
         runs = list(pool.map(train_one, todo))
     probe: dict[str, Any] = {}
-    for pc in args.per_class:
-        vals = [100 * r["teacher_accuracy"] for r in runs if r["per_class"] == pc and r["teacher_accuracy"]]
-        if vals:
-            s = _stats(vals)
-            probe[f"{pc}/class"] = f"{s['mean']:.2f} ± {s['std']:.2f}"
+    for teacher in args.teachers:
+        for pc in args.per_class:
+            vals = [
+                100 * r["teacher_accuracy"]
+                for r in runs
+                if r["teacher"] == teacher and r["per_class"] == pc and r["teacher_accuracy"]
+            ]
+            if vals:
+                s = _stats(vals)
+                probe[f"{teacher} {pc}/class"] = f"{s['mean']:.2f} ± {s['std']:.2f}"
     result = {
         "command": command,
         "machine": f"{os.cpu_count()} CPU cores, {args.jobs} runs at a time, 1 torch thread each",
         "minutes": (time.perf_counter() - t0) / 60,
         "plan": {k: v for k, v in vars(args).items() if k not in ("work", "out", "jobs")},
-        "store": str(store),
+        "stores": {t: str(p) for t, p in stores.items()},
         "runs": runs,
         "probe": probe,
         "summary": summarize(runs),
