@@ -443,6 +443,18 @@ def test_online_teacher_sees_the_cached_views(
     assert res["teacher_mode"] == "online" and res["student_accuracy"] is not None
 
 
+@pytest.mark.parametrize("method", ["customkd", "fitnet"])
+def test_online_teacher_unstandardized_trains(
+    cached: dict[str, Path], monkeypatch: pytest.MonkeyPatch, tmp_path: Path, method: str
+) -> None:
+    """The online teacher's features (made under inference mode) reach the loss unstandardized."""
+    monkeypatch.setenv("CUSTOMKD_CACHE_ROOT", str(cached["caches"]))
+    extra = ("teacher_mode=online", "customkd.standardize=false", f"method={method}", "optim.epochs=1")
+    spec = load_train_spec(TRAIN_SPEC, overrides(cached, *extra))
+    res = run_train(spec, spec_path=TRAIN_SPEC, out=tmp_path / "online_raw")
+    assert res["method"] == method and res["student_accuracy"] is not None
+
+
 def test_torchrun_two_ranks_track_one_process(cached: dict[str, Path], tmp_path: Path) -> None:
     torchrun = Path(sys.executable).parent / "torchrun"
     if not torchrun.exists():

@@ -134,7 +134,9 @@ def _teacher_features(run: Run, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     if run.teacher is None:
         return batch["feature"]
     with torch.no_grad():
-        f = run.teacher.features(batch["teacher_pixels"]).float()
+        # the teacher runs under inference mode; its output cannot be saved for backward (the loss
+        # saves f_t when it is not standardized below), so it is copied into a normal tensor
+        f = run.teacher.features(batch["teacher_pixels"]).float().clone()
     if run.stats is not None:
         mean, std = (torch.from_numpy(a).to(f.device) for a in run.stats)
         f = (f - mean) / std
