@@ -332,3 +332,25 @@ class TestTargetSpace:
                 "student.name=test_efficientnet",
                 "customkd.target_space=pre_activation",
             )
+
+
+@pytest.mark.filterwarnings("ignore:for (weight|bias). copying from a non-meta:UserWarning")
+@pytest.mark.parametrize("head", ["student", "separate"])
+def test_every_module_of_the_run_is_on_the_run_device(
+    smoke: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, head: str
+) -> None:
+    """What trains on the GPU is on it: the run is built here on the ``meta`` device, which every
+    parameter and buffer must reach (a module left on the CPU meets GPU features in stage A)."""
+    from customkd_cache.stage_two import train as train_module
+
+    meta = torch.device("meta")
+    monkeypatch.setattr(train_module, "resolve_device", lambda name: meta)
+    run = make_run(smoke, tmp_path / "r", monkeypatch, f"customkd.stage_a_head={head}")
+    assert run.device == meta and (run.models.stage_a_head is not None) == (head == "separate")
+    modules = [run.probe.linear, *run.models.modules()]
+    assert run.models.customizer in modules and run.models.student in modules
+    assert run.models.stage_a_head is None or run.models.stage_a_head in modules
+    elsewhere = [
+        name for m in modules for name, t in [*m.named_parameters(), *m.named_buffers()] if t.device != meta
+    ]
+    assert elsewhere == [] and run.probe.mean.device == run.probe.std.device == meta

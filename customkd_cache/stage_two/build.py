@@ -40,6 +40,15 @@ class Models:
         }
         return {k: v for k, v in parts.items() if v is not None}
 
+    def modules(self) -> list[nn.Module]:
+        """The student, projectors and separate stage-A head (the modules that train on the run's device)."""
+        return [part for part in self._parts().values() if isinstance(part, nn.Module)]
+
+    def to(self, device: torch.device) -> None:
+        """Move every module in place (the optimizers keep their parameters)."""
+        for m in self.modules():
+            m.to(device)
+
     def state_dict(self) -> dict[str, Any]:
         return {name: part.state_dict() for name, part in self._parts().items()}
 

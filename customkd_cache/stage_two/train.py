@@ -150,9 +150,7 @@ def prepare_run(spec: TrainSpec, *, spec_path: Path | None, out: Path, resume: b
     replay = _replay_dataset(spec, dataset, store, features, models.student, teacher)
     features.preload([*protocol.train_splits, *protocol.eval_splits])
     replay.preload([*protocol.train_splits, *protocol.eval_splits])
-    for m in (models.student, models.student_projector, models.customizer):
-        if m is not None:
-            m.to(device)
+    models.to(device)
     probe = probe.to(device)
     return Run(
         spec=spec,
