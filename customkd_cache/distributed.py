@@ -14,6 +14,7 @@ both stages.
 from __future__ import annotations
 
 import os
+from datetime import timedelta
 from types import TracebackType
 
 import torch
@@ -48,7 +49,10 @@ class Dist:
         self.rank, self.world, self.local_rank, self.device = rank, world, local_rank, device
 
     @classmethod
-    def from_env(cls, device: str) -> Dist:
+    def from_env(cls, device: str, *, timeout_s: float = 1800.0) -> Dist:
+        """This process's rank, world and device from torchrun's environment; the process group
+        (several ranks) gets ``timeout_s`` for every collective, so a rank that waits on a dead or
+        diverged peer fails with an error instead of hanging."""
         world = int(os.environ.get("WORLD_SIZE", "1"))
         rank = int(os.environ.get("RANK", "0"))
         local = int(os.environ.get("LOCAL_RANK", "0"))
@@ -57,7 +61,7 @@ class Dist:
         if use_cuda:
             torch.cuda.set_device(dev)  # nccl's collectives and barriers use the current device
         if world > 1 and not tdist.is_initialized():
-            tdist.init_process_group("nccl" if use_cuda else "gloo")
+            tdist.init_process_group("nccl" if use_cuda else "gloo", timeout=timedelta(seconds=timeout_s))
         return cls(rank, world, local, dev)
 
     @property
@@ -76,6 +80,18 @@ class Dist:
     def barrier(self) -> None:
         if self.world > 1:
             tdist.barrier()
+
+    def all_true(self, flag: torch.Tensor) -> bool:
+        """Whether ``flag`` (a boolean scalar, on any device) holds on every rank: one all-reduce.
+
+        Every rank must call it at the same point; all then take the same branch (a rank that raised
+        alone would leave the others waiting in their next collective).
+        """
+        if self.world == 1:
+            return bool(flag)
+        t = flag.detach().reshape(1).to(device=self.device, dtype=torch.int32)
+        tdist.all_reduce(t, op=tdist.ReduceOp.MIN)
+        return bool(t.item())
 
     def average_gradients(self, params: list[torch.Tensor]) -> None:
         """Sum every gradient across ranks and divide by the world size (one flat all-reduce)."""

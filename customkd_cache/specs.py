@@ -332,6 +332,9 @@ class ProbeSpec(_Spec):
 class TrainRunSpec(RunSpec):
     eval_every: int = Field(1, ge=1)
     features_in_ram: bool = Field(True, description="hold each split's features in RAM (else stream blocks)")
+    dist_timeout_s: int = Field(
+        1800, ge=1, description="under torchrun: seconds a rank waits in a collective before the run fails"
+    )
 
 
 class TrainSpec(_Spec):

@@ -56,3 +56,15 @@ def test_one_process_needs_no_group(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(tdist, "all_reduce", _fake_collective)
     single = Dist(rank=0, world=1, local_rank=0, device=torch.device("cpu"))
     assert single.mean_over_ranks({"a": 4.0, "b": 2.0}, 2) == {"a": 2.0, "b": 1.0}
+
+
+def test_all_true_reduces_on_the_group_device(dist: Dist) -> None:
+    with pytest.raises(_Reached):
+        dist.all_true(torch.tensor(True))
+
+
+def test_all_true_of_one_process_is_its_flag() -> None:
+    single = Dist(rank=0, world=1, local_rank=0, device=torch.device("cpu"))
+    assert single.all_true(torch.tensor(True)) and not single.all_true(
+        torch.isfinite(torch.tensor(float("nan")))
+    )

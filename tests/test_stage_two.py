@@ -500,6 +500,59 @@ def test_torchrun_two_ranks_track_one_process(cached: dict[str, Path], tmp_path:
     assert abs(r1["student_accuracy"] - r2["student_accuracy"]) <= 0.05
 
 
+_POISON_RANK_1 = """
+import dataclasses, os, sys
+from customkd_cache.stage_two import stage_b
+
+step = stage_b._stage_b_step
+
+def poisoned(run, batch, ramp):  # rank 1's loss is NaN at its first step
+    terms, norm = step(run, batch, ramp)
+    if os.environ["RANK"] == "1":
+        terms = dataclasses.replace(terms, total=terms.total * float("nan"))
+    return terms, norm
+
+stage_b._stage_b_step = poisoned
+sys.argv[0] = "customkd-cache"
+from customkd_cache.cli import main
+main()
+"""
+
+
+def test_a_non_finite_loss_on_one_rank_stops_every_rank(cached: dict[str, Path], tmp_path: Path) -> None:
+    """Two gloo ranks, rank 1's loss NaN: both stop with the non-finite error (exit 2), none hangs."""
+    import socket
+
+    script = tmp_path / "poison.py"
+    script.write_text(_POISON_RANK_1)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    args = ["train", "--spec", str(TRAIN_SPEC), "--set", f"dataset.root={cached['root']}"]
+    args += ["--set", "optim.epochs=1", "--set", "run.dist_timeout_s=60", "--out", str(tmp_path / "run")]
+    env = env_for(cached) | {"WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(script), *args],
+            env=env | {"RANK": str(r), "LOCAL_RANK": str(r)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for r in (0, 1)
+    ]
+    try:
+        outs = [p.communicate(timeout=300) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    for r, (p, (_, err)) in enumerate(zip(procs, outs, strict=True)):
+        assert p.returncode == 2, (r, err[-3000:])
+        line = err.strip().splitlines()[-1]
+        assert "loss is not finite" in line and "epoch 0, step 0" in line, (r, line)
+    assert "on rank 1" in outs[1][1] and "on another rank" in outs[0][1]
+
+
 def test_disk_full_while_checkpointing_keeps_no_partial_file(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

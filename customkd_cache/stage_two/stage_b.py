@@ -6,6 +6,7 @@ from collections import defaultdict
 
 import torch
 
+from customkd_cache.distributed import Dist
 from customkd_cache.errors import NonFiniteLossError
 from customkd_cache.specs import TrainSpec
 from customkd_cache.stage_two.build import lr_at
@@ -79,7 +80,7 @@ def train_stage_b(
         for g in models.opt_b.param_groups:
             g["lr"] = lr_at(spec, state.step, total_steps)
         terms, f_s_norm = _stage_b_step(run, {k: v.to(run.device) for k, v in batch.items()}, dkd_ramp)
-        _check_finite(terms, epoch, state.step, spec.method)
+        _check_finite(terms, epoch, state.step, spec.method, dist)
         models.opt_b.zero_grad(set_to_none=False)
         terms.total.backward()
         dist.average_gradients(params)
@@ -92,14 +93,23 @@ def train_stage_b(
     return dict(sums), n
 
 
-def _check_finite(terms: StageBTerms, epoch: int, step: int, method: str) -> None:
-    """Stop at the first NaN/Inf loss instead of training on garbage (and reporting chance accuracy)."""
-    if bool(torch.isfinite(terms.total.detach())):
+def _check_finite(terms: StageBTerms, epoch: int, step: int, method: str, dist: Dist) -> None:
+    """Stop at the first NaN/Inf loss instead of training on garbage (and reporting chance accuracy).
+
+    Decided on every rank together: a rank whose loss is finite stops too when another rank's is not.
+    """
+    finite = torch.isfinite(terms.total.detach())
+    if dist.all_true(finite):
         return
+    fix = "lower optim.lr or the loss weights in the train spec"
+    if bool(finite):
+        raise NonFiniteLossError(
+            f"{method}: loss is not finite on another rank at epoch {epoch}, step {step}; {fix}"
+        )
     parts = ", ".join(f"{k}={float(getattr(terms, k).detach()):.4g}" for k in LOSS_TERMS)
+    where = f" on rank {dist.rank}" if dist.world > 1 else ""
     raise NonFiniteLossError(
-        f"{method}: loss is not finite at epoch {epoch}, step {step} ({parts}); lower optim.lr "
-        "or the loss weights in the train spec"
+        f"{method}: loss is not finite{where} at epoch {epoch}, step {step} ({parts}); {fix}"
     )
 
 

@@ -57,7 +57,7 @@ def run_train(spec: TrainSpec, *, spec_path: Path | None, out: Path, resume: boo
     """
     if spec.run.threads:
         torch.set_num_threads(spec.run.threads)
-    with Dist.from_env(spec.run.device) as dist:
+    with Dist.from_env(spec.run.device, timeout_s=spec.run.dist_timeout_s) as dist:
         run = prepare_run(spec, spec_path=spec_path, out=out, resume=resume, dist=dist)
         state = load_checkpoint(run) if resume else TrainState()
         total_steps = spec.optim.epochs * len(epoch_batches(run, 0))
