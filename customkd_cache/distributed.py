@@ -14,7 +14,10 @@ both stages.
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
 from datetime import timedelta
+from pathlib import Path
 from types import TracebackType
 
 import torch
@@ -25,21 +28,78 @@ from customkd_cache.errors import SpecError
 
 
 def resolve_device(name: str) -> torch.device:
-    """``"auto"`` -> ``cuda`` when available, else ``cpu``; other names are checked (``SpecError``)."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(name)
-    except (RuntimeError, ValueError):
-        raise SpecError(f"run.device = {name!r}: not a device name; use auto, cpu, cuda or cuda:N") from None
-    if dev.type == "cuda":
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if count == 0 or (dev.index is not None and dev.index >= count):
+    """``run.device`` as a torch device: ``"auto"`` -> ``cuda`` when available, else ``cpu``.
+
+    ``cuda`` without an index (``"auto"`` included) is ``cuda:LOCAL_RANK`` under ``torchrun``, so
+    each rank of a node gets its own GPU (``cuda`` alone would put every rank on GPU 0).
+
+    Raises SpecError for a name that is not a device, a CUDA device this machine does not have, and
+    when CUDA is unusable although a GPU is visible (``run.device = "auto"`` included: a silent fall
+    back to the CPU would run orders of magnitude slower).
+    """
+    if name != "auto":
+        try:
+            dev = torch.device(name)
+        except (RuntimeError, ValueError):
             raise SpecError(
-                f"run.device = {name!r}: this machine has {count} CUDA device(s); "
-                "use run.device = 'auto' or 'cpu'"
+                f"run.device = {name!r}: not a device name; use auto, cpu, cuda or cuda:N"
+            ) from None
+        if dev.type != "cuda":
+            return dev
+    available = torch.cuda.is_available()
+    if not available:
+        gpu = visible_gpu()
+        if gpu:
+            raise SpecError(
+                f"run.device = {name!r}: a GPU is visible ({gpu}) but CUDA cannot initialise with this "
+                f"torch {torch.__version__} (built for CUDA {torch.version.cuda}); install a torch build "
+                "matching the NVIDIA driver (see nvidia-smi), or set run.device = 'cpu'"
             )
-    return dev
+        if name == "auto":
+            return torch.device("cpu")
+    count = torch.cuda.device_count() if available else 0
+    index = torch.device(name).index if name != "auto" else None
+    if index is None and "LOCAL_RANK" in os.environ:
+        index = int(os.environ["LOCAL_RANK"])
+        if count and index >= count:
+            raise SpecError(
+                f"LOCAL_RANK={index}: this machine has {count} CUDA device(s); start at most {count} "
+                "processes per node (torchrun --nproc-per-node)"
+            )
+    if count == 0 or (index is not None and index >= count):
+        raise SpecError(
+            f"run.device = {name!r}: this machine has {count} CUDA device(s); "
+            "use run.device = 'auto' or 'cpu'"
+        )
+    return torch.device("cuda", index) if index is not None else torch.device("cuda")
+
+
+def visible_gpu() -> str:
+    """A visible NVIDIA GPU (``/dev/nvidia0``, or what ``nvidia-smi -L`` lists), or ``""``.
+
+    GPUs hidden on purpose (``CUDA_VISIBLE_DEVICES`` empty or ``-1``) count as not visible.
+    """
+    if os.environ.get("CUDA_VISIBLE_DEVICES", "unset").strip() in ("", "-1"):
+        return ""
+    if Path("/dev/nvidia0").exists():
+        return "/dev/nvidia0"
+    smi = shutil.which("nvidia-smi")
+    if smi is None:
+        return ""
+    try:
+        listed = subprocess.run([smi, "-L"], capture_output=True, text=True, timeout=20, check=False).stdout
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    first = next((line for line in listed.splitlines() if line.startswith("GPU ")), "")
+    return first.split(" (UUID")[0]
+
+
+def describe_device(device: torch.device) -> str:
+    """``cpu`` or ``cuda:0 (NVIDIA H100 80GB HBM3)``: the line the commands print before they compute."""
+    if device.type != "cuda":
+        return str(device)
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return f"cuda:{index} ({torch.cuda.get_device_name(index)})"
 
 
 class Dist:
@@ -56,8 +116,10 @@ class Dist:
         world = int(os.environ.get("WORLD_SIZE", "1"))
         rank = int(os.environ.get("RANK", "0"))
         local = int(os.environ.get("LOCAL_RANK", "0"))
-        use_cuda = torch.cuda.is_available() and device != "cpu"
-        dev = torch.device(f"cuda:{local}") if use_cuda else torch.device("cpu")
+        dev = resolve_device(device)  # cuda:LOCAL_RANK under torchrun
+        use_cuda = dev.type == "cuda"
+        if use_cuda and world > 1:
+            dev = torch.device("cuda", local)  # one GPU per rank, whatever index run.device names
         if use_cuda:
             torch.cuda.set_device(dev)  # nccl's collectives and barriers use the current device
         if world > 1 and not tdist.is_initialized():

@@ -288,7 +288,11 @@ def _train(
 def _refused(proc: subprocess.CompletedProcess[str], *words: str) -> None:
     """Exit 2 with one line on stderr that names every word."""
     assert proc.returncode == 2, proc.stderr
-    lines = [x for x in proc.stderr.strip().splitlines() if not EPOCH_LINE.match(x)]
+    lines = [
+        x
+        for x in proc.stderr.strip().splitlines()
+        if not EPOCH_LINE.match(x) and not x.startswith("device: ")
+    ]
     assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
     for word in words:
         assert word in lines[0], (word, lines[0])

@@ -38,7 +38,7 @@ from customkd_cache.catalog import (
 )
 from customkd_cache.data import Dataset, open_dataset
 from customkd_cache.data.views import render_view, sample_views, to_tensor
-from customkd_cache.distributed import resolve_device
+from customkd_cache.distributed import describe_device, resolve_device
 from customkd_cache.errors import SpecError, StoreError
 from customkd_cache.models.teachers import Teacher, create_teacher, fidelity_cosine
 from customkd_cache.specs import CacheSpec, cache_root, to_dict
@@ -126,11 +126,15 @@ class CacheResult:
     repaired: tuple[str, ...] = ()  # what ``repair=True`` undid, one line each
 
 
-def plan_cache(spec: CacheSpec, *, spec_path: Path | None, shard: Shard) -> CachePlan:
-    """Open the dataset, build the teacher, compute the fingerprint and list this shard's units."""
+def plan_cache(
+    spec: CacheSpec, *, spec_path: Path | None, shard: Shard, device: torch.device | None = None
+) -> CachePlan:
+    """Open the dataset, build the teacher (on ``device``, the CPU by default), compute the
+    fingerprint and list this shard's units."""
     dataset = open_dataset(spec.dataset)
     manifest = dataset.manifest
-    teacher = create_teacher(spec.teacher, spec_dir=spec_path.parent if spec_path else None, device="cpu")
+    spec_dir = spec_path.parent if spec_path else None
+    teacher = create_teacher(spec.teacher, spec_dir=spec_dir, device=device or torch.device("cpu"))
     splits = {s.name: len(s.samples) for s in manifest.splits}
     identity = cache_identity(
         spec=spec,
@@ -404,9 +408,8 @@ def run_cache(
     recorded in a new store's provenance.
     """
     t0 = time.perf_counter()
-    plan = plan_cache(spec, spec_path=spec_path, shard=shard)
-    device = resolve_device(spec.run.device)
-    plan.teacher.to(device)  # moves the module in place, like nn.Module.to
+    device = resolve_device(spec.run.device)  # cuda:LOCAL_RANK under torchrun
+    plan = plan_cache(spec, spec_path=spec_path, shard=shard, device=device)  # the teacher built there
     if spec.run.threads:
         torch.set_num_threads(spec.run.threads)
     store = open_plan_store(plan, command=command)
@@ -414,6 +417,8 @@ def run_cache(
     rows_per_batch = max(1, spec.run.batch_size // spec.views.num_views)
     done = {name: store.done_units(name) for name in store.split_names}  # one read per split
     total = sum(len(store.units(s)[u]) for s, u in plan.units if not done[s][u])
+    if progress:
+        print(f"device: {describe_device(device)}", file=sys.stderr, flush=True)
     bar = _progress(total, enabled=progress)
     t_work = time.perf_counter()
     computed = images = 0

@@ -14,6 +14,7 @@ with ``timm.create_model(name, num_classes=C, checkpoint_path=...)``).
 
 from __future__ import annotations
 
+import sys
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -24,7 +25,7 @@ import torch
 
 from customkd_cache.catalog import check_store, find_store
 from customkd_cache.data import Dataset, open_dataset
-from customkd_cache.distributed import Dist, resolve_device
+from customkd_cache.distributed import Dist, describe_device, resolve_device
 from customkd_cache.errors import SpecError
 from customkd_cache.models.students import Student, data_config, save_student_checkpoint
 from customkd_cache.specs import TrainSpec
@@ -60,6 +61,8 @@ def run_train(spec: TrainSpec, *, spec_path: Path | None, out: Path, resume: boo
     with Dist.from_env(spec.run.device, timeout_s=spec.run.dist_timeout_s) as dist:
         run = prepare_run(spec, spec_path=spec_path, out=out, resume=resume, dist=dist)
         state = load_checkpoint(run) if resume else TrainState()
+        if dist.is_main:
+            print(f"device: {describe_device(run.device)}", file=sys.stderr, flush=True)
         total_steps = spec.optim.epochs * len(epoch_batches(run, 0))
         for epoch in range(state.epoch, spec.optim.epochs):
             train_one_epoch(run, epoch, state, total_steps)
