@@ -211,11 +211,17 @@ OPTIMIZER_DEFAULTS: dict[str, dict[str, float]] = {
 }
 
 
+# The largest batch a train spec may ask for: larger ones only exhaust memory (before any step runs).
+MAX_BATCH = 65536
+
+
 class OptimSpec(_Spec):
     """Stage B (the student and P_s): optimizer, schedule and batches."""
 
     epochs: int = Field(30, ge=1)
-    batch_size: int = Field(64, ge=2)
+    batch_size: int = Field(
+        64, ge=2, le=MAX_BATCH, description="images per stage-B step (all ranks together)"
+    )
     labeled_per_batch: float = Field(0.5, gt=0.0, le=1.0, description="labeled share of each stage-B batch")
     optimizer: Literal["adamw", "sgd"] = Field(
         "adamw",
@@ -288,7 +294,9 @@ class CustomKDSpec(_Spec):
         False, description="with stage_a_head = student: update H_s in stage A too"
     )
     stage_a_steps: int = Field(50, ge=0, description="optimizer steps per stage-A cycle; 0 = no stage A")
-    stage_a_batch_size: int = Field(64, ge=1, description="labeled (row, view) pairs per stage-A step")
+    stage_a_batch_size: int = Field(
+        64, ge=1, le=MAX_BATCH, description="labeled (row, view) pairs per stage-A step"
+    )
     stage_a_optimizer: Literal["adamw", "sgd"] = "adamw"
     stage_a_lr: float = Field(1e-2, gt=0.0, allow_inf_nan=False)
     stage_a_weight_decay: float = Field(0.0, ge=0.0, allow_inf_nan=False)
@@ -326,7 +334,7 @@ class ProbeSpec(_Spec):
     epochs: int = Field(50, ge=1)
     lr: float = Field(1e-3, gt=0.0)
     weight_decay: float = Field(1e-4, ge=0.0)
-    batch_size: int = Field(256, ge=1)
+    batch_size: int = Field(256, ge=1, le=MAX_BATCH)
 
 
 class TrainRunSpec(RunSpec):
@@ -342,7 +350,7 @@ class TrainSpec(_Spec):
 
     method: Method = "customkd"
     protocol: Literal["uda", "ssl"]
-    seed: int = 0
+    seed: int = Field(0, ge=0, lt=2**32, description="every random choice of the run derives from it")
     teacher_mode: Literal["cache", "online"] = "cache"
     train_views: Literal["random", "all", "eval"] = Field(
         "all",

@@ -82,6 +82,22 @@ class TestOverrides:
         with pytest.raises(SpecError, match="optim.lr"):
             specs.load_train_spec(REPO / "pipelines/smoke/officehome.toml", [f"optim.lr={value}"])
 
+    @pytest.mark.parametrize(
+        "item",
+        [
+            "seed=-1",
+            f"seed={2**63}",
+            f"seed={2**32}",
+            "optim.batch_size=100000000",
+            "customkd.stage_a_batch_size=100000000",
+            "probe.batch_size=100000000",
+        ],
+    )
+    def test_seeds_and_batch_sizes_are_bounded(self, item: str) -> None:
+        """Out of range: one line naming the field, before anything is allocated or seeded."""
+        with pytest.raises(SpecError, match=item.split("=")[0].replace(".", r"\.")):
+            specs.load_train_spec(REPO / "pipelines/smoke/officehome.toml", [item])
+
     def test_malformed_override(self) -> None:
         with pytest.raises(SpecError, match="KEY=VALUE"):
             specs.apply_overrides(MINIMAL, ["run.batch_size"])
