@@ -19,6 +19,8 @@ from customkd_cache.store import FeatureStore
 
 # Spec sections that may change on --resume: how the run is executed, not what it computes.
 RESUMABLE_SECTIONS = ("run",)
+# ... except these keys: they change what is computed (features_in_ram picks the stage-B batch plan).
+NOT_RESUMABLE_KEYS = ("run.features_in_ram",)
 
 
 def check_resume(out: Path, spec: TrainSpec) -> None:
@@ -40,12 +42,17 @@ def check_resume(out: Path, spec: TrainSpec) -> None:
     except (OSError, UnicodeDecodeError, ValueError) as e:
         raise RunDirError(f"{path}: unreadable ({e}); cannot check the resume, start a new --out") from None
     new = json.loads(json.dumps(to_dict(spec)))
-    differ = [k for k in differing_keys(old, new) if k.split(".")[0] not in RESUMABLE_SECTIONS]
+    differ = [
+        k
+        for k in differing_keys(old, new)
+        if k.split(".")[0] not in RESUMABLE_SECTIONS or k in NOT_RESUMABLE_KEYS
+    ]
     if differ:
         shown = ", ".join(differ[:10]) + (f" ... ({len(differ)} keys)" if len(differ) > 10 else "")
         raise RunDirError(
             f"--resume {out}: the spec differs from the run's spec.json in {shown}; resume with the same "
-            f"spec (only [{', '.join(RESUMABLE_SECTIONS)}] may change) or start a new --out"
+            f"spec (only [{', '.join(RESUMABLE_SECTIONS)}] may change, but {', '.join(NOT_RESUMABLE_KEYS)}) "
+            "or start a new --out"
         )
 
 
