@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 import torch
 
+from customkd_cache import files
 from customkd_cache.specs import load_cache_spec, load_train_spec
 from customkd_cache.stage_one import extract
 from customkd_cache.stage_two import train as train_module
@@ -101,6 +102,161 @@ def plant(at: Path, victim: Path) -> None:
 
 def links_below(directory: Path) -> list[str]:
     return sorted(str(p.relative_to(directory)) for p in directory.rglob("*") if p.is_symlink())
+
+
+# Every path `train` writes in its run directory (old temporary names included: a link there must
+# not matter either).
+TRAIN_PATHS = [
+    "metrics.jsonl",
+    "results.json",
+    "results.json.tmp",
+    "spec.json",
+    "spec.json.tmp",
+    "caches.json.tmp",
+    "checkpoints/last.pt",
+    "checkpoints/last.tmp",
+    "student_best.pth",
+    "student_last.pth",
+    ".student_last.pth.tmp-1",
+]
+
+
+@pytest.mark.parametrize("name", TRAIN_PATHS)
+def test_train_resume_refuses_a_run_dir_with_a_planted_link(
+    name: str,
+    world: dict[str, Any],
+    victim: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(world["killed"], run)
+    plant(run / name, victim)
+    code, err = cli(monkeypatch, capsys, *train_args(world, run, "--resume"))
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert name in err and "symbolic link" in err, err
+    assert victim.read_bytes() == VICTIM
+
+
+def test_train_resume_refuses_a_planted_checkpoints_folder(
+    world: dict[str, Any],
+    victim: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(world["killed"], run)
+    shutil.copy(run / "checkpoints" / "last.pt", victim.parent / "last.pt")
+    before = (victim.parent / "last.pt").read_bytes()
+    shutil.rmtree(run / "checkpoints")
+    (run / "checkpoints").symlink_to(victim.parent)
+    code, err = cli(monkeypatch, capsys, *train_args(world, run, "--resume"))
+    assert code == 2 and "checkpoints" in err and "symbolic link" in err, err
+    assert victim.read_bytes() == VICTIM and (victim.parent / "last.pt").read_bytes() == before
+
+
+def test_links_planted_after_the_check_are_replaced_never_written_through(
+    world: dict[str, Any],
+    victim: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The second line of defence: with the run-directory check switched off (a link planted in the
+    window between the check and the write), every write still replaces the link."""
+    run = tmp_path / "run"
+    shutil.copytree(world["killed"], run)
+    for name in ["metrics.jsonl", "results.json", "caches.json", "student_last.pth", "student_best.pth"]:
+        plant(run / name, victim)
+    plant(run / "checkpoints" / "last.tmp", victim)
+    monkeypatch.setattr(files, "check_no_links", lambda *a, **k: None)
+    for module in list(sys.modules.values()):
+        if getattr(module, "__name__", "").startswith("customkd_cache.") and hasattr(
+            module, "check_no_links"
+        ):
+            monkeypatch.setattr(module, "check_no_links", lambda *a, **k: None)
+    code, err = cli(monkeypatch, capsys, *train_args(world, run, "--resume"))
+    assert victim.read_bytes() == VICTIM
+    assert code == 0, err
+    written = ["metrics.jsonl", "results.json", "caches.json", "student_last.pth", "checkpoints/last.pt"]
+    assert not any((run / name).is_symlink() for name in written)
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 2
+    assert json.loads((run / "results.json").read_text())["epochs"] == 2
+
+
+def test_appending_to_metrics_refuses_a_link(tmp_path: Path, victim: Path) -> None:
+    plant(tmp_path / "metrics.jsonl", victim)
+    with pytest.raises(files.OutputError, match="metrics.jsonl is a symbolic link"):
+        files.append_line(tmp_path / "metrics.jsonl", "{}")
+    assert victim.read_bytes() == VICTIM
+
+
+def test_a_full_disk_while_checkpointing_is_one_line_and_leaves_no_temporary(
+    world: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(world["killed"], run)
+    before = (run / "checkpoints" / "last.pt").read_bytes()
+
+    def enospc(obj: Any, f: Any, *args: Any, **kwargs: Any) -> None:
+        f.write(b"partial")
+        raise RuntimeError("[enforce fail at inline_container.cc:603] . unexpected pos 1 vs 0")
+
+    monkeypatch.setattr(torch, "save", enospc)
+    code, err = cli(monkeypatch, capsys, *train_args(world, run, "--resume"))
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "cannot write" in err and ("last.pt" in err or ".pth" in err), err
+    assert (run / "checkpoints" / "last.pt").read_bytes() == before
+    assert [p.name for p in run.rglob("*") if p.name.endswith(".tmp")] == []
+
+
+def test_train_out_under_a_file_is_refused_before_any_work(
+    world: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    monkeypatch.setattr(train_module, "open_dataset", lambda *a, **k: pytest.fail("refused too late"))
+    code, err = cli(monkeypatch, capsys, *train_args(world, afile / "run"))
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "afile is a file, not a directory" in err, err
+
+
+def test_a_refused_train_leaves_nothing_that_needs_resume(
+    world: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A store damaged after it was verified is refused while the run is prepared; the run
+    directory is then still fresh, so the same command works once the store is repaired."""
+    caches = tmp_path / "caches"
+    shutil.copytree(world["base"] / "caches", caches)
+    monkeypatch.setenv("CUSTOMKD_CACHE_ROOT", str(caches))
+    chunk = next(p for p in sorted(caches.rglob("features/c/0/0/0")) if "/Art/" in str(p))
+    good = chunk.read_bytes()
+    chunk.write_bytes(bytes(b ^ 0xFF for b in good))
+    run = tmp_path / "run"
+    code, err = cli(monkeypatch, capsys, *train_args(world, run, "--set", "optim.epochs=1"))
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert not run.exists() or list(run.iterdir()) == []
+    chunk.write_bytes(good)
+    code, err = cli(monkeypatch, capsys, *train_args(world, run, "--set", "optim.epochs=1"))
+    assert code == 0, err
+
+
+def test_resume_with_unreadable_metrics_is_one_line(
+    world: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for damage in ("bytes", "directory"):
+        run = tmp_path / damage
+        shutil.copytree(world["killed"], run)
+        (run / "metrics.jsonl").unlink()
+        if damage == "bytes":
+            (run / "metrics.jsonl").write_bytes(b"\x80\x04\x95\xff")
+        else:
+            (run / "metrics.jsonl").mkdir()
+        code, err = cli(monkeypatch, capsys, *train_args(world, run, "--resume"))
+        assert code == 2 and len(err.strip().splitlines()) == 1, err
+        assert "metrics.jsonl" in err, err
 
 
 # --- sweep -------------------------------------------------------------------------------------

@@ -571,18 +571,18 @@ def test_disk_full_while_checkpointing_keeps_no_partial_file(
 ) -> None:
     from types import SimpleNamespace
 
-    from customkd_cache.errors import RunDirError
+    from customkd_cache.errors import OutputError
     from customkd_cache.stage_two.run_dir import save_checkpoint
     from customkd_cache.stage_two.state import TrainState
 
-    def full(obj: Any, path: Path) -> None:
-        Path(path).write_bytes(b"partial")
+    def full(obj: Any, f: Any) -> None:
+        f.write(b"partial")
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(torch, "save", full)
     run = SimpleNamespace(
         out=tmp_path, models=SimpleNamespace(state_dict=dict), store=SimpleNamespace(fingerprint="f")
     )
-    with pytest.raises(RunDirError, match="No space left on device.*--resume"):
+    with pytest.raises(OutputError, match="No space left on device.*--resume"):
         save_checkpoint(run, TrainState(epoch=1))  # type: ignore[arg-type]
     assert list((tmp_path / "checkpoints").iterdir()) == []

@@ -11,7 +11,8 @@ from typing import Any
 
 import torch
 
-from customkd_cache.errors import RunDirError, SpecError
+from customkd_cache.errors import RunDirError, SpecError, first_line
+from customkd_cache.files import append_line, check_no_links, ensure_dir, save_torch, write_atomic
 from customkd_cache.specs import TrainSpec, differing_keys, to_dict
 from customkd_cache.stage_two.protocols import Protocol
 from customkd_cache.stage_two.state import Run, TrainState
@@ -23,6 +24,19 @@ RESUMABLE_SECTIONS = ("run",)
 NOT_RESUMABLE_KEYS = ("run.features_in_ram",)
 
 
+def check_out(out: Path, spec: TrainSpec, *, resume: bool) -> None:
+    """Refuse an ``--out`` that cannot take this run, before anything is computed: a file in the way,
+    a directory that is not empty (without ``--resume``), or a resume that ``check_resume`` refuses."""
+    if resume:
+        check_resume(out, spec)
+        return
+    _check_out_dir(out)
+    if out.is_dir() and any(out.iterdir()):
+        raise SpecError(
+            f"--out {out}: directory is not empty; pass --resume to continue that run or choose a new one"
+        )
+
+
 def check_resume(out: Path, spec: TrainSpec) -> None:
     """Refuse to resume a run in ``out`` with a spec that differs from its ``spec.json`` in anything
     but ``RESUMABLE_SECTIONS``; checked before anything in ``out`` is written.
@@ -30,6 +44,7 @@ def check_resume(out: Path, spec: TrainSpec) -> None:
     Raises RunDirError naming the differing keys (dotted), or when a checkpoint has no spec.json.
     """
     _check_out_dir(out)
+    check_no_links(out)  # a shared run directory with a planted link: refused before any write
     path = out / "spec.json"
     if not path.exists():
         if (out / "checkpoints" / "last.pt").exists():
@@ -57,8 +72,11 @@ def check_resume(out: Path, spec: TrainSpec) -> None:
 
 
 def _check_out_dir(out: Path) -> None:
-    if out.exists() and not out.is_dir():
+    blocker = next((p for p in [out, *out.parents] if p.exists() and not p.is_dir()), None)
+    if blocker == out:
         raise SpecError(f"--out {out}: is a file, not a directory; give a directory for the run")
+    if blocker is not None:
+        raise SpecError(f"--out {out}: {blocker} is a file, not a directory; give a directory for the run")
 
 
 def prepare_out(out: Path, spec: TrainSpec, store: FeatureStore, protocol: Protocol, *, resume: bool) -> None:
@@ -67,7 +85,7 @@ def prepare_out(out: Path, spec: TrainSpec, store: FeatureStore, protocol: Proto
         raise SpecError(
             f"--out {out}: directory is not empty; pass --resume to continue that run or choose a new one"
         )
-    out.mkdir(parents=True, exist_ok=True)
+    ensure_dir(out, what="--out")
     write_json(out / "spec.json", to_dict(spec))
     caches = {
         str(store.path): {"fingerprint": store.fingerprint, "request_key": store.attrs.get("request_key")}
@@ -80,18 +98,11 @@ def prepare_out(out: Path, spec: TrainSpec, store: FeatureStore, protocol: Proto
 def save_checkpoint(run: Run, state: TrainState) -> None:
     """All state needed to resume after the epoch just finished, written atomically."""
     path = run.out / "checkpoints" / "last.pt"
-    path.parent.mkdir(parents=True, exist_ok=True)
+    ensure_dir(path.parent, within=run.out)
     blob = {"models": run.models.state_dict(), "state": state.__dict__, "fingerprint": run.store.fingerprint}
-    tmp = path.with_suffix(".tmp")
-    try:
-        torch.save(blob, tmp)
-        os.replace(tmp, path)
-    except OSError as e:  # disk full, quota: keep the last good checkpoint, leave no partial file
-        tmp.unlink(missing_ok=True)
-        raise RunDirError(
-            f"{path}: cannot write the checkpoint ({e.strerror or e}); free space, then rerun with --resume "
-            f"(it continues from epoch {max(state.epoch - 1, 0)})"
-        ) from None
+    # disk full, quota: the last good checkpoint stays, no partial file is left (save_torch)
+    fix = f"free space, then rerun with --resume (it continues from epoch {max(state.epoch - 1, 0)})"
+    save_torch(path, blob, fix=fix)
 
 
 def load_checkpoint(run: Run) -> TrainState:
@@ -107,10 +118,20 @@ def load_checkpoint(run: Run) -> TrainState:
     path = run.out / "checkpoints" / "last.pt"
     state = _read_checkpoint(run, path) if path.exists() else TrainState()
     metrics = run.out / "metrics.jsonl"
-    if metrics.exists():
-        lines = metrics.read_text().splitlines()[: state.epoch]
-        metrics.write_text("".join(line + "\n" for line in lines))
+    if os.path.lexists(metrics):
+        lines = _metrics_lines(metrics)[: state.epoch]
+        write_atomic(metrics, "".join(line + "\n" for line in lines))  # never rewritten in place
     return state
+
+
+def _metrics_lines(path: Path) -> list[str]:
+    try:
+        return path.read_bytes().decode("utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise RunDirError(
+            f"{path}: unreadable ({first_line(e, 120)}); remove it to resume without the earlier epochs' "
+            "metrics, or start a new --out directory"
+        ) from None
 
 
 def _read_checkpoint(run: Run, path: Path) -> TrainState:
@@ -124,7 +145,7 @@ def _read_checkpoint(run: Run, path: Path) -> TrainState:
             f"them could run code); {fix}"
         ) from None
     except Exception as e:  # truncated or foreign file: several types
-        reason = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+        reason = first_line(e, 160)
         raise RunDirError(f"{path}: not a loadable checkpoint of this tool ({reason}); {fix}") from None
     if fingerprint != run.store.fingerprint:
         raise RunDirError(f"{path}: checkpoint was trained on another cache; start a new --out directory")
@@ -149,11 +170,8 @@ def log_epoch(m: dict[str, Any], epochs: int, *, run: str) -> None:
 
 
 def write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
 def append_jsonl(path: Path, obj: dict[str, Any]) -> None:
-    with path.open("a") as f:
-        f.write(json.dumps(obj, sort_keys=True) + "\n")
+    append_line(path, json.dumps(obj, sort_keys=True))

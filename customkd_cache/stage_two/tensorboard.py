@@ -13,6 +13,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+from customkd_cache.files import ensure_dir
+
 _writers: dict[Path, Any] = {}
 
 
@@ -31,8 +33,8 @@ def log_metrics(out: Path, metrics: dict[str, Any]) -> None:
     if cls is None:
         return
     key = Path(out)
-    if key not in _writers:
-        _writers[key] = cls(log_dir=str(key / "tensorboard"))
+    if key not in _writers:  # a link planted at RUN_DIR/tensorboard is refused, never followed
+        _writers[key] = cls(log_dir=str(ensure_dir(key / "tensorboard", within=key)))
     writer = _writers[key]
     step = int(metrics.get("epoch", 0))
     for name, value in metrics.items():

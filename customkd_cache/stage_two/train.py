@@ -37,7 +37,7 @@ from customkd_cache.stage_two.protocols import build_protocol
 from customkd_cache.stage_two.replay import FeatureSource, ReplayDataset, combined_stats
 from customkd_cache.stage_two.run_dir import (
     append_jsonl,
-    check_resume,
+    check_out,
     load_checkpoint,
     log_epoch,
     prepare_out,
@@ -126,9 +126,12 @@ def train_one_epoch(run: Run, epoch: int, state: TrainState, total_steps: int) -
 
 
 def prepare_run(spec: TrainSpec, *, spec_path: Path | None, out: Path, resume: bool, dist: Dist) -> Run:
-    """Resolve data, cache, probe and models; write spec.json and caches.json (rank 0)."""
-    if resume:
-        check_resume(out, spec)
+    """Resolve data, cache, probe and models; write spec.json and caches.json (rank 0).
+
+    ``--out`` is checked first and written last, so a run refused on the way (a damaged store) leaves
+    no spec.json behind that would make the same command need ``--resume``.
+    """
+    check_out(out, spec, resume=resume)
     device = dist.device if dist.world > 1 else resolve_device(spec.run.device)
     dataset = open_dataset(spec.dataset)
     store_path = find_store(spec, spec_path=spec_path, manifest=dataset.manifest)
@@ -137,9 +140,6 @@ def prepare_run(spec: TrainSpec, *, spec_path: Path | None, out: Path, resume: b
     protocol = build_protocol(spec, dataset)
     if not protocol.labeled:
         raise SpecError("the protocol gives no labeled rows: check uda.source or ssl.labeled_list")
-    if dist.is_main:
-        prepare_out(out, spec, store, protocol, resume=resume)
-    dist.barrier()
     mean, std = combined_stats(store, protocol.train_splits)
     train_stats = (mean, np.where(std > 0, std, np.float32(1.0)).astype(np.float32))  # as FeatureSource does
     stats = train_stats if spec.customkd.standardize else None
@@ -155,6 +155,9 @@ def prepare_run(spec: TrainSpec, *, spec_path: Path | None, out: Path, resume: b
     replay.preload([*protocol.train_splits, *protocol.eval_splits])
     models.to(device)
     probe = probe.to(device)
+    if dist.is_main:
+        prepare_out(out, spec, store, protocol, resume=resume)
+    dist.barrier()
     return Run(
         spec=spec,
         out=out,
