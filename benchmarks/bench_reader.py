@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import hashlib
 import shutil
 import tempfile
 import time
@@ -41,6 +40,7 @@ import timm
 import torch
 from torch import nn
 
+from customkd_cache.catalog import fingerprint
 from customkd_cache.stage_two.replay import FeatureSource, Row, draw_views, stage_b_batches
 from customkd_cache.store import FeatureStore, SplitInit, create_or_open_store
 
@@ -54,8 +54,8 @@ def write_store(path: Path, *, dtype: str, compressor: str, args: argparse.Names
     n, v, d = args.rows, args.views, args.dim
     store = create_or_open_store(
         path,
-        fingerprint=hashlib.sha256(f"bench_reader {dtype} {compressor} {n} {v} {d}".encode()).hexdigest(),
-        identity={"generated": True},
+        fingerprint=fingerprint(identity := {"generated": f"bench_reader {dtype} {compressor} {n} {v} {d}"}),
+        identity=identity,
         provenance={},
         splits={SPLIT: SplitInit(ids=[str(i) for i in range(n)], labels=np.zeros(n, np.int64))},
         num_views=v,

@@ -428,3 +428,55 @@ def _check_rows(store: FeatureStore, split: SplitManifest) -> None:
             f"(first: '{ids[first]}' is {int(labels[first])} in the store, {int(want[first])} in the "
             "dataset); the store was altered after it was written: remove it and rebuild the cache"
         )
+
+
+# --- authenticating a store's keys ---------------------------------------------------------------
+
+# Teacher fields a store's identity records as the spec wrote them: where both the identity and
+# the spec the store records (its provenance) hold one, they must agree.
+_SPEC_TEACHER_FIELDS = ("source", "name", "pretrained", "weights_keys", "input_size", "feature", "precision")
+
+
+def stored_keys(identity: Any, provenance: Any) -> dict[str, str]:
+    """A store's ``request_key`` and ``teacher_key``, recomputed from its recorded identity (dataset
+    kind and manifest digest, views, ``[store]`` section) and the teacher section of the cache spec
+    its provenance records (the only part the identity holds in resolved form only: the weights path
+    and ``init_seed``).
+
+    Never read from the store's attributes: a key copied onto a store of another teacher does not
+    make it match (``store.attrs`` checks the recorded keys against these on open). Raises
+    ValueError, naming the field, when the provenance holds no teacher section or one that
+    disagrees with the identity's teacher.
+    """
+    if not isinstance(identity, dict):
+        raise ValueError("identity is not a table")
+    spec = provenance.get("spec") if isinstance(provenance, dict) else None
+    written = spec.get("teacher") if isinstance(spec, dict) else None
+    if not isinstance(written, dict):
+        raise ValueError("provenance.spec.teacher is missing: the keys cannot be recomputed")
+    teacher = identity.get("teacher")
+    if not isinstance(teacher, dict):
+        raise ValueError("identity.teacher is not a table")
+    for key in _SPEC_TEACHER_FIELDS:
+        if key in teacher and key in written and teacher[key] != written[key]:
+            raise ValueError(
+                f"provenance.spec.teacher.{key} = {written[key]!r} disagrees with identity.teacher.{key} = "
+                f"{teacher[key]!r}"
+            )
+    if written.get("pos_embed_antialias", True) != teacher.get("pos_embed_antialias", True):
+        raise ValueError("provenance.spec.teacher.pos_embed_antialias disagrees with the identity")
+    written = dict(written)
+    if written.get("pos_embed_antialias") is True:  # as ``_written_teacher`` leaves its default out
+        del written["pos_embed_antialias"]
+    dataset = identity.get("dataset")
+    dataset = dataset if isinstance(dataset, dict) else {}
+    common = {
+        "format_version": identity.get("format_version"),
+        "teacher": written,
+        "views": identity.get("views"),
+        "store": identity.get("store"),
+    }
+    return {
+        "request_key": sha256_json({**common, "manifest_digest": dataset.get("manifest_digest")}),
+        "teacher_key": sha256_json({**common, "dataset_kind": dataset.get("kind")}),
+    }

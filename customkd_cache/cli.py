@@ -358,6 +358,9 @@ def ls_(
         return
     for e in entries:
         size = f"{e['size_bytes'] / 2**20:.1f} MiB"
+        if e["unreadable"]:
+            typer.echo(f"{e['path']}  UNREADABLE  {e['error']}")
+            continue
         if e["damaged"]:
             typer.echo(f"{e['path']}  DAMAGED  {size}  {e['error']}")
             continue
@@ -387,7 +390,11 @@ def gc(
         typer.echo(f"{verb} {r.kind:16s} {_bytes(r.bytes):>10s}  {r.path}  ({r.reason})")
     for path, why in res.kept:
         typer.echo(f"kept   {path}  ({why})")
+    for path, why in res.failed:
+        typer.echo(f"could not remove {path}  ({why}); left in place", err=True)
     typer.echo(f"{res.root}: {verb} {len(res.removed)} entries, {_bytes(res.bytes_freed)}")
+    if res.failed:
+        raise typer.Exit(1)
 
 
 def _bytes(n: int) -> str:
@@ -405,13 +412,20 @@ def verify(
     from customkd_cache.store import open_store
 
     opened = open_store(_store_path(store))
-    problems = opened.verify()
+    problems, repairable = opened.verify_report()
     for p in problems:
-        typer.echo(f"{store}: {p}", err=True)
+        typer.echo(f"{opened.shown}: {p}", err=True)
+    if problems and repairable:
+        typer.echo(f"{opened.shown}: repair with: {opened.repair_command()}", err=True)
+    elif problems:
+        typer.echo(
+            f"{opened.shown}: its metadata is damaged, which repair cannot undo: remove the store and "
+            f"rebuild it with: {opened.finish_command()}",
+            err=True,
+        )
     if problems:
-        typer.echo(f"{store}: repair with: {opened.repair_command()}", err=True)
         raise typer.Exit(1)
-    typer.echo(f"{store}: ok")
+    typer.echo(f"{opened.shown}: ok")
 
 
 @app.command()

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from customkd_cache.catalog import fingerprint
 from customkd_cache.data import Dataset, open_dataset
 from customkd_cache.data.views import render_view, sample_views, to_tensor
 from customkd_cache.specs import CacheSpec, DatasetSpec, ViewsSpec
@@ -101,7 +102,7 @@ def _write_store(path: Path, dataset: Dataset) -> Path:
     inits = {s.name: SplitInit(ids=s.ids(), labels=s.labels()) for s in dataset.manifest.splits}
     store = create_or_open_store(
         path,
-        fingerprint="ab" * 32,
+        fingerprint=fingerprint({"test": True}),
         identity={"test": True},
         provenance={},
         splits=inits,

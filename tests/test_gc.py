@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from customkd_cache.catalog import fingerprint
 from customkd_cache.errors import StoreError
 from customkd_cache.store import FeatureStore, SplitInit, create_or_open_store, list_stores
 from customkd_cache.store.gc import DAY_S, collect_garbage
@@ -28,11 +29,14 @@ N, V, D, UNIT = 6, 2, 4, 4
 OLD_DAYS = 10.0
 
 
-def make_store(path: Path, *, complete: bool, fingerprint: str) -> FeatureStore:
+def make_store(root: Path, name: str, *, complete: bool) -> FeatureStore:
+    """A store ``NAME__t__<fingerprint>.zarr`` under ``root``, whose identity is told apart by ``name``."""
+    identity = {"dataset": {"kind": "officehome", "tag": name}, "teacher": {"name": "test_vit"}}
+    fp = fingerprint(identity)
     store = create_or_open_store(
-        path,
-        fingerprint=fingerprint,
-        identity={"dataset": {"kind": "officehome"}, "teacher": {"name": "test_vit"}},
+        root / f"{name}__t__{fp[:12]}.zarr",
+        fingerprint=fp,
+        identity=identity,
         provenance={"created": "2026-01-02T03:04:05+00:00"},
         splits={"train": SplitInit(ids=[f"i{k}" for k in range(N)], labels=np.arange(N) % 2)},
         num_views=V,
@@ -85,17 +89,12 @@ def snapshot(root: Path) -> dict[str, bytes]:
 def planted(tmp_path: Path) -> dict[str, Path]:
     root = tmp_path / "caches"
     root.mkdir()
-    fp = iter(f"{i:x}" * 64 for i in range(1, 10))
     p = {
-        "complete": make_store(root / "done__t__111111111111.zarr", complete=True, fingerprint=next(fp)).path,
-        "old_incomplete": make_store(
-            root / "old__t__222222222222.zarr", complete=False, fingerprint=next(fp)
-        ).path,
-        "young_incomplete": make_store(
-            root / "new__t__333333333333.zarr", complete=False, fingerprint=next(fp)
-        ).path,
-        "live": make_store(root / "live__t__444444444444.zarr", complete=False, fingerprint=next(fp)).path,
-        "damaged": make_store(root / "bad__t__555555555555.zarr", complete=False, fingerprint=next(fp)).path,
+        "complete": make_store(root, "done", complete=True).path,
+        "old_incomplete": make_store(root, "old", complete=False).path,
+        "young_incomplete": make_store(root, "new", complete=False).path,
+        "live": make_store(root, "live", complete=False).path,
+        "damaged": make_store(root, "bad", complete=False).path,
         "old_temp": root / ".x__t__666666666666.zarr.tmp-0123abcd",
         "young_temp": root / ".y__t__777777777777.zarr.tmp-4567cdef",
     }

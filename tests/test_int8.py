@@ -21,6 +21,7 @@ import zarr
 from test_stage_one import SMOKE, chunk_bytes, cli, env_for, only_store, popen, smoke_args
 from test_store import _create, _snapshot, _unit, _write_all
 
+from customkd_cache.catalog import fingerprint
 from customkd_cache.stage_two.replay import FeatureSource
 from customkd_cache.store import create_or_open_store, dequantize, open_store, quantize_unit
 from customkd_cache.testing import fakedata
@@ -128,7 +129,7 @@ class TestInt8Store:
         n, v, d, unit_rows = 64, 2, 32, 32
         store = create_or_open_store(
             tmp_path / "s.zarr",
-            fingerprint="cd" * 32,
+            fingerprint=fingerprint({}),
             identity={},
             provenance={},
             splits={"train": _init(n)},

@@ -15,6 +15,7 @@ import zarr
 
 from customkd_cache import FORMAT_VERSION
 from customkd_cache import store as store_module
+from customkd_cache.catalog import fingerprint
 from customkd_cache.errors import NonFiniteFeatureError, StoreError
 from customkd_cache.store import (
     FeatureStore,
@@ -26,8 +27,10 @@ from customkd_cache.store import (
     store_name,
 )
 
-FP = "3fa9c2e1d4b7" + "0" * 52
-OTHER_FP = "9" * 64
+IDENTITY = {"dataset": {"kind": "officehome", "manifest": "abc"}, "teacher": {"name": "test_vit"}}
+FP = fingerprint(IDENTITY)  # a store's fingerprint is the hash of its identity
+OTHER_IDENTITY: dict[str, Any] = {}
+OTHER_FP = fingerprint(OTHER_IDENTITY)
 N, V, D, UNIT = 10, 2, 6, 4  # 3 units: rows 0-3, 4-7, 8-9
 
 
@@ -41,7 +44,7 @@ def _splits(n: int = N) -> dict[str, SplitInit]:
 def _create(path: Path, *, fingerprint: str = FP, **kw: Any) -> FeatureStore:
     args: dict[str, Any] = {
         "fingerprint": fingerprint,
-        "identity": {"dataset": {"kind": "officehome", "manifest": "abc"}, "teacher": {"name": "test_vit"}},
+        "identity": IDENTITY if fingerprint == FP else OTHER_IDENTITY,
         "provenance": {"host": "here", "versions": {"zarr": zarr.__version__}, "spec": {"run": {"x": 1}}},
         "splits": _splits(),
         "num_views": V,
@@ -167,9 +170,10 @@ class TestCreateOpen:
         assert not (tmp_path / "s.zarr").exists()
 
     def test_store_name(self) -> None:
-        name = store_name(dataset="officehome", teacher="vit_small_patch14_dinov2.lvd142m", fingerprint=FP)
+        fp = "3fa9c2e1d4b7" + "0" * 52
+        name = store_name(dataset="officehome", teacher="vit_small_patch14_dinov2.lvd142m", fingerprint=fp)
         assert name == "officehome__vit_small_patch14_dinov2.lvd142m__3fa9c2e1d4b7.zarr"
-        assert store_name(dataset="my data", teacher="ViT-B-32/laion", fingerprint=FP).startswith(
+        assert store_name(dataset="my data", teacher="ViT-B-32/laion", fingerprint=fp).startswith(
             "my_data__ViT-B-32_laion__"
         )
         with pytest.raises(ValueError):
@@ -371,7 +375,8 @@ class TestComplete:
         assert "\n" not in message and str(store.path) in message
         assert "split 'train' units 0, 2 of 3 not done" in message
         assert "split 'val-a_1' has every unit done but no mean/std" in message
-        assert "`customkd-cache cache --spec /specs/s.toml`" in message and "--repair" not in message
+        root = f"CUSTOMKD_CACHE_ROOT={tmp_path}"
+        assert f"`{root} customkd-cache cache --spec /specs/s.toml`" in message and "--repair" not in message
         _write_all(store)
         assert store.finalize_split("train") and store.finalize_split("val-a_1")
         open_store(store.path).require_complete()
@@ -379,7 +384,7 @@ class TestComplete:
     def test_reads_of_units_not_done_name_them_and_the_command(self, tmp_path: Path) -> None:
         store = _create(tmp_path / "s.zarr", provenance={"command": ["customkd-cache", "cache"]})
         store.write_unit("train", 1, **_unit(store, "train", 1))
-        with pytest.raises(StoreError, match=r"'train' units 0, 2 of 3 not done; .*`customkd-cache cache`"):
+        with pytest.raises(StoreError, match=r"'train' units 0, 2 of 3 not done; .* customkd-cache cache`"):
             store.read_split("train")
 
 
@@ -532,12 +537,13 @@ class TestDamage:
         command = ["customkd-cache", "cache", "--spec", "/specs/my spec.toml", "--set", "dataset.root=/d"]
         store = _create(tmp_path / "s.zarr", provenance={"command": command})
         assert store.repair_command() == (
+            f"CUSTOMKD_CACHE_ROOT={tmp_path} "
             "customkd-cache cache --spec '/specs/my spec.toml' --set dataset.root=/d --repair"
         )
         assert "SPEC" in _create(tmp_path / "t.zarr").repair_command()
         assert (
             store.finish_command()
-            == "customkd-cache cache --spec '/specs/my spec.toml' --set dataset.root=/d"
+            == f"CUSTOMKD_CACHE_ROOT={tmp_path} customkd-cache cache --spec '/specs/my spec.toml' --set dataset.root=/d"
         )
 
     def test_a_corrupt_array_zarr_json_is_reported(self, tmp_path: Path) -> None:

@@ -11,7 +11,7 @@ the mixins of ``writer``, ``integrity``, ``feature_store`` and ``info``.
 
 from __future__ import annotations
 
-import shlex
+import os
 from pathlib import Path
 from typing import Any
 
@@ -23,10 +23,19 @@ from customkd_cache.store.layout import (
     _SHOW_IDS,
     CLAIMS_DIR,
     QUANTIZED_DTYPE,
+    _layout,
+    _shape,
     _short,
     format_units,
     num_units,
+    shell_quote,
+    shown_path,
     unit_ranges,
+)
+
+# What a store whose metadata (not its unit data) is damaged needs: ``repair`` cannot rebuild it.
+DAMAGED_FIX = (
+    "the store is damaged and cannot be repaired: remove it and rebuild it with `customkd-cache cache`"
 )
 
 
@@ -36,6 +45,7 @@ class StoreBase:
 
     def __init__(self, path: Path, group: zarr.Group, attrs: dict[str, Any], *, writable: bool) -> None:
         self.path = path
+        self.shown = shown_path(path)  # the path as error messages show it: one line
         self.attrs = attrs
         self.writable = writable
         self.fingerprint: str = attrs["fingerprint"]
@@ -47,6 +57,8 @@ class StoreBase:
         self.quantized: bool = attrs["dtype"] == QUANTIZED_DTYPE
         self._group = group
         self._arrays: dict[tuple[str, str], zarr.Array] = {}
+        self._nodes: dict[tuple[str, str], zarr.Array] = {}
+        self._rows: dict[str, int] = {}  # samples of each split whose metadata was checked
         self._ids: dict[str, tuple[str, ...]] = {}
         self._unit_names: dict[str, dict[str, str]] = {}
 
@@ -55,7 +67,9 @@ class StoreBase:
         return f"FeatureStore({str(self.path)!r}, splits={splits}, fingerprint={self.fingerprint[:12]})"
 
     def num_samples(self, split: str) -> int:
-        return int(self._array(split, "features").shape[0])
+        if split not in self._rows:
+            self._check_split_metadata(split)
+        return self._rows[split]
 
     def num_units(self, split: str) -> int:
         return num_units(self.num_samples(split), self.unit_rows)
@@ -100,7 +114,7 @@ class StoreBase:
         gaps = [gap for split in self.split_names if (gap := self._split_gap(split))]
         if gaps:
             raise StoreError(
-                f"{self.path}: cache is incomplete: {'; '.join(gaps)}; finish it with "
+                f"{self.shown}: cache is incomplete: {'; '.join(gaps)}; finish it with "
                 f"`{self.finish_command()}` (it resumes), then rerun"
             )
 
@@ -124,11 +138,17 @@ class StoreBase:
         return self._cache_command()
 
     def _cache_command(self, *extra: str) -> str:
-        command = self.attrs.get("provenance", {}).get("command")
+        """The recorded cache command plus ``extra``, run with ``CUSTOMKD_CACHE_ROOT`` set to the
+        directory that holds this store (so it acts on this store, wherever the current root is), on
+        one line even when a path holds a newline."""
+        root = f"CUSTOMKD_CACHE_ROOT={shell_quote(os.path.abspath(self.path.parent))}"
+        command = self.attrs["provenance"].get("command")
         if isinstance(command, list) and command and all(isinstance(x, str) for x in command):
-            return shlex.join([*command, *extra])
+            return " ".join([root, *(shell_quote(x) for x in [*command, *extra])])
         tail = "".join(f" {x}" for x in extra)
-        return f"customkd-cache cache --spec SPEC{tail} (SPEC: the cache spec this store was made from)"
+        return (
+            f"{root} customkd-cache cache --spec SPEC{tail} (SPEC: the cache spec this store was made from)"
+        )
 
     def ids(self, split: str) -> tuple[str, ...]:
         """(N,) sample ids in dataset order."""
@@ -156,29 +176,87 @@ class StoreBase:
     def _check_split(self, split: str) -> None:
         if split not in self.split_names:
             raise StoreError(
-                f"{self.path}: no split '{split}'{closest(split, self.split_names)}; "
+                f"{self.shown}: no split '{split}'{closest(split, self.split_names)}; "
                 f"splits: {', '.join(self.split_names)}"
             )
 
     def _array(self, split: str, name: str) -> zarr.Array:
+        """The array ``split/name``, its metadata checked against the layout first (StoreError naming
+        the array when it is missing, unreadable or of another shape or dtype)."""
         key = (split, name)
         if key not in self._arrays:
+            n = self.num_samples(split)
+            node = self._node(split, name)
+            problem = self._shape_problem(name, node, n)
+            if problem:
+                raise StoreError(f"{self.shown}: split '{split}': {problem}; {DAMAGED_FIX}")
+            self._arrays[key] = node
+        return self._arrays[key]
+
+    def _check_split_metadata(self, split: str) -> None:
+        """Check the split group's metadata and its ``features`` array (shape (N, V, D), the store
+        dtype, one chunk per unit), then record N."""
+        self._check_split(split)
+        try:
+            group = self._group[split]
+        except Exception as e:  # unreadable zarr.json of the split: zarr raises several types
+            raise StoreError(
+                f"{self.shown}: split '{split}' has unreadable metadata ({_short(e)}); {DAMAGED_FIX}"
+            ) from None
+        if not isinstance(group, zarr.Group):
+            raise StoreError(f"{self.shown}: split '{split}' is not a group; {DAMAGED_FIX}")
+        features = self._node(split, "features")
+        want = (self.num_views, self.feature_dim)
+        shape, chunks = tuple(features.shape), tuple(features.chunks)
+        if len(shape) != 3 or shape[1:] != want or np.dtype(features.dtype) != self.dtype:
+            raise StoreError(
+                f"{self.shown}: split '{split}': array 'features' is {shape} {features.dtype}, expected "
+                f"(N, {want[0]}, {want[1]}) {self.dtype.name}; {DAMAGED_FIX}"
+            )
+        if shape[0] < 1 or chunks != (self.unit_rows, *want):
+            raise StoreError(
+                f"{self.shown}: split '{split}': array 'features' has chunks {chunks} for {shape[0]} rows, "
+                f"expected ({self.unit_rows}, {want[0]}, {want[1]}); {DAMAGED_FIX}"
+            )
+        self._rows[split] = int(shape[0])
+
+    def _shape_problem(self, name: str, node: zarr.Array, n: int) -> str:
+        """How ``node`` differs from the layout's array ``name`` for ``n`` rows, or ``""`` (arrays
+        outside the layout are not checked)."""
+        layout = _layout(self.attrs["dtype"]).get(name)
+        if layout is None:
+            return ""
+        dims = {"V": self.num_views, "D": self.feature_dim}
+        shape = _shape(layout, n=n, units=num_units(n, self.unit_rows), dims=dims)
+        dtype = (
+            None
+            if layout.dtype == "str"
+            else self.dtype
+            if layout.dtype == "store"
+            else np.dtype(layout.dtype)
+        )
+        if tuple(node.shape) != shape or (dtype is not None and np.dtype(node.dtype) != dtype):
+            return f"array '{name}' is {tuple(node.shape)} {node.dtype}, expected {shape} {dtype}"
+        return ""
+
+    def _node(self, split: str, name: str) -> zarr.Array:
+        """The array ``split/name`` as it is on disk, unchecked (StoreError when missing or unreadable)."""
+        key = (split, name)
+        if key not in self._nodes:
             self._check_split(split)
             try:
                 node = self._group[f"{split}/{name}"]
             except KeyError:
-                raise StoreError(
-                    f"{self.path}: array '{split}/{name}' is missing; the store is damaged"
-                ) from None
+                raise StoreError(f"{self.shown}: array '{split}/{name}' is missing; {DAMAGED_FIX}") from None
             except Exception as e:  # unreadable zarr.json of the array: zarr raises several types
                 raise StoreError(
-                    f"{self.path}: array '{split}/{name}' has unreadable metadata ({_short(e)}); the store "
-                    "is damaged: remove it and rebuild it with `customkd-cache cache`"
+                    f"{self.shown}: array '{split}/{name}' has unreadable metadata ({_short(e)}); "
+                    f"{DAMAGED_FIX}"
                 ) from None
             if not isinstance(node, zarr.Array):
-                raise StoreError(f"{self.path}: '{split}/{name}' is not an array; the store is damaged")
-            self._arrays[key] = node
-        return self._arrays[key]
+                raise StoreError(f"{self.shown}: '{split}/{name}' is not an array; {DAMAGED_FIX}")
+            self._nodes[key] = node
+        return self._nodes[key]
 
     def _unit_range(self, split: str, unit: int) -> range:
         units = self.units(split)
@@ -216,13 +294,13 @@ class StoreBase:
 
         if missing:
             raise StoreError(
-                f"{self.path}: split '{split}' units {format_units(missing)} of {done.size} not done; "
+                f"{self.shown}: split '{split}' units {format_units(missing)} of {done.size} not done; "
                 f"finish it with `{self.finish_command()}` (it resumes)"
             )
 
     def _require_writable(self) -> None:
         if not self.writable:
-            raise StoreError(f"{self.path}: opened read-only; open it with open_store(path, writable=True)")
+            raise StoreError(f"{self.shown}: opened read-only; open it with open_store(path, writable=True)")
 
     def _shown_ids(self, split: str, rows: np.ndarray) -> str:
         ids = self.ids(split)

@@ -99,3 +99,17 @@ def std_divisor(std: np.ndarray) -> np.ndarray:
     """What features are divided by when standardized: ``std``, with 1 where it is 0 (a constant
     dimension is only centred), so no value becomes inf or NaN."""
     return np.where(std > 0, std, np.float32(1.0)).astype(np.float32)
+
+
+def cosine_record_problem(record: np.ndarray, count: int) -> str:
+    """Why a unit's ``quant_cosine`` record (sum and minimum of ``count`` cosines) cannot be one
+    ``_cosine_record`` wrote, or ``""``: each cosine lies in [-1, 1] (up to rounding)."""
+    total, low = (float(x) for x in np.asarray(record, np.float64).reshape(2))
+    tol = 1e-6
+    if not (math.isfinite(total) and math.isfinite(low)):
+        return "quant_cosine record is not finite"
+    if not -1 - tol <= low <= 1 + tol or not -1 - tol <= total / count <= 1 + tol:
+        return f"quant_cosine record (mean {total / count:.4g}, min {low:.4g}) lies outside [-1, 1]"
+    if low > total / count + tol:
+        return f"quant_cosine record has its minimum {low:.4g} above its mean {total / count:.4g}"
+    return ""

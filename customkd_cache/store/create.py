@@ -115,6 +115,14 @@ def _root_attrs(
     """Validated root attributes (plain JSON)."""
     if not fingerprint:
         raise ValueError("fingerprint must not be empty: a store is never named by a missing key")
+    from customkd_cache import catalog  # catalog looks stores up: imported when first needed
+
+    try:
+        hashed = catalog.fingerprint(dict(identity))
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"identity must be plain JSON (no numpy values, NaN or Inf): {e}") from None
+    if fingerprint != hashed:
+        raise ValueError(f"fingerprint {fingerprint!r} is not the hash of the identity ({hashed})")
     for name, value in (("num_views", num_views), ("feature_dim", feature_dim), ("unit_rows", unit_rows)):
         if int(value) < 1:
             raise ValueError(f"{name} must be >= 1, got {value}")

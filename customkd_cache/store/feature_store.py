@@ -5,55 +5,83 @@ sha256 first, and carries the writing, integrity and reporting mixins.
 
 from __future__ import annotations
 
+import os
+import stat
 from pathlib import Path
 
 import numpy as np
 import zarr
 from zarr.storage import LocalStore
 
-from customkd_cache import FORMAT_VERSION
 from customkd_cache.errors import StoreError
+from customkd_cache.store.attrs import check_root_attrs
 from customkd_cache.store.codec import dequantize
 from customkd_cache.store.info import StoreInfo
-from customkd_cache.store.layout import _BASE_ATTRS
+from customkd_cache.store.layout import _short, shown_path
 from customkd_cache.store.writer import StoreWriter
 
 
 def open_store(path: Path, *, fingerprint: str | None = None, writable: bool = False) -> FeatureStore:
     """Open an existing store; read-only unless ``writable`` (works on a read-only directory).
 
+    The root attributes are checked here, once (``check_root_attrs``): whatever a damaged or
+    hand-edited store holds, opening it raises StoreError or gives a store whose attributes are sound.
+
     Raises:
         StoreError: the path is missing, is not a customkd-cache store, was written in another
-            format version, or carries a fingerprint other than ``fingerprint``.
+            format version, has damaged attributes (naming the attribute), or carries a fingerprint
+            other than ``fingerprint``.
     """
     path = Path(path)
-    if not path.exists():
-        raise StoreError(f"{path}: no feature store here; build it with `customkd-cache cache --spec FILE`")
-    if not (path / "zarr.json").is_file():
+    where = shown_path(path)
+    try:
+        exists, meta = _kind(path), _kind(path / "zarr.json")
+    except OSError as e:  # another user's private directory
+        raise StoreError(f"{where}: cannot be read ({e.strerror or e}); it is not used") from None
+    if exists is None:
+        raise StoreError(f"{where}: no feature store here; build it with `customkd-cache cache --spec FILE`")
+    if meta is None:
         raise StoreError(
-            f"{path}: not a feature store (no zarr.json); give the path of a NAME.zarr directory"
+            f"{where}: not a feature store (no zarr.json); give the path of a NAME.zarr directory"
+        )
+    if meta != "file":
+        raise StoreError(
+            f"{where}: damaged store: its zarr.json is not a file; remove it and rebuild it with "
+            "`customkd-cache cache`"
         )
     try:
         group = zarr.open_group(
             LocalStore(path, read_only=not writable), mode="r+" if writable else "r", zarr_format=3
         )
         attrs = group.attrs.asdict()
+    except RuntimeError as e:
+        if "thread" in str(e):  # too many threads asked for (run.threads): not the store's fault
+            raise StoreError(
+                f"cannot open {where}: the system refused a new thread ({_short(e)}); lower run.threads"
+            ) from None
+        raise StoreError(f"{where}: not a readable Zarr v3 group ({_short(e)}); {_UNREADABLE_FIX}") from None
     except Exception as e:  # zarr raises several types for a malformed or foreign hierarchy
-        raise StoreError(f"{path}: not a readable Zarr v3 group ({type(e).__name__}: {e})") from None
-    missing = [key for key in _BASE_ATTRS if key not in attrs]
-    if missing:
-        raise StoreError(f"{path}: not a customkd-cache store (attributes {missing} missing)")
-    if attrs["format_version"] != FORMAT_VERSION:
-        raise StoreError(
-            f"{path}: store format {attrs['format_version']}, this customkd-cache reads format "
-            f"{FORMAT_VERSION}; rebuild the store with `customkd-cache cache` or use a matching version"
-        )
+        raise StoreError(f"{where}: not a readable Zarr v3 group ({_short(e)}); {_UNREADABLE_FIX}") from None
+    check_root_attrs(path, attrs)
     if fingerprint is not None and attrs["fingerprint"] != fingerprint:
         raise StoreError(
-            f"{path}: store fingerprint {attrs['fingerprint']} differs from the spec's {fingerprint}; "
+            f"{where}: store fingerprint {attrs['fingerprint']} differs from the spec's {fingerprint}; "
             "it was built from another spec and is never reused: remove it or point at the right store"
         )
     return FeatureStore(path, group, attrs, writable=writable)
+
+
+def _kind(path: Path) -> str | None:
+    """``"file"``, ``"dir"`` or ``"other"`` for what is at ``path`` (links followed), None when nothing
+    is. Raises OSError (PermissionError) when it cannot be looked at."""
+    try:
+        mode = os.stat(path).st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    return "file" if stat.S_ISREG(mode) else "dir" if stat.S_ISDIR(mode) else "other"
+
+
+_UNREADABLE_FIX = "its metadata cannot be repaired: remove it and rebuild it with `customkd-cache cache`"
 
 
 class FeatureStore(StoreWriter, StoreInfo):
@@ -101,7 +129,7 @@ class FeatureStore(StoreWriter, StoreInfo):
         Raises StoreError for a store that is not int8 or a unit that is not done.
         """
         if not self.quantized:
-            raise StoreError(f"{self.path}: dtype {self.dtype.name} has no quantization parameters")
+            raise StoreError(f"{self.shown}: dtype {self.dtype.name} has no quantization parameters")
         units = range(self.num_units(split)) if units is None else units
         self._require_done(split, units)
         scale = np.asarray(self._array(split, "quant_scale")[units.start : units.stop], dtype=np.float32)
@@ -151,7 +179,7 @@ class FeatureStore(StoreWriter, StoreInfo):
         if not self._marker(split, "stats_done"):
             done = self.done_units(split)
             raise StoreError(
-                f"{self.path}: split '{split}' has no mean/std yet ({int(done.sum())}/{done.size} units "
+                f"{self.shown}: split '{split}' has no mean/std yet ({int(done.sum())}/{done.size} units "
                 f"done); finish it with `{self.finish_command()}` (it resumes)"
             )
         mean = np.asarray(self._array(split, "mean")[:], dtype=np.float32)

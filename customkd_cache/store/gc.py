@@ -7,18 +7,23 @@
   seconds, so an old one belongs to a killed process;
 - **stale claim files** (and tombstones) in the ``.claims/`` of incomplete stores: claims of dead
   processes on this host, or whose lease ran out (see ``claims.py``);
-- **incomplete stores** untouched for ``older_than_days`` that hold no live claim.
+- **incomplete stores** untouched for ``older_than_days`` that hold no live claim;
+- **leftovers of a killed gc** (``.NAME.zarr.gc-*``, renamed for deletion but not deleted).
 
 It never touches a complete store, a store it cannot read (``verify`` it; it is reported as kept),
 or a live claim. Age is the newest mtime of any file in the tree, so a store with a writer at work
 is young. Removal renames first, then deletes, so a half-deleted store never looks like a store.
+Links are never followed. On a shared or read-only root, what cannot be removed is recorded in
+``GcResult.failed`` and the run goes on.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import shutil
+import stat
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -30,7 +35,7 @@ from customkd_cache.store.claims import is_stale, remove_if_stale
 from customkd_cache.store.feature_store import open_store
 from customkd_cache.store.layout import CLAIMS_DIR
 
-Kind = Literal["temp_dir", "stale_claim", "tombstone", "incomplete_store"]
+Kind = Literal["temp_dir", "gc_leftover", "stale_claim", "tombstone", "incomplete_store"]
 DAY_S = 86400.0
 TEMP_GRACE_S = 3600.0
 LEASE_S = 600.0
@@ -46,12 +51,14 @@ class Removal:
 
 @dataclass
 class GcResult:
-    """What was removed (or, with ``dry_run``, would be) and what was kept with the reason."""
+    """What was removed (or, with ``dry_run``, would be), what was kept and what could not be
+    removed, each with the reason."""
 
     root: Path
     dry_run: bool
     removed: list[Removal] = field(default_factory=list)
     kept: list[tuple[Path, str]] = field(default_factory=list)
+    failed: list[tuple[Path, str]] = field(default_factory=list)  # could not be removed: why
 
     @property
     def bytes_freed(self) -> int:
@@ -70,21 +77,23 @@ def collect_garbage(
     """Clean ``root`` as the module docstring says; return what was done.
 
     Raises:
-        StoreError: ``root`` is not a directory, or ``older_than_days`` is negative.
+        StoreError: ``root`` is not a directory, or ``older_than_days`` is negative, NaN or infinite.
     """
     root = Path(root)
     if not root.is_dir():
         raise StoreError(
             f"{root}: cache root not found; pass an existing directory or set CUSTOMKD_CACHE_ROOT"
         )
-    if older_than_days < 0:
-        raise StoreError(f"--older-than {older_than_days}: must be >= 0 days")
+    if not math.isfinite(older_than_days) or older_than_days < 0:
+        raise StoreError(f"--older-than {older_than_days}: must be a finite number of days >= 0")
     now = time.time() if now is None else now
     result = GcResult(root, dry_run)
     for child in sorted(root.iterdir()):
         if not child.is_dir() or child.is_symlink():
             continue
-        if child.name.startswith(".") and ".zarr.tmp-" in child.name:
+        if child.name.startswith(".") and ".zarr.gc-" in child.name:
+            _remove(child, "gc_leftover", "left by a gc that was killed while removing it", result)
+        elif child.name.startswith(".") and ".zarr.tmp-" in child.name:
             _temp_dir(child, result, now=now, grace_s=temp_grace_s)
         elif child.suffix == ".zarr" and not child.name.startswith("."):
             _store(
@@ -130,15 +139,27 @@ def _store(
 
 
 def _claims(store: Path, result: GcResult, *, now: float, lease_s: float, grace_s: float) -> int:
-    """Remove the stale claims and old tombstones of ``store``; return how many live claims it has."""
+    """Remove the stale claims and old tombstones of ``store``; return how many live claims it has.
+
+    Links are never followed (a ``.claims`` that is a link, or a link inside it, is left alone), so
+    nothing outside the store is looked at or removed."""
     live = 0
-    for path in sorted((store / CLAIMS_DIR).rglob("*")):
+    for path in _claim_entries(store / CLAIMS_DIR):
         if path.name.endswith(".claim"):
-            if not is_stale(path, lease_s=lease_s):
+            try:
+                stale = is_stale(path, lease_s=lease_s)
+            except OSError:  # cannot be read: counted as live, never removed
+                stale = False
+            if not stale:
                 live += 1
                 continue
             size = _size(path)
-            if result.dry_run or remove_if_stale(path, lease_s=lease_s):
+            try:
+                gone = result.dry_run or remove_if_stale(path, lease_s=lease_s)
+            except OSError as e:  # a claim of another user in a shared root, a read-only mount
+                result.failed.append((path, e.strerror or str(e)))
+                continue
+            if gone:
                 result.removed.append(
                     Removal(path, "stale_claim", size, "claim of a dead process or lapsed lease")
                 )
@@ -147,18 +168,44 @@ def _claims(store: Path, result: GcResult, *, now: float, lease_s: float, grace_
     return live
 
 
+def _claim_entries(claims: Path) -> list[Path]:
+    """Every file and directory under ``claims`` (sorted), without following links; [] when
+    ``claims`` is not a real directory."""
+    try:
+        if not stat.S_ISDIR(os.lstat(claims).st_mode):
+            return []
+    except OSError:
+        return []
+    found: list[Path] = []
+    for folder, dirs, files in os.walk(claims, followlinks=False):
+        for name in [*dirs, *files]:
+            path = Path(folder) / name
+            with contextlib.suppress(OSError):
+                if not stat.S_ISLNK(os.lstat(path).st_mode):
+                    found.append(path)
+    return sorted(found)
+
+
 def _remove(path: Path, kind: Kind, reason: str, result: GcResult) -> None:
+    """Remove ``path`` (a directory: renamed away first, then deleted; never through a link); what
+    cannot be removed (permissions, a read-only mount) is recorded in ``result.failed``."""
     size = _size(path)
     if not result.dry_run:
-        if path.is_dir():
-            doomed = path.with_name(f".{path.name}.gc-{uuid.uuid4().hex}")
-            try:
-                os.rename(path, doomed)
-            except FileNotFoundError:  # removed by another gc meanwhile
-                return
-            shutil.rmtree(doomed, ignore_errors=True)
-        else:
-            path.unlink(missing_ok=True)
+        try:
+            is_dir = stat.S_ISDIR(os.lstat(path).st_mode)
+            if is_dir:
+                doomed = path
+                if ".gc-" not in path.name:  # a leftover of a killed gc is already renamed
+                    doomed = path.with_name(f".{path.name}.gc-{uuid.uuid4().hex}")
+                    os.rename(path, doomed)
+                shutil.rmtree(doomed)
+            else:
+                path.unlink(missing_ok=True)
+        except FileNotFoundError:  # removed by another gc meanwhile
+            return
+        except OSError as e:
+            result.failed.append((path, e.strerror or str(e)))
+            return
     result.removed.append(Removal(path, kind, size, reason))
 
 
@@ -181,7 +228,7 @@ def _mtime(path: Path) -> float:
 
 
 def _size(path: Path) -> int:
-    if not path.is_dir():
+    if not _is_real_dir(path):
         with contextlib.suppress(FileNotFoundError):
             return os.lstat(path).st_size
         return 0
@@ -199,3 +246,10 @@ def _ago(seconds: float) -> str:
     if seconds >= 3600:
         return f"{seconds / 3600:.1f} h"
     return f"{seconds:.0f} s"
+
+
+def _is_real_dir(path: Path) -> bool:
+    try:
+        return stat.S_ISDIR(os.lstat(path).st_mode)
+    except OSError:
+        return False

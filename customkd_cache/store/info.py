@@ -15,6 +15,7 @@ import numpy as np
 
 from customkd_cache.errors import StoreError
 from customkd_cache.store.base import StoreBase
+from customkd_cache.store.codec import cosine_record_problem
 from customkd_cache.store.layout import FIDELITY_ATTR, QUANT_ARRAYS
 
 
@@ -99,7 +100,7 @@ class StoreInfo(StoreBase):
         cosine between the decoded and the float32 features, measured when each unit was written.
         None before any unit is done. Raises StoreError for a store that is not int8."""
         if not self.quantized:
-            raise StoreError(f"{self.path}: dtype {self.dtype.name} records no quantization cosine")
+            raise StoreError(f"{self.shown}: dtype {self.dtype.name} records no quantization cosine")
         sums, mins, count = [], [], 0
         for split in self.split_names:
             done = np.flatnonzero(self.done_units(split))
@@ -107,6 +108,13 @@ class StoreInfo(StoreBase):
                 continue
             record = np.asarray(self._array(split, "quant_cosine")[:], dtype=np.float64)[done]
             units = self.units(split)
+            for k, row in zip(done.tolist(), record, strict=True):
+                problem = cosine_record_problem(row, len(units[k]) * self.num_views)
+                if problem:
+                    raise StoreError(
+                        f"{self.shown}: split '{split}' unit {k}: {problem}: the record is damaged; "
+                        f"repair the store with `{self.repair_command()}`"
+                    )
             count += sum(len(units[k]) for k in done.tolist()) * self.num_views
             sums += record[:, 0].tolist()
             mins += record[:, 1].tolist()

@@ -16,8 +16,14 @@ import numpy as np
 
 from customkd_cache.errors import StoreError
 from customkd_cache.store.base import StoreBase
-from customkd_cache.store.codec import _unit_sums, dequantize, mean_std_from_sums, unit_digest
-from customkd_cache.store.layout import _BOOKKEEPING, SplitInit, _layout, _shape, _short, _why, format_units
+from customkd_cache.store.codec import (
+    _unit_sums,
+    cosine_record_problem,
+    dequantize,
+    mean_std_from_sums,
+    unit_digest,
+)
+from customkd_cache.store.layout import _BOOKKEEPING, SplitInit, _layout, _short, _why, format_units
 
 
 class StoreIntegrity(StoreBase):
@@ -30,10 +36,19 @@ class StoreIntegrity(StoreBase):
         rows, each unit's stored bytes against its sha256 and sums, stats missing on a split whose
         units are all done.
         """
+        return self.verify_report()[0]
+
+    def verify_report(self) -> tuple[list[str], bool]:
+        """``verify``'s problems and whether ``repair`` (``repair_command``) can undo them: damaged
+        units and statistics it can; lost or altered metadata (a split group, an array's metadata,
+        shapes or dtypes) it cannot, the store must be rebuilt."""
+        metadata = [p for split in self.split_names for p in self._verify_shapes(split)]
+        if metadata:
+            return metadata, False
         problems: list[str] = []
         for split in self.split_names:
             problems += self._verify_split(split)
-        return problems
+        return problems, True
 
     def _verify_split(self, split: str) -> list[str]:
         shape_problems = self._verify_shapes(split)
@@ -71,31 +86,23 @@ class StoreIntegrity(StoreBase):
         return mean_std_from_sums(*self.raw_sums(split))
 
     def _verify_shapes(self, split: str) -> list[str]:
+        """Metadata problems of a split, one line each: its group, then every array of the layout
+        (missing, unreadable, another shape or dtype). ``repair`` cannot undo any of them."""
         try:
-            n, u = self.num_samples(split), self.num_units(split)
+            self.num_samples(split)  # the split group and its features array
         except StoreError as e:
-            return [f"split '{split}': array 'features' is {_why(e)}; remove the store and rebuild it"]
-        dims = {"V": self.num_views, "D": self.feature_dim}
+            return [f"split '{split}': {_reason(str(e), self.shown)}"]
+        n = self.num_samples(split)
         problems = []
-        for name, layout in _layout(self.attrs["dtype"]).items():
-            shape = _shape(layout, n=n, units=u, dims=dims)
-            dtype = (
-                None
-                if layout.dtype == "str"
-                else self.dtype
-                if layout.dtype == "store"
-                else np.dtype(layout.dtype)
-            )
+        for name in _layout(self.attrs["dtype"]):
             try:
-                arr = self._array(split, name)
+                node = self._node(split, name)
             except StoreError as e:
                 problems.append(f"split '{split}': array '{name}' is {_why(e)}")
                 continue
-            if tuple(arr.shape) != shape or (dtype is not None and np.dtype(arr.dtype) != dtype):
-                problems.append(
-                    f"split '{split}': array '{name}' is {tuple(arr.shape)} {arr.dtype}, "
-                    f"expected {shape} {dtype}"
-                )
+            problem = self._shape_problem(name, node, n)
+            if problem:
+                problems.append(f"split '{split}': {problem}")
         return problems
 
     def _verify_unit(self, split: str, unit: int) -> list[str]:
@@ -115,7 +122,7 @@ class StoreIntegrity(StoreBase):
                 listed = sorted(self._group[split].array_keys())  # type: ignore[union-attr]
             except Exception as e:  # a damaged group or array metadata
                 raise StoreError(
-                    f"{self.path}: split '{split}' cannot be listed ({_short(e)}); the store is damaged"
+                    f"{self.shown}: split '{split}' cannot be listed ({_short(e)}); the store is damaged"
                 ) from None
             for name in listed:
                 if name in names or name in _BOOKKEEPING:
@@ -160,6 +167,10 @@ class StoreIntegrity(StoreBase):
         total, total_sq = _unit_sums(stored)
         if not (np.array_equal(total, data["unit_sum"]) and np.array_equal(total_sq, data["unit_sumsq"])):
             return "unit_sum/unit_sumsq disagree with the stored features", data
+        if self.quantized:
+            problem = cosine_record_problem(data["quant_cosine"], stored.shape[0] * stored.shape[1])
+            if problem:
+                return problem, data
         return None, data
 
     def _checked_unit(self, split: str, unit: int) -> dict[str, np.ndarray]:
@@ -167,7 +178,7 @@ class StoreIntegrity(StoreBase):
         problem, data = self._unit_problem(split, unit)
         if problem is not None:
             raise StoreError(
-                f"{self.path}: {self._where(split, unit)} is damaged: {problem}; nothing damaged is used: "
+                f"{self.shown}: {self._where(split, unit)} is damaged: {problem}; nothing damaged is used: "
                 f"repair the store with `{self.repair_command()}`"
             )
         return data
@@ -190,7 +201,7 @@ class StoreIntegrity(StoreBase):
             repaired += self._repair_stats()
         except OSError as e:
             raise StoreError(
-                f"{self.path}: cannot repair ({e.strerror or e}); use a store you can write"
+                f"{self.shown}: cannot repair ({e.strerror or e}); use a store you can write"
             ) from None
         return repaired
 
@@ -260,3 +271,8 @@ class StoreIntegrity(StoreBase):
         if changed:
             self._ids.pop(split, None)
         return changed
+
+
+def _reason(message: str, shown: str) -> str:
+    """A StoreError's message without the store path in front and the advice after the ``;``."""
+    return message.removeprefix(f"{shown}: ").split("; ")[0]

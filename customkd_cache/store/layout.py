@@ -9,6 +9,7 @@ and the one-line wording of zarr and codec errors (``_short``). Imports nothing 
 from __future__ import annotations
 
 import re
+import shlex
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -144,3 +145,21 @@ def _short(e: BaseException) -> str:
 
 def _why(e: StoreError) -> str:
     return "unreadable" if "unreadable" in str(e) else "missing"
+
+
+def shown_path(path: object) -> str:
+    """A path (or any text) for a one-line message: as it is, with control characters such as a
+    newline escaped (``\\n``), so the message stays one line."""
+    text = str(path)
+    return text if text.isprintable() else "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+def shell_quote(text: str) -> str:
+    """``text`` as one shell word on one line: ``shlex.quote``, or bash's ``$'...'`` with escapes when
+    it holds control characters."""
+    if text.isprintable():
+        return shlex.quote(text)
+    body = "".join(
+        "\\\\" if c == "\\" else "\\'" if c == "'" else c if c.isprintable() else repr(c)[1:-1] for c in text
+    )
+    return f"$'{body}'"

@@ -108,7 +108,7 @@ class StoreWriter(StoreIntegrity):
             self._array(split, "done")[unit] = 1
         except OSError as e:  # read-only directory, disk full, quota
             raise StoreError(
-                f"{self.path}: cannot write split '{split}' unit {unit} ({e.strerror or e}); free space "
+                f"{self.shown}: cannot write split '{split}' unit {unit} ({e.strerror or e}); free space "
                 "or use a cache root you can write, then rerun (the unit is not marked done)"
             ) from None
 
@@ -130,7 +130,7 @@ class StoreWriter(StoreIntegrity):
             self._array(split, "stats_done")[0] = 1
         except OSError as e:  # disk full, quota, read-only directory
             raise StoreError(
-                f"{self.path}: cannot write the statistics of split '{split}' ({e.strerror or e}); "
+                f"{self.shown}: cannot write the statistics of split '{split}' ({e.strerror or e}); "
                 "free space or use a cache root you can write, then rerun"
             ) from None
         return True
@@ -140,7 +140,7 @@ class StoreWriter(StoreIntegrity):
         if bad.size:
             start = self._unit_range(split, unit).start
             raise NonFiniteFeatureError(
-                f"{self.path}: split '{split}' unit {unit}: {what} for {bad.size} sample(s) "
+                f"{self.shown}: split '{split}' unit {unit}: {what} for {bad.size} sample(s) "
                 f"({self._shown_ids(split, start + bad)}); nothing was written; {fix}"
             )
 
