@@ -185,9 +185,10 @@ class TestStore:
         assert proc.returncode == 1
         assert "'Art' unit 1" in proc.stderr and "'Clipart' unit 0" in proc.stderr
         repair = proc.stderr.strip().splitlines()[-1].split("repair with: ", 1)[1]
-        program, *args = shlex.split(repair)
+        root, program, *args = shlex.split(repair)
+        assert root == f"CUSTOMKD_CACHE_ROOT={copy.parent}"  # it acts on this store, wherever it is
         assert program == "customkd-cache" and args[-1] == "--repair"
-        cli(*args, env=env_for(tmp_path))
+        cli(*args, env=env_for(tmp_path) | {"CUSTOMKD_CACHE_ROOT": str(copy.parent)})
         assert cli("verify", str(copy), env=env_for(tmp_path)).stdout.strip().endswith("ok")
         assert_same_arrays(copy, reference)
         assert chunk_bytes(copy) == chunk_bytes(reference)

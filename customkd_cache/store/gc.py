@@ -85,7 +85,7 @@ def collect_garbage(
             f"{root}: cache root not found; pass an existing directory or set CUSTOMKD_CACHE_ROOT"
         )
     if not math.isfinite(older_than_days) or older_than_days < 0:
-        raise StoreError(f"--older-than {older_than_days}: must be a finite number of days >= 0")
+        raise StoreError(f"--older-than {older_than_days}: must be a finite number >= 0 days")
     now = time.time() if now is None else now
     result = GcResult(root, dry_run)
     for child in sorted(root.iterdir()):
