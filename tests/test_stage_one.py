@@ -406,8 +406,14 @@ class TestRepairRestoresEveryArray:
         runner = CliRunner()
         before = runner.invoke(app, ["verify", str(store)])
         assert before.exit_code == 1, before.output  # the damage is seen
-        program, *args = shlex.split(before.output.strip().splitlines()[-1].split("repair with: ", 1)[1])
-        assert program == "customkd-cache" and args[-1] == "--repair"
+        root, program, *args = shlex.split(
+            before.output.strip().splitlines()[-1].split("repair with: ", 1)[1]
+        )
+        assert (
+            root == f"CUSTOMKD_CACHE_ROOT={tmp_path}"
+            and program == "customkd-cache"
+            and args[-1] == "--repair"
+        )
         repaired = runner.invoke(app, args)
         assert repaired.exit_code == 0, (repaired.output, repaired.exception)
         after = runner.invoke(app, ["verify", str(store)])
