@@ -542,8 +542,8 @@ class TestDamage:
         )
         assert "SPEC" in _create(tmp_path / "t.zarr").repair_command()
         assert (
-            store.finish_command()
-            == f"CUSTOMKD_CACHE_ROOT={tmp_path} customkd-cache cache --spec '/specs/my spec.toml' --set dataset.root=/d"
+            store.finish_command() == f"CUSTOMKD_CACHE_ROOT={tmp_path} "
+            "customkd-cache cache --spec '/specs/my spec.toml' --set dataset.root=/d"
         )
 
     def test_a_corrupt_array_zarr_json_is_reported(self, tmp_path: Path) -> None:
