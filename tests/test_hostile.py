@@ -9,6 +9,7 @@ worked (the link replaced by the real file) or exited 2 with one line naming the
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import sys
 from collections.abc import Iterator
@@ -86,7 +87,8 @@ def cli(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], *ar
         code = int(e.code or 0)
     captured = capsys.readouterr()
     cli.stdout = captured.out  # type: ignore[attr-defined]
-    return code, captured.err
+    progress = re.compile(r"^(device: |(\S+: )?epoch \d+/\d+: )")  # what train prints as it goes
+    return code, "".join(line for line in captured.err.splitlines(True) if not progress.match(line))
 
 
 def train_args(world: dict[str, Any], out: Path, *extra: str) -> list[str]:
