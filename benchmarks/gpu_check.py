@@ -1,8 +1,9 @@
 """The GPU check (``benchmarks/gpu_check.sh``): what one accelerator gives the two stages.
 
 - stage one: a ViT-L/14 teacher (``vit_large_patch14_dinov2``, random init: throughput and the bf16
-  error do not need trained weights) at 224 px, fp32 against bf16: views/s and the mean cosine
-  between the two precisions' features of the same images;
+  error do not need trained weights) at 224 px in each ``teacher.precision`` (fp32 with TF32 off,
+  tf32, bf16 autocast; and what ``auto`` resolves to): views/s, and the mean and minimum cosine of
+  the tf32 and bf16 features to the fp32 ones of the same images;
 - stage two: a MobileNetV3-Large student at 224 px, one optimizer step (forward, CE, backward, SGD)
   with and without bf16 autocast: milliseconds per step and images/s;
 - decoding on the CPU against the GPU, when the train spec has a decode option (else skipped);
@@ -81,29 +82,31 @@ def _timed(fn: Any, steps: int, device: torch.device) -> float:
 
 
 def stage_one(device: torch.device) -> dict[str, Any]:
-    """ViT-L/14 views/s in fp32 and bf16 through the project's teacher, and their feature cosine."""
-    from customkd_cache.models.teachers import create_teacher
+    """ViT-L/14 views/s through the project's teacher for each ``teacher.precision`` (fp32, tf32, bf16,
+    and what ``auto`` resolves to here), and the cosine of tf32 and bf16 features to fp32."""
+    from customkd_cache.models.teachers import create_teacher, fidelity_cosine
     from customkd_cache.specs import TeacherSpec
 
     size, batch = SIZES["teacher_px"], SIZES["teacher_batch"]
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(batch, 3, size, size, generator=gen).to(device)
     out: dict[str, Any] = {"teacher": SIZES["teacher"], "px": size, "batch": batch}
-    feats = {}
-    for precision in ("fp32", "bf16"):
+    for precision in ("fp32", "tf32", "bf16", "auto"):
         spec = TeacherSpec(
             name=SIZES["teacher"], weights="random", input_size=size, feature="cls", precision=precision
         )
         teacher = create_teacher(spec, device=device)
-        feats[precision] = teacher.features(x).float().cpu()
-        sec = _timed(lambda t=teacher: t.features(x), SIZES["steps"], device)
-        out[f"{precision}_views_per_s"] = round(batch / sec, 1)
+        out[f"{precision}_resolves_to"] = teacher.precision
+        if precision != "auto":
+            sec = _timed(lambda t=teacher: t.features(x), SIZES["steps"], device)
+            out[f"{precision}_views_per_s"] = round(batch / sec, 1)
+            if precision != "fp32":  # the same float32 weights, run in fp32: what stage one records
+                cosine = fidelity_cosine(teacher, x, batch_size=batch)
+                out[f"{precision}_cosine_mean"] = round(cosine["mean"], 6)
+                out[f"{precision}_cosine_min"] = round(cosine["min"], 6)
         del teacher
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    cos = F.cosine_similarity(feats["fp32"], feats["bf16"], dim=1)
-    out["bf16_cosine_mean"] = round(float(cos.mean()), 6)
-    out["bf16_cosine_min"] = round(float(cos.min()), 6)
     return out
 
 

@@ -34,6 +34,7 @@ from pydantic import ValidationError
 from customkd_cache import FORMAT_VERSION
 from customkd_cache.errors import StoreError
 from customkd_cache.specs import (
+    PRECISIONS_RESOLVED,
     CacheSpec,
     StoreSpec,
     TrainSpec,
@@ -119,11 +120,22 @@ def fingerprint(identity: dict[str, Any]) -> str:
 
 
 def _written_teacher(spec: CacheSpec) -> dict[str, Any]:
-    teacher = to_dict(spec.teacher)
-    # Added after the first stores were written: its default stays out of the key, so those stores
-    # are still found.
+    return _keyed_teacher(to_dict(spec.teacher))
+
+
+def _keyed_teacher(written: dict[str, Any]) -> dict[str, Any]:
+    """A cache spec's teacher section as the keys hash it.
+
+    Added after the first stores were written: ``pos_embed_antialias``, whose default stays out of the
+    key, and ``precision = "auto"``, keyed as ``"fp32"`` (the default before it), so those stores are
+    still found. Which precision a store holds is its identity's ``teacher.precision``; ``find_store``
+    matches it against what the spec's precision may resolve to (``PRECISIONS_RESOLVED``).
+    """
+    teacher = dict(written)
     if teacher.get("pos_embed_antialias") is True:
         del teacher["pos_embed_antialias"]
+    if teacher.get("precision") == "auto":
+        teacher["precision"] = "fp32"
     return teacher
 
 
@@ -214,7 +226,10 @@ def find_store(spec: TrainSpec, *, spec_path: Path | None, manifest: Manifest) -
         )
     best = _preferred(found, cspec)
     if len(best) > 1:
-        names = ", ".join(f"{c.path} ({c.storage_label(cspec.store)})" for c in best)
+        names = ", ".join(
+            f"{c.path} ({c.storage_label(cspec.store)}{', ' + c.precision if c.precision else ''})"
+            for c in best
+        )
         raise StoreError(f"several stores match {cspec_path} ({names}); set cache.store = PATH to choose one")
     return best[0].path
 
@@ -263,6 +278,7 @@ class _Listed:
     dataset_kind: str
     teacher: str
     written: dict[str, Any]  # the cache spec it was made from (provenance: diagnostics only)
+    precision: str = ""  # the identity's teacher.precision: what the spec's precision resolved to
 
     def storage_label(self, want: StoreSpec) -> str:
         """``int8``, plus the other [store] fields that differ from ``want`` (``int8, unit_rows=16``)."""
@@ -296,6 +312,7 @@ def _read_listed(path: Path) -> _Listed | None:
             dataset_kind=str(dataset.get("kind", "")),
             teacher=str(teacher.get("name", "")),
             written=written if isinstance(written, dict) else {},
+            precision=str(teacher.get("precision", "")),
         )
     except Exception:  # noqa: BLE001 - malformed attributes are a damaged store, skipped
         return None
@@ -306,17 +323,36 @@ def _serves(
 ) -> bool:
     """``c`` was made from ``cspec`` (any storage) and holds every wanted split with its digest; a store
     made before split digests, from ``whole`` (the cache spec over the train spec's dataset) for
-    exactly this manifest."""
+    exactly this manifest.
+
+    Its precision must be one the spec's may resolve to (a bf16 store never serves a spec that asks
+    for fp32), and a spec written with another precision that resolves to the same one made the same
+    store (``auto`` on a GPU and ``bf16``, ``tf32`` on the CPU and ``fp32``: one identity, one store)."""
+    if c.precision and c.precision not in PRECISIONS_RESOLVED[cspec.teacher.precision]:
+        return False
+    keyed = list(zip(_same_precision(cspec, c.precision), _same_precision(whole, c.precision), strict=True))
     if c.teacher_key:
-        keys = {teacher_key(spec=cspec)}
+        keys = {teacher_key(spec=spec) for spec, _ in keyed}
         if c.storage is not None:
-            keys.add(teacher_key_with_storage(spec=cspec, storage=c.storage))
+            keys |= {teacher_key_with_storage(spec=spec, storage=c.storage) for spec, _ in keyed}
         held = c.split_digests or {}
         return c.teacher_key in keys and all(held.get(s) == d for s, d in want.items())
-    keys = {request_key(spec=whole, manifest_digest=manifest_digest)}
+    keys = {request_key(spec=full, manifest_digest=manifest_digest) for _, full in keyed}
     if c.storage is not None:
-        keys.add(request_key_with_storage(spec=whole, manifest_digest=manifest_digest, storage=c.storage))
+        keys |= {
+            request_key_with_storage(spec=full, manifest_digest=manifest_digest, storage=c.storage)
+            for _, full in keyed
+        }
     return c.request_key in keys
+
+
+def _same_precision(spec: CacheSpec, resolved: str) -> list[CacheSpec]:
+    """``spec``, then ``spec`` with each other ``teacher.precision`` that may resolve to ``resolved``
+    (only ``spec`` when ``resolved`` is unknown)."""
+    others = [p for p, can in PRECISIONS_RESOLVED.items() if resolved in can and p != spec.teacher.precision]
+    return [spec] + [
+        spec.model_copy(update={"teacher": spec.teacher.model_copy(update={"precision": p})}) for p in others
+    ]
 
 
 def _preferred(found: list[_Listed], cspec: CacheSpec) -> list[_Listed]:
@@ -433,7 +469,8 @@ def _check_rows(store: FeatureStore, split: SplitManifest) -> None:
 # --- authenticating a store's keys ---------------------------------------------------------------
 
 # Teacher fields a store's identity records as the spec wrote them: where both the identity and
-# the spec the store records (its provenance) hold one, they must agree.
+# the spec the store records (its provenance) hold one, they must agree (the precision: the identity's
+# must be one the written one resolves to, ``PRECISIONS_RESOLVED``).
 _SPEC_TEACHER_FIELDS = ("source", "name", "pretrained", "weights_keys", "input_size", "feature", "precision")
 
 
@@ -458,16 +495,18 @@ def stored_keys(identity: Any, provenance: Any) -> dict[str, str]:
     if not isinstance(teacher, dict):
         raise ValueError("identity.teacher is not a table")
     for key in _SPEC_TEACHER_FIELDS:
-        if key in teacher and key in written and teacher[key] != written[key]:
+        if key == "precision" and isinstance(written.get(key), str) and written[key] in PRECISIONS_RESOLVED:
+            agree = key not in teacher or teacher[key] in PRECISIONS_RESOLVED[written[key]]
+        else:
+            agree = key not in teacher or key not in written or teacher[key] == written[key]
+        if not agree:
             raise ValueError(
                 f"provenance.spec.teacher.{key} = {written[key]!r} disagrees with identity.teacher.{key} = "
                 f"{teacher[key]!r}"
             )
     if written.get("pos_embed_antialias", True) != teacher.get("pos_embed_antialias", True):
         raise ValueError("provenance.spec.teacher.pos_embed_antialias disagrees with the identity")
-    written = dict(written)
-    if written.get("pos_embed_antialias") is True:  # as ``_written_teacher`` leaves its default out
-        del written["pos_embed_antialias"]
+    written = _keyed_teacher(written)  # as the keys were computed when the store was made
     dataset = identity.get("dataset")
     dataset = dataset if isinstance(dataset, dict) else {}
     common = {

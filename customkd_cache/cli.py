@@ -330,7 +330,7 @@ def info(
     as_json: JsonOpt = False,
 ) -> None:
     """Describe a feature store: completeness, samples per split, views, teacher, fingerprint."""
-    from customkd_cache.store import open_store
+    from customkd_cache.store import FIDELITY_ATTR, FIDELITY_MIN_ATTR, open_store
 
     data = open_store(_store_path(store)).info()
     if as_json:
@@ -342,6 +342,11 @@ def info(
             typer.echo(f"{key:12s} {data[key]}")
     teacher = data.get("teacher") or {}
     typer.echo(f"{'teacher':12s} {teacher.get('source')}:{teacher.get('name')} ({teacher.get('feature')})")
+    typer.echo(f"{'precision':12s} {teacher.get('precision')}")
+    if FIDELITY_ATTR in data:  # bf16 stores: the cosine to fp32 on the first rows computed
+        low = data.get(FIDELITY_MIN_ATTR)
+        shown = f"mean {data[FIDELITY_ATTR]:.6f}" + (f", min {low:.6f}" if low is not None else "")
+        typer.echo(f"{'bf16 vs fp32':12s} cosine {shown}")
 
 
 @app.command(name="ls")

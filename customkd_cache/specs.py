@@ -24,6 +24,16 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from customkd_cache.errors import SpecError, closest
 
 FeatureKind = Literal["cls", "cls+mean_patch", "embed", "pooled"]
+# What each ``teacher.precision`` may resolve to: the ``precision`` a store's identity records.
+# "bf16-autocast": float32 weights, matmuls and convolutions in bfloat16 under ``torch.autocast``.
+# "bf16" is what stores made before autocast record (weights and activations cast to bfloat16):
+# they are still found by a spec asking for bf16, never made again.
+PRECISIONS_RESOLVED: dict[str, tuple[str, ...]] = {
+    "auto": ("fp32", "bf16-autocast"),
+    "fp32": ("fp32",),
+    "tf32": ("tf32", "fp32"),
+    "bf16": ("bf16-autocast", "bf16"),
+}
 Method = Literal["student_only", "kd", "fitnet", "dkd", "logits", "customkd", "customkd+kd", "customkd+dkd"]
 METHODS: tuple[str, ...] = Method.__args__  # type: ignore[attr-defined]
 
@@ -104,7 +114,13 @@ class TeacherSpec(_Spec):
     )
     input_size: int = Field(224, ge=8, le=4096)
     feature: FeatureKind = "cls"
-    precision: Literal["fp32", "bf16"] = "fp32"
+    precision: Literal["auto", "fp32", "tf32", "bf16"] = Field(
+        "auto",
+        description="auto: bf16 autocast for a transformer teacher on a CUDA GPU with bf16 (Ampere or "
+        "later), else fp32; fp32: float32 with TF32 off; tf32: float32 with TF32 matmuls and "
+        "convolutions on a CUDA GPU that has them (else fp32); bf16: bf16 autocast on any device. "
+        "The identity records what it resolved to (PRECISIONS_RESOLVED)",
+    )
     init_seed: int = Field(0, description="torch seed for weights = 'random'")
     pos_embed_antialias: bool = Field(
         True,

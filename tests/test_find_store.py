@@ -58,9 +58,12 @@ def root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return tmp_path
 
 
-def make_store(root: Path, *sets: str, made_over: Manifest = ALL, legacy: bool = False) -> Path:
+def make_store(
+    root: Path, *sets: str, made_over: Manifest = ALL, legacy: bool = False, precision: str | None = None
+) -> Path:
     """An empty store with the identity, keys and provenance that ``cache`` with ``sets`` writes over
-    the dataset ``made_over``; ``legacy``: as stores made before split digests (no teacher_key)."""
+    the dataset ``made_over``; ``legacy``: as stores made before split digests (no teacher_key);
+    ``precision``: what the teacher's precision resolved to (the identity's ``teacher.precision``)."""
     spec = load_cache_spec(CACHE_SPEC, list(sets))
     digests = None if legacy else split_digests(made_over)
     identity = cache_identity(
@@ -71,7 +74,8 @@ def make_store(root: Path, *sets: str, made_over: Manifest = ALL, legacy: bool =
             splits={s.name: len(s) for s in made_over.splits},
             digests=digests,
         ),
-        teacher={"source": "timm", "name": spec.teacher.name, "feature": spec.teacher.feature},
+        teacher={"source": "timm", "name": spec.teacher.name, "feature": spec.teacher.feature}
+        | ({"precision": precision} if precision else {}),
     )
     fp = fingerprint(identity)
     path = root / store_name(dataset="officehome", teacher=spec.teacher.name, fingerprint=fp)
@@ -141,6 +145,51 @@ class TestStorageIsNotIdentity:
         make_store(root)
         int8 = make_store(root, "store.dtype=int8")
         assert find(f"cache.store={int8}") == int8
+
+
+def cache_spec_with(tmp_path: Path, precision: str) -> Path:
+    """A copy of CACHE_SPEC asking for ``teacher.precision = precision``."""
+    path = tmp_path / f"cache_{precision}.toml"
+    text = CACHE_SPEC.read_text(encoding="utf-8")
+    path.write_text(
+        text.replace('feature = "cls"', f'feature = "cls"\nprecision = "{precision}"'), encoding="utf-8"
+    )
+    return path
+
+
+class TestPrecision:
+    """``auto`` and ``fp32`` share a key (stores made before ``auto`` are found); the identity's
+    precision decides which specs a store serves."""
+
+    def find_with(self, cspec: Path) -> Path:
+        spec = load_train_spec(TRAIN_SPEC, ["dataset.root=OfficeHome", f"cache.spec={cspec}"])
+        return find_store(spec, spec_path=TRAIN_SPEC, manifest=THIS)
+
+    def test_an_fp32_store_serves_auto_and_fp32(self, tmp_path: Path, root: Path) -> None:
+        made = make_store(root, "teacher.precision=fp32", precision="fp32")
+        assert find() == made  # CACHE_SPEC leaves precision at "auto"
+        assert self.find_with(cache_spec_with(tmp_path, "fp32")) == made
+
+    def test_a_bf16_store_serves_auto_and_bf16_but_never_fp32(self, tmp_path: Path, root: Path) -> None:
+        made = make_store(root, precision="bf16-autocast")  # "auto" on a GPU
+        assert find() == made
+        with pytest.raises(StoreError, match="no store under"):
+            self.find_with(cache_spec_with(tmp_path, "fp32"))
+        bf16 = make_store(root, "teacher.precision=bf16", precision="bf16-autocast")
+        assert self.find_with(cache_spec_with(tmp_path, "bf16")) == bf16
+
+    def test_an_fp32_and_a_bf16_store_of_one_auto_spec_are_a_tie_naming_each(self, root: Path) -> None:
+        cpu = make_store(root, precision="fp32")
+        gpu = make_store(root, precision="bf16-autocast")
+        with pytest.raises(StoreError, match="several stores match") as err:
+            find()
+        assert f"{cpu} (float16, fp32)" in str(err.value) and f"{gpu} (float16, bf16-autocast)" in str(
+            err.value
+        )
+
+    def test_a_precision_that_auto_cannot_give_is_a_forged_store(self, root: Path) -> None:
+        with pytest.raises(StoreError, match="precision"):
+            make_store(root, precision="tf32")  # provenance says auto: auto never resolves to tf32
 
 
 class TestWhatIsStillRefused:

@@ -16,7 +16,13 @@ import torch
 from customkd_cache.data.views import INTERPOLATIONS
 from customkd_cache.distributed import resolve_device
 from customkd_cache.errors import SpecError, TeacherError, WeightsError
-from customkd_cache.models.teachers import Teacher, create_teacher, fidelity_cosine
+from customkd_cache.models.teachers import (
+    Teacher,
+    create_teacher,
+    fidelity_cosine,
+    precision_context,
+    resolve_precision,
+)
 from customkd_cache.specs import TeacherSpec
 
 ASSETS = Path(__file__).parent / "assets"
@@ -144,14 +150,27 @@ class TestTeacherContract:
             create_teacher(make_spec(**case, weights="nope.pt"), spec_dir=tmp_path)
 
     def test_bf16(self, case: dict[str, Any]) -> None:
+        """bf16 is autocast on the CPU too: float32 weights, features that differ from fp32 a little."""
         teacher = create_teacher(make_spec(**case, precision="bf16"))
+        fp32 = create_teacher(make_spec(**case, precision="fp32"))
         x = images()
         out = teacher.features(x)
         assert out.dtype == torch.float32 and out.shape == (4, teacher.feature_dim)
-        assert next(teacher.module.parameters()).dtype == torch.bfloat16
-        assert teacher.weights_digest == create_teacher(make_spec(**case)).weights_digest
-        assert teacher.identity()["precision"] == "bf16"
-        assert fidelity_cosine(teacher, x) > 0.99
+        assert next(teacher.module.parameters()).dtype == torch.float32
+        assert teacher.weights_digest == fp32.weights_digest
+        assert teacher.identity()["precision"] == "bf16-autocast"
+        assert teacher.identity() != fp32.identity()
+        assert not torch.equal(out, fp32.features(x))  # autocast did run in bf16
+        torch.testing.assert_close(teacher.features(x, precision="fp32"), fp32.features(x))
+        cosine = fidelity_cosine(teacher, x, batch_size=3)
+        assert 0.99 < cosine["min"] <= cosine["mean"] <= 1.0
+        assert fidelity_cosine(fp32, x) == {"mean": 1.0, "min": 1.0}
+
+    def test_auto_is_fp32_on_the_cpu(self, case: dict[str, Any]) -> None:
+        auto = create_teacher(make_spec(**case))
+        assert auto.spec.precision == "auto" and auto.precision == "fp32"
+        assert auto.identity() == create_teacher(make_spec(**case, precision="fp32")).identity()
+        assert create_teacher(make_spec(**case, precision="tf32")).identity() == auto.identity()
 
     def test_build_leaves_global_rng_alone(self, case: dict[str, Any]) -> None:
         torch.manual_seed(123)
@@ -393,3 +412,49 @@ def test_cnn_teachers_run_channels_last_with_the_same_features() -> None:
     cnn.module.to(memory_format=torch.contiguous_format)
     cnn.channels_last = False
     assert torch.allclose(nhwc, cnn.features(x), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("asked", "major", "convolutional", "expected"),
+    [
+        ("auto", 9, False, "bf16-autocast"),  # a ViT on an H100
+        ("auto", 9, True, "fp32"),  # a CNN stays fp32
+        ("auto", 7, False, "fp32"),  # a V100: no native bf16
+        ("fp32", 9, False, "fp32"),
+        ("tf32", 8, True, "tf32"),
+        ("tf32", 7, True, "fp32"),  # no TF32 before Ampere: it computes fp32
+        ("bf16", 7, True, "bf16-autocast"),
+    ],
+)
+def test_precision_resolves_on_cuda(
+    asked: str, major: int, convolutional: bool, expected: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    class Props:
+        pass
+
+    props = Props()
+    props.major = major  # type: ignore[attr-defined]
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: props)
+    monkeypatch.setattr(torch.version, "hip", None)
+    assert resolve_precision(asked, torch.device("cuda:0"), convolutional=convolutional) == expected
+
+
+@pytest.mark.parametrize("asked", ["auto", "fp32", "tf32"])
+def test_precision_on_the_cpu_is_fp32_unless_bf16_is_asked(asked: str) -> None:
+    assert resolve_precision(asked, torch.device("cpu"), convolutional=False) == "fp32"
+    assert resolve_precision("bf16", torch.device("cpu"), convolutional=True) == "bf16-autocast"
+
+
+@pytest.mark.filterwarnings("ignore:CUDA is not available")  # autocast on a CUDA device that is absent
+def test_tf32_switches_are_set_on_cuda_and_restored() -> None:
+    """On CUDA, fp32 turns TF32 off and tf32 turns it on for the forward pass only; on the CPU the
+    switches are left alone."""
+    matmul = torch.backends.cuda.matmul
+    before = matmul.fp32_precision
+    for precision, inside in (("tf32", "tf32"), ("fp32", "ieee"), ("bf16-autocast", "ieee")):
+        with precision_context(precision, torch.device("cuda")):
+            assert matmul.fp32_precision == inside
+            assert torch.backends.cudnn.conv.fp32_precision == inside
+        assert matmul.fp32_precision == before
+    with precision_context("tf32", torch.device("cpu")):
+        assert matmul.fp32_precision == before

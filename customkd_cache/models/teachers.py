@@ -3,7 +3,9 @@
 ``create_teacher(spec)`` returns a ``Teacher`` whose ``features(x)`` maps a normalized image batch
 ``(B, 3, S, S) float32`` to one vector per image ``(B, D) float32``. Everything that changes those
 vectors is in ``Teacher.identity()`` (it feeds the cache fingerprint): the model, a sha256 digest of
-its weights, the preprocessing resolved *from the model*, the feature kind and the precision.
+its weights, the preprocessing resolved *from the model*, the feature kind and the precision it
+resolved to (``resolve_precision``: ``teacher.precision = "auto"`` is bf16 autocast for a transformer
+on a CUDA GPU with bf16, fp32 elsewhere).
 
 Weights never come from the network. ``teacher.weights`` is one of:
 
@@ -104,10 +106,7 @@ class Teacher:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     spec_dir: Path | None = field(default=None, repr=False)
     channels_last: bool = False  # a convolutional network: run in channels-last memory format
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return _compute_dtype(self.spec)
+    precision: str = "fp32"  # what ``spec.precision`` resolved to (``resolve_precision``)
 
     def identity(self) -> dict[str, Any]:
         """Everything that changes the features, as JSON-able data (no absolute paths)."""
@@ -121,7 +120,7 @@ class Teacher:
             "weights_digest": self.weights_digest,
             "input_size": s.input_size,
             "feature": s.feature,
-            "precision": s.precision,
+            "precision": self.precision,
             "preprocess": self.preprocess.to_json(),
             "feature_dim": self.feature_dim,
             # Only when not the default, so the fingerprints of stores made before it existed hold.
@@ -129,22 +128,27 @@ class Teacher:
         }
 
     def to(self, device: torch.device | str) -> Teacher:
-        """Move the module to ``device`` (in place) and return this teacher."""
+        """Move the module to ``device`` (in place) and return this teacher.
+
+        The precision stays the one resolved at build time (the identity must not change under a
+        store being written); build the teacher on its device instead when that matters.
+        """
         self.module.to(device)
         self.device = torch.device(device)
         return self
 
     @torch.inference_mode()
-    def features(self, x: torch.Tensor) -> torch.Tensor:
+    def features(self, x: torch.Tensor, *, precision: str | None = None) -> torch.Tensor:
         """``(B, 3, S, S)`` normalized float32 images -> ``(B, feature_dim) float32`` on ``self.device``.
 
-        In bf16 precision the input is cast to bfloat16 like the weights (no autocast) and the
-        features are returned as float32.
+        Computed in ``self.precision`` (``precision``: another resolved precision, e.g. ``"fp32"``
+        for the reference stage one compares bf16 with; the weights are float32 in every precision).
         """
-        x = x.to(device=self.device, dtype=self.dtype, non_blocking=True)
+        x = x.to(device=self.device, dtype=torch.float32, non_blocking=True)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        return self.forward_fn(self.module, x).float()
+        with precision_context(precision or self.precision, self.device):
+            return self.forward_fn(self.module, x).float()
 
 
 def check_teacher_name(spec: TeacherSpec) -> None:
@@ -174,8 +178,6 @@ def create_teacher(
         module, preprocess, forward = build(spec, path)
     module.eval().requires_grad_(False)
     digest = file_sha256(path) if path is not None else state_digest(module)
-    if spec.precision == "bf16":
-        module.to(torch.bfloat16)
     module.to(target)
     channels_last = is_convolutional(module)
     if channels_last:  # NHWC: about 1.5-2x the throughput of a CNN on a CPU, same features
@@ -191,6 +193,7 @@ def create_teacher(
         device=target,
         spec_dir=spec_dir,
         channels_last=channels_last,
+        precision=resolve_precision(spec.precision, target, convolutional=channels_last),
     )
 
 
@@ -202,27 +205,86 @@ def is_convolutional(module: torch.nn.Module) -> bool:
     return total > 0 and conv > total / 2
 
 
-def fidelity_cosine(teacher: Teacher, x: torch.Tensor) -> float:
-    """Mean cosine between this teacher's features on ``x`` and those of an fp32 build of it.
+def resolve_precision(asked: str, device: torch.device, *, convolutional: bool) -> str:
+    """``teacher.precision`` -> the precision the teacher runs in (and its identity records).
 
-    1.0 for an fp32 teacher. For bf16 the same spec is rebuilt in fp32 on the same device (the
-    bf16 module no longer holds the fp32 weights); stage one records the value so a reader can see
-    what bf16 cost.
+    - ``fp32``: float32, TF32 off (on CUDA both TF32 switches are turned off around each forward, so a
+      process-wide ``torch.set_float32_matmul_precision`` does not change the features).
+    - ``tf32``: float32 with TF32 matmuls and convolutions, on a CUDA GPU that has TF32 (compute
+      capability 8 or later); anywhere else it computes fp32 and resolves to ``fp32``.
+    - ``bf16``: ``bf16-autocast`` on every device (the CPU included): float32 weights, matmuls,
+      convolutions and attention in bfloat16 under ``torch.autocast``, norms and softmax in float32.
+    - ``auto``: ``bf16-autocast`` for a transformer (a teacher whose weights are mostly not in
+      convolutions: ViT, DeiT, EVA, CLIP's ViT) on a CUDA GPU with native bf16 (compute capability 8
+      or later), ``fp32`` otherwise: the CPU, CNNs and older GPUs keep float32.
     """
-    if teacher.spec.precision == "fp32":
-        return 1.0
-    ref = create_teacher(
-        teacher.spec.model_copy(update={"precision": "fp32"}),
-        spec_dir=teacher.spec_dir,
-        device=teacher.device,
-    )
-    if ref.weights_digest != teacher.weights_digest:
-        raise WeightsError(
-            f"teacher weights {teacher.weights_source} changed on disk while running "
-            f"(digest {teacher.weights_digest[:12]} became {ref.weights_digest[:12]}); rerun"
-        )
-    a, b = teacher.features(x), ref.features(x)
-    return float(torch.nn.functional.cosine_similarity(a, b, dim=1).mean())
+    if asked == "bf16":
+        return "bf16-autocast"
+    if asked == "fp32":
+        return "fp32"
+    modern = device.type == "cuda" and _cuda_major(device) >= 8
+    if asked == "tf32":
+        return "tf32" if modern else "fp32"
+    if asked == "auto" and modern and not convolutional:
+        return "bf16-autocast"
+    return "fp32"
+
+
+def _cuda_major(device: torch.device) -> int:
+    """The compute capability's major number of a CUDA ``device`` (ROCm: 8, bf16 everywhere)."""
+    if torch.version.hip:
+        return 8
+    return int(torch.cuda.get_device_properties(device).major)
+
+
+@contextlib.contextmanager
+def precision_context(precision: str, device: torch.device) -> Iterator[None]:
+    """Run the enclosed forward pass in the resolved ``precision`` on ``device``: bf16 autocast for
+    ``bf16-autocast``; on CUDA, TF32 on for ``tf32`` and off otherwise, restored on exit."""
+    with contextlib.ExitStack() as stack:
+        if device.type == "cuda":
+            stack.enter_context(_tf32(precision == "tf32"))
+        if precision == "bf16-autocast":
+            stack.enter_context(torch.autocast(device.type, dtype=torch.bfloat16))
+        yield
+
+
+@contextlib.contextmanager
+def _tf32(enabled: bool) -> Iterator[None]:
+    """TF32 for cuBLAS matmuls and cuDNN convolutions on or off, restored on exit (PyTorch's
+    ``fp32_precision`` switches where they exist; ``allow_tf32`` before them: the two must not mix)."""
+    matmul, conv = torch.backends.cuda.matmul, torch.backends.cudnn
+    if hasattr(matmul, "fp32_precision") and hasattr(conv, "conv"):
+        switches: list[tuple[Any, str, Any]] = [
+            (matmul, "fp32_precision", "tf32" if enabled else "ieee"),
+            (conv.conv, "fp32_precision", "tf32" if enabled else "ieee"),
+        ]
+    else:
+        switches = [(matmul, "allow_tf32", enabled), (conv, "allow_tf32", enabled)]
+    before = [getattr(obj, name) for obj, name, _ in switches]
+    try:
+        for obj, name, value in switches:
+            setattr(obj, name, value)
+        yield
+    finally:
+        for (obj, name, _), value in zip(switches, before, strict=True):
+            setattr(obj, name, value)
+
+
+def fidelity_cosine(teacher: Teacher, x: torch.Tensor, *, batch_size: int = 64) -> dict[str, float]:
+    """``{"mean", "min"}`` over the rows of ``x`` of the cosine between this teacher's features and
+    its features in fp32 (the same float32 weights, run without autocast or TF32), ``batch_size``
+    rows a pass.
+
+    Both 1.0 for an fp32 teacher; stage one records them so a reader can see what bf16 cost.
+    """
+    if teacher.precision == "fp32":
+        return {"mean": 1.0, "min": 1.0}
+    chunks = [x[i : i + batch_size] for i in range(0, len(x), batch_size)]
+    a = torch.cat([teacher.features(c).cpu() for c in chunks]).double()
+    b = torch.cat([teacher.features(c, precision="fp32").cpu() for c in chunks]).double()
+    cos = torch.nn.functional.cosine_similarity(a, b, dim=1).clamp(-1.0, 1.0)
+    return {"mean": float(cos.mean()), "min": float(cos.min())}
 
 
 def weights_kind(weights: str) -> WeightsKind:
@@ -635,11 +697,6 @@ def _preprocess(spec: TeacherSpec, mean: Any, std: Any, interpolation: str, crop
     return Preprocess(spec.input_size, (m[0], m[1], m[2]), (s[0], s[1], s[2]), interpolation, crop_pct)
 
 
-def _compute_dtype(spec: TeacherSpec) -> torch.dtype:
-    """The dtype of the weights and the inputs: bfloat16 in bf16 precision, else float32."""
-    return torch.bfloat16 if spec.precision == "bf16" else torch.float32
-
-
 @torch.inference_mode()
 def _probe_feature_dim(
     spec: TeacherSpec,
@@ -651,7 +708,7 @@ def _probe_feature_dim(
 ) -> int:
     """Run one zero image through the network: the feature size, and an early check of its shape."""
     size = preprocess.input_size
-    out = forward(module, torch.zeros(1, 3, size, size, device=device, dtype=_compute_dtype(spec)))
+    out = forward(module, torch.zeros(1, 3, size, size, device=device))
     if out.ndim != 2 or out.shape[0] != 1:
         raise TeacherError(
             f"teacher.feature = {spec.feature!r} on {spec.name} gives shape "

@@ -44,6 +44,7 @@ from customkd_cache.models.teachers import Teacher, create_teacher, fidelity_cos
 from customkd_cache.specs import CacheSpec, cache_root, to_dict
 from customkd_cache.store import (
     FIDELITY_ATTR,
+    FIDELITY_MIN_ATTR,
     FeatureStore,
     SplitInit,
     claims,
@@ -187,8 +188,9 @@ def open_plan_store(plan: CachePlan, *, command: Sequence[str] = ()) -> FeatureS
         "classes": list(manifest.classes),
         "dataset_kind": plan.spec.dataset.kind,
     }
-    if plan.spec.teacher.precision != "fp32":
-        extra[FIDELITY_ATTR] = _precision_fidelity(plan)
+    if plan.teacher.precision != "fp32" and not os.path.lexists(plan.path):  # measured by its creator
+        cosine = _precision_fidelity(plan)
+        extra[FIDELITY_ATTR], extra[FIDELITY_MIN_ATTR] = cosine["mean"], cosine["min"]
     return create_or_open_store(
         plan.path,
         fingerprint=plan.fingerprint,
@@ -233,12 +235,16 @@ def provenance(spec: CacheSpec, *, command: Sequence[str] = ()) -> dict[str, Any
     }
 
 
-def _precision_fidelity(plan: CachePlan) -> float:
-    """Mean cosine between this teacher's features and an fp32 copy's, on up to 8 eval views."""
+FIDELITY_ROWS = 8  # images whose every view stage one runs in both precisions
+
+
+def _precision_fidelity(plan: CachePlan) -> dict[str, float]:
+    """``{"mean", "min"}`` cosine between the teacher's features in its precision and in fp32, over
+    every view of the first ``FIDELITY_ROWS`` images of the first split (the first rows a run computes)."""
     split = plan.dataset.manifest.splits[0]
-    rows = range(min(8, len(split.samples)))
-    x = torch.stack([_render_row(plan, split.name, i)[0][0] for i in rows])
-    return fidelity_cosine(plan.teacher, x)
+    rows = range(min(FIDELITY_ROWS, len(split.samples)))
+    x = torch.cat([_render_row(plan, split.name, i)[0] for i in rows])
+    return fidelity_cosine(plan.teacher, x, batch_size=plan.spec.run.batch_size)
 
 
 # --- the work loop -----------------------------------------------------------------------------

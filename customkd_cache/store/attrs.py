@@ -21,7 +21,14 @@ from typing import Any
 
 from customkd_cache import FORMAT_VERSION
 from customkd_cache.errors import StoreError
-from customkd_cache.store.layout import _BASE_ATTRS, COMPRESSORS, DTYPES, FIDELITY_ATTR, shown_path
+from customkd_cache.store.layout import (
+    _BASE_ATTRS,
+    COMPRESSORS,
+    DTYPES,
+    FIDELITY_ATTR,
+    FIDELITY_MIN_ATTR,
+    shown_path,
+)
 
 _FINGERPRINT = re.compile(r"[0-9a-f]{64}")
 _NAMED = re.compile(r".+__.+__([0-9a-f]{12})\.zarr")  # what ``store_name`` gives
@@ -78,9 +85,10 @@ def _problem(path: Path, attrs: Mapping[str, Any]) -> str:
         entry = attrs["provenance"].get(key)
         if entry is not None and not isinstance(entry, dict):
             return f"attribute 'provenance.{key}' is {_show(entry)}, expected a table"
-    fidelity = attrs.get(FIDELITY_ATTR)
-    if fidelity is not None and not (_is_number(fidelity) and -1.0 <= fidelity <= 1.0):
-        return f"attribute '{FIDELITY_ATTR}' is {_show(fidelity)}, expected a cosine in [-1, 1]"
+    for name in (FIDELITY_ATTR, FIDELITY_MIN_ATTR):
+        fidelity = attrs.get(name)
+        if fidelity is not None and not (_is_number(fidelity) and -1.0 <= fidelity <= 1.0):
+            return f"attribute '{name}' is {_show(fidelity)}, expected a cosine in [-1, 1]"
     return _identity_problem(path, attrs)
 
 

@@ -16,7 +16,7 @@ import numpy as np
 from customkd_cache.errors import StoreError
 from customkd_cache.store.base import StoreBase
 from customkd_cache.store.codec import cosine_record_problem
-from customkd_cache.store.layout import FIDELITY_ATTR, QUANT_ARRAYS
+from customkd_cache.store.layout import FIDELITY_ATTR, FIDELITY_MIN_ATTR, QUANT_ARRAYS
 
 
 class StoreInfo(StoreBase):
@@ -79,7 +79,7 @@ class StoreInfo(StoreBase):
             "size_bytes": self.size_bytes(),
             "bytes_per_view": self.bytes_per_view(),
             **({"cosine_to_float32": self.quant_cosine()} if self.quantized else {}),
-            **({FIDELITY_ATTR: self.attrs[FIDELITY_ATTR]} if FIDELITY_ATTR in self.attrs else {}),
+            **{k: self.attrs[k] for k in (FIDELITY_ATTR, FIDELITY_MIN_ATTR) if k in self.attrs},
         }
 
     def bytes_per_view(self) -> float | None:

@@ -25,7 +25,10 @@ COMPRESSORS: tuple[str, ...] = ("zstd", "none")
 ZSTD_LEVEL = 3
 CLAIMS_DIR = ".claims"
 # Store attribute written by stage one for bf16 teachers: mean cosine of bf16 vs fp32 features.
+# A bf16 store's cosine between its teacher's bf16 and fp32 features on the first rows it computed:
+# the mean and the minimum over those rows (provenance: not in the identity).
 FIDELITY_ATTR = "bf16_cosine_to_fp32"
+FIDELITY_MIN_ATTR = "bf16_cosine_to_fp32_min"
 _BASE_ATTRS = (
     "format_version",
     "fingerprint",
