@@ -72,7 +72,7 @@ demo: install  ## real data, offline, minutes: Fashion-MNIST, EfficientNet-Lite0
 	$(PY) -m evidence.demo
 
 evidence: install  ## the full study (not part of CI)
-	$(PY) -c "import sklearn, mlxtend" 2>/dev/null || $(PY) -m pip install -q -e '.[evidence]'
+	$(PY) -c "import sklearn, mlxtend, skimage" 2>/dev/null || $(PY) -m pip install -q -e '.[evidence]'
 	$(PY) -m evidence.study
 
 bench: install  ## stage-one and stage-two benchmarks

@@ -406,12 +406,7 @@ def check_store(store: FeatureStore, *, spec: TrainSpec, spec_path: Path | None,
             f"{store.path}: no split {', '.join(missing)} in this store (it holds "
             f"{', '.join(store.split_names)}); point cache.store at a store made over those splits"
         )
-    gaps = [s for s in want if not store.split_complete(s)]
-    if gaps:
-        raise StoreError(
-            f"{store.path}: cache is incomplete in split {', '.join(gaps)}; finish it with "
-            f"`{store.finish_command()}` (it resumes), then rerun"
-        )
+    store.require_complete(want)
     digests = recorded_split_digests(identity)
     if digests is not None:
         other = [s for s in want if digests.get(s) != want[s]]
@@ -458,6 +453,7 @@ def _check_rows(store: FeatureStore, split: SplitManifest) -> None:
     want = split.labels()
     if labels.shape != want.shape or not (labels == want).all():
         rows = (labels != want).nonzero()[0] if labels.shape == want.shape else [0]
+        store.require_intact(split.name, [int(r) for r in rows])  # damaged (repairable) first
         first = int(rows[0])
         raise StoreError(
             f"{store.path}: split '{split.name}' labels differ from the dataset's in {len(rows)} row(s) "

@@ -283,6 +283,9 @@ class _Rows:
     def labels(self, split: str) -> np.ndarray:
         return self._labels
 
+    def require_intact(self, split: str, rows: list[int]) -> None:
+        """Every unit's checksums hold (the labels were changed and their checksum recomputed)."""
+
 
 class TestStoreRowsAgainstTheDataset:
     split = THIS.split("Art")

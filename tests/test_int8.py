@@ -10,15 +10,23 @@ from __future__ import annotations
 
 import json
 import random
-import signal
-import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 import zarr
-from test_stage_one import SMOKE, chunk_bytes, cli, env_for, only_store, popen, smoke_args
+from test_stage_one import (
+    SMOKE,
+    chunk_bytes,
+    cli,
+    done_units,
+    env_for,
+    kill_after_units,
+    only_store,
+    popen,
+    smoke_args,
+)
 from test_store import _create, _snapshot, _unit, _write_all
 
 from customkd_cache.catalog import fingerprint
@@ -248,13 +256,9 @@ def test_sigkill_then_rerun_gives_the_clean_bytes(oh_root: Path, tmp_path: Path)
     clean_root, killed_root = tmp_path / "clean", tmp_path / "killed"
     cli(*args, env=env_for(clean_root))
     rng, kills = random.Random(8), 0
-    for _ in range(2):
+    for _ in range(2):  # each run finishes a few more of the 20 units before it is killed
         proc = popen(*args, env=env_for(killed_root))
-        time.sleep(rng.uniform(3.5, 6.0))  # start-up takes ~3 s; kill during the work
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGKILL)
-            kills += 1
-        proc.communicate()
+        kills += kill_after_units(proc, killed_root, done_units(killed_root) + rng.randint(1, 6))
     cli(*args, env=env_for(killed_root))
     clean, killed = only_store(clean_root), only_store(killed_root)
     assert kills >= 1

@@ -403,6 +403,8 @@ def test_a_store_with_a_lost_done_marker_is_refused_before_training(
             f"dataset.root={cached['root']}",
         ]
     )
+    # the command acts on this store wherever the current cache root is
+    finish = f"CUSTOMKD_CACHE_ROOT={shlex.quote(str(store.parent))} {finish}"
     _refused(proc, str(store), "incomplete", "split 'Clipart' units 0 of 2 not done", f"`{finish}`")
     assert "--repair" not in proc.stderr
     assert not list(out.rglob("metrics.jsonl")) and not list(out.rglob("*.pt"))  # nothing trained

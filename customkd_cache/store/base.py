@@ -12,6 +12,7 @@ the mixins of ``writer``, ``integrity``, ``feature_store`` and ``info``.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -107,11 +108,13 @@ class StoreBase:
     def complete(self) -> bool:
         return all(self.split_complete(split) for split in self.split_names)
 
-    def require_complete(self) -> None:
-        """Refuse (StoreError) a store that is not complete, in one line: the store, each incomplete
-        split's missing units (``split 'train' units 3, 7-9 of 12 not done``) or missing mean/std,
-        and the command that finishes it (``finish_command``). What stage two calls before reading."""
-        gaps = [gap for split in self.split_names if (gap := self._split_gap(split))]
+    def require_complete(self, splits: Iterable[str] | None = None) -> None:
+        """Refuse (StoreError) a store whose ``splits`` (default: all) are not complete, in one line:
+        the store, each incomplete split's missing units (``split 'train' units 3, 7-9 of 12 not
+        done``) or missing mean/std, and the command that finishes it (``finish_command``). What
+        stage two calls before reading."""
+        wanted = self.split_names if splits is None else list(splits)
+        gaps = [gap for split in wanted if (gap := self._split_gap(split))]
         if gaps:
             raise StoreError(
                 f"{self.shown}: cache is incomplete: {'; '.join(gaps)}; finish it with "

@@ -183,6 +183,15 @@ class StoreIntegrity(StoreBase):
             )
         return data
 
+    def require_intact(self, split: str, rows: Sequence[int]) -> None:
+        """Check the done units holding ``rows`` of ``split`` (their sha256, sums and values); the
+        first damaged one is a StoreError naming it and the repair. Used before a mismatch with the
+        dataset is called a store altered on purpose: a damaged unit is repaired, not rebuilt."""
+        done = self.done_units(split)
+        for unit, span in enumerate(self.units(split)):
+            if done[unit] and any(span.start <= r < span.stop for r in rows):
+                self._checked_unit(split, unit)
+
     def repair(self, splits: Mapping[str, SplitInit], units: Sequence[tuple[str, int]]) -> list[str]:
         """Undo damage so that a cache run recomputes it; return what was repaired, one line each.
 
