@@ -60,7 +60,9 @@ def resolve_device(name: str) -> torch.device:
     count = torch.cuda.device_count() if available else 0
     index = torch.device(name).index if name != "auto" else None
     if index is None and "LOCAL_RANK" in os.environ:
-        index = int(os.environ["LOCAL_RANK"])
+        index = _env_int("LOCAL_RANK", os.environ["LOCAL_RANK"])
+        if index < 0:
+            raise SpecError(f"LOCAL_RANK={index}: must be >= 0; {_RANKS_FIX}")
         if count and index >= count:
             raise SpecError(
                 f"LOCAL_RANK={index}: this machine has {count} CUDA device(s); start at most {count} "
@@ -72,6 +74,50 @@ def resolve_device(name: str) -> torch.device:
             "use run.device = 'auto' or 'cpu'"
         )
     return torch.device("cuda", index) if index is not None else torch.device("cuda")
+
+
+def ranks_from_env() -> tuple[int, int, int]:
+    """``(RANK, WORLD_SIZE, LOCAL_RANK)`` as ``torchrun`` sets them; ``(0, 1, 0)`` when unset.
+
+    Raises SpecError naming the variable when one is not an integer, when ``WORLD_SIZE < 1``, or when
+    ``RANK`` or ``LOCAL_RANK`` is outside ``0..WORLD_SIZE-1`` (a stale or mistyped environment would
+    otherwise end in a traceback, or compute the wrong share).
+    """
+    texts = {k: os.environ.get(k, d) for k, d in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"))}
+    rank, world, local = (_env_int(name, text) for name, text in texts.items())
+    if world < 1:
+        raise SpecError(
+            f"WORLD_SIZE={texts['WORLD_SIZE']!r}: the number of processes must be >= 1; {_RANKS_FIX}"
+        )
+    for name, value in (("RANK", rank), ("LOCAL_RANK", local)):
+        if not 0 <= value < world:
+            raise SpecError(
+                f"{name}={texts[name]!r} with WORLD_SIZE={texts['WORLD_SIZE']!r}: need 0 <= {name} < "
+                f"WORLD_SIZE; {_RANKS_FIX}"
+            )
+    return rank, world, local
+
+
+def _env_int(name: str, text: str) -> int:
+    try:
+        return int(text.strip())
+    except ValueError:
+        raise SpecError(f"{name}={text!r}: not an integer; {_RANKS_FIX}") from None
+
+
+_RANKS_FIX = "torchrun sets them; unset RANK, WORLD_SIZE and LOCAL_RANK to run as one process"
+
+
+def _check_rendezvous(world: int) -> None:
+    """Several ranks meet at ``MASTER_ADDR:MASTER_PORT`` (torchrun sets both); without them the
+    process group would fail with a traceback."""
+    missing = [k for k in ("MASTER_ADDR", "MASTER_PORT") if not os.environ.get(k)]
+    if missing:
+        raise SpecError(
+            f"WORLD_SIZE={world} without {' and '.join(missing)}: the ranks have nowhere to meet; start "
+            f"the job with torchrun --nproc-per-node={world} -m customkd_cache ..., or unset RANK, "
+            "WORLD_SIZE and LOCAL_RANK to run as one process"
+        )
 
 
 def visible_gpu() -> str:
@@ -113,9 +159,9 @@ class Dist:
         """This process's rank, world and device from torchrun's environment; the process group
         (several ranks) gets ``timeout_s`` for every collective, so a rank that waits on a dead or
         diverged peer fails with an error instead of hanging."""
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        rank = int(os.environ.get("RANK", "0"))
-        local = int(os.environ.get("LOCAL_RANK", "0"))
+        rank, world, local = ranks_from_env()
+        if world > 1:
+            _check_rendezvous(world)
         dev = resolve_device(device)  # cuda:LOCAL_RANK under torchrun
         use_cuda = dev.type == "cuda"
         if use_cuda and world > 1:

@@ -159,11 +159,21 @@ class ViewsSpec(_Spec):
         return v
 
 
+# The most rows a work unit may hold: one unit's arrays are in memory while it is computed (65536 rows
+# x 8 views x 1024 dims in float16 are already 1 GiB), and a larger unit only delays the first resume point.
+MAX_UNIT_ROWS = 65536
+
+
 class StoreSpec(_Spec):
     dtype: Literal["float16", "float32", "int8"] = Field(
         "float16", description="int8: per-unit, per-dimension affine codes (about half of float16)"
     )
-    unit_rows: int = Field(256, ge=1, description="rows per work unit (one chunk file per array)")
+    unit_rows: int = Field(
+        256,
+        ge=1,
+        le=MAX_UNIT_ROWS,
+        description="rows per work unit (one chunk file per array, held in memory while it is computed)",
+    )
     compressor: Literal["zstd", "none"] = "zstd"
 
 

@@ -261,6 +261,136 @@ def test_resume_with_unreadable_metrics_is_one_line(
         assert "metrics.jsonl" in err, err
 
 
+# --- forged or damaged checkpoints: refused before anything is written ---------------------------
+
+
+def _first_tensor_key(sd: dict[str, Any]) -> str:
+    return next(k for k, v in sd.items() if v.dim() >= 2)
+
+
+def _wrong_shape(blob: dict[str, Any]) -> str:
+    key = _first_tensor_key(blob["models"]["student"])
+    t = blob["models"]["student"][key]
+    blob["models"]["student"][key] = torch.zeros(t.shape[0] + 1, *t.shape[1:])
+    return key
+
+
+def _missing_key(blob: dict[str, Any]) -> str:
+    key = _first_tensor_key(blob["models"]["student"])
+    del blob["models"]["student"][key]
+    return "missing"
+
+
+def _unexpected_key(blob: dict[str, Any]) -> str:
+    blob["models"]["student"]["planted.weight"] = torch.zeros(2)
+    return "planted.weight"
+
+
+def _optimizer_state_shape(blob: dict[str, Any]) -> str:
+    state = blob["models"]["opt_b"]["state"]
+    entry = next(v for v in state.values() if any(t.dim() > 0 for t in v.values()))
+    key = next(k for k, t in entry.items() if t.dim() > 0)
+    entry[key] = torch.zeros(3, 3, 3, 3, 3)
+    return "models.opt_b"
+
+
+def _optimizer_setting(blob: dict[str, Any]) -> str:
+    blob["models"]["opt_b"]["param_groups"][0]["weight_decay"] = 7.0
+    return "weight_decay"
+
+
+def _set(key: str, value: Any, needle: str) -> Any:
+    def change(blob: dict[str, Any]) -> str:
+        blob["state"][key] = value
+        return needle
+
+    return change
+
+
+# (name, change of the checkpoint -> a word the one error line holds)
+CHECKPOINT_DAMAGE = [
+    ("negative epoch", _set("epoch", -3, "state.epoch = -3")),
+    ("epoch beyond the spec", _set("epoch", 999, "state.epoch = 999")),
+    ("epoch as text", _set("epoch", "1", "state.epoch = '1'")),
+    ("epoch as bool", _set("epoch", True, "state.epoch = True")),
+    ("negative step", _set("step", -1, "state.step = -1")),
+    ("history shorter than epoch", _set("history", [], "history holds 0 epoch(s)")),
+    ("history of another epoch", _set("history", [{"epoch": 5}], "history[0] is epoch 5")),
+    ("history not records", _set("history", "abc", "not a list of metrics records")),
+    ("best accuracy above 1", _set("best_accuracy", 7.5, "best_accuracy = 7.5")),
+    ("best epoch not in history", _set("best_epoch", 1, "state.best_epoch = 1")),
+    ("best accuracy not in history", _set("best_accuracy", 0.125, "with accuracy 0.125")),
+    ("unknown state field", _set("planted", 1, "unknown: ['planted']")),
+    ("wrong tensor shape", _wrong_shape),
+    ("missing tensor", _missing_key),
+    ("unexpected tensor", _unexpected_key),
+    ("optimizer state of another shape", _optimizer_state_shape),
+    ("optimizer setting changed", _optimizer_setting),
+]
+
+
+@pytest.mark.parametrize("change", [c for _, c in CHECKPOINT_DAMAGE], ids=[n for n, _ in CHECKPOINT_DAMAGE])
+def test_resume_refuses_a_checkpoint_that_does_not_fit_the_run(
+    change: Any,
+    world: dict[str, Any],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A forged or damaged ``last.pt`` (epoch, history, tensors) ends in one line naming the file and
+    the fix; ``metrics.jsonl`` is left as it was and the run is not "finished"."""
+    run = tmp_path / "run"
+    shutil.copytree(world["killed"], run)
+    ckpt = run / "checkpoints" / "last.pt"
+    blob = torch.load(ckpt, map_location="cpu", weights_only=True)
+    needle = change(blob)
+    torch.save(blob, ckpt)
+    metrics = (run / "metrics.jsonl").read_bytes()
+    code, err = cli(monkeypatch, capsys, *train_args(world, run, "--resume"))
+    one_line(code, err, needle)
+    assert f"remove {ckpt} to restart" in err, err
+    assert (run / "metrics.jsonl").read_bytes() == metrics
+    assert not (run / "results.json").exists()
+
+
+@pytest.mark.parametrize("lines", ["", "{}\n", "not json\n", "changed"])
+def test_resume_refuses_metrics_that_disagree_with_the_checkpoint(
+    lines: str,
+    world: dict[str, Any],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(world["killed"], run)
+    metrics = run / "metrics.jsonl"
+    if lines == "changed":
+        record = json.loads(metrics.read_text().splitlines()[0])
+        record["loss_total"] = record["loss_total"] + 1.0
+        lines = json.dumps(record, sort_keys=True) + "\n"
+    metrics.write_text(lines)
+    code, err = cli(monkeypatch, capsys, *train_args(world, run, "--resume"))
+    one_line(code, err, "metrics.jsonl")
+    assert f"remove {run / 'checkpoints' / 'last.pt'} to restart" in err, err
+    assert metrics.read_text() == lines
+    assert not (run / "results.json").exists()
+
+
+def test_resume_drops_only_the_lines_logged_after_the_checkpoint(
+    world: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A line logged after the last checkpoint (killed in between) is dropped; the run then ends as an
+    uninterrupted one would, with one line per epoch."""
+    run = tmp_path / "run"
+    shutil.copytree(world["killed"], run)
+    with (run / "metrics.jsonl").open("a") as f:
+        f.write('{"epoch": 1, "loss_total": 0.5}\n')
+    code, err = cli(monkeypatch, capsys, *train_args(world, run, "--resume"))
+    assert code == 0, err
+    epochs = [json.loads(line)["epoch"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert epochs == [0, 1]
+
+
 # --- sweep -------------------------------------------------------------------------------------
 
 
@@ -604,6 +734,40 @@ def test_cache_refuses_garbage_rank(
     monkeypatch.setenv("RANK", "abc")
     code, err = cli(monkeypatch, capsys, "cache", "--spec", str(CACHE_SPEC), "--dry-run")
     one_line(code, err, "RANK='abc'")
+
+
+@pytest.mark.parametrize(
+    ("env", "needle"),
+    [
+        ({"RANK": "abc"}, "RANK='abc': not an integer"),
+        ({"WORLD_SIZE": "0"}, "WORLD_SIZE='0': the number of processes must be >= 1"),
+        ({"WORLD_SIZE": "-2"}, "WORLD_SIZE='-2'"),
+        ({"RANK": "2", "WORLD_SIZE": "2"}, "RANK='2' with WORLD_SIZE='2': need 0 <= RANK < WORLD_SIZE"),
+        ({"RANK": "-1", "WORLD_SIZE": "2"}, "RANK='-1'"),
+        ({"LOCAL_RANK": "x"}, "LOCAL_RANK='x': not an integer"),
+        ({"LOCAL_RANK": "3", "WORLD_SIZE": "2", "RANK": "1"}, "LOCAL_RANK='3' with WORLD_SIZE='2'"),
+        ({"RANK": "0", "WORLD_SIZE": "2"}, "WORLD_SIZE=2 without MASTER_ADDR and MASTER_PORT"),
+    ],
+)
+def test_train_refuses_garbage_rank_variables(
+    env: dict[str, str],
+    needle: str,
+    world: dict[str, Any],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """``RANK``/``WORLD_SIZE``/``LOCAL_RANK`` that torchrun would never set: one line naming the
+    variable and the fix, before anything is computed or written."""
+    monkeypatch.setattr(train_module, "open_dataset", lambda *a, **k: pytest.fail("refused too late"))
+    for key in ("MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    code, err = cli(monkeypatch, capsys, *train_args(world, tmp_path / "run"))
+    one_line(code, err, needle)
+    assert "unset RANK, WORLD_SIZE and LOCAL_RANK to run as one process" in err, err
+    assert not (tmp_path / "run").exists()
 
 
 def test_a_point_name_over_255_bytes_is_shortened_with_its_hash(

@@ -187,7 +187,17 @@ class TestFingerprint:
 
 
 @pytest.mark.parametrize(
-    "override", ["views.num_views=1000000000", "teacher.input_size=1000000", "teacher.input_size=4097"]
+    "override",
+    [
+        "views.num_views=1000000000",
+        "teacher.input_size=1000000",
+        "teacher.input_size=4097",
+        "store.unit_rows=0",
+        "store.unit_rows=-5",
+        "store.unit_rows=65537",
+        "store.unit_rows=4611686018427387904",
+        "store.unit_rows=1e9",
+    ],
 )
 def test_absurd_sizes_are_refused_by_the_spec(override: str) -> None:
     with pytest.raises(SpecError) as info:

@@ -14,8 +14,9 @@ import torch
 from customkd_cache.errors import RunDirError, SpecError, first_line
 from customkd_cache.files import append_line, check_no_links, ensure_dir, save_torch, write_atomic
 from customkd_cache.specs import TrainSpec, differing_keys, to_dict
+from customkd_cache.stage_two.build import Models
 from customkd_cache.stage_two.protocols import Protocol
-from customkd_cache.stage_two.state import Run, TrainState
+from customkd_cache.stage_two.state import Run, TrainState, check_metrics_lines, state_from_checkpoint
 from customkd_cache.store import FeatureStore
 
 # Spec sections that may change on --resume: how the run is executed, not what it computes.
@@ -109,18 +110,29 @@ def load_checkpoint(run: Run) -> TrainState:
     """The state saved after the last finished epoch (a fresh state when there is none).
 
     The checkpoint is loaded with ``weights_only=True``: it holds tensors and plain containers only,
-    and a run directory may be shared, so nothing in it may run code. Lines of ``metrics.jsonl``
-    beyond the checkpointed epochs (logged, then killed before the checkpoint) are dropped.
+    and a run directory may be shared, so nothing in it may run code. Everything in it is checked
+    before use (``state_from_checkpoint``, ``check_models``, and ``metrics.jsonl`` against its history),
+    so a damaged or forged checkpoint neither empties ``metrics.jsonl`` nor "finishes" a run. Lines of
+    ``metrics.jsonl`` beyond the checkpointed epochs (logged, then killed before the checkpoint) are
+    dropped.
 
-    Raises RunDirError for a checkpoint that is unreadable, holds anything else, or was trained on
-    another cache.
+    Raises RunDirError for a checkpoint that is unreadable, holds anything else, does not fit this
+    run (epoch, history, tensors), disagrees with ``metrics.jsonl``, or was trained on another cache.
     """
     path = run.out / "checkpoints" / "last.pt"
     state = _read_checkpoint(run, path) if path.exists() else TrainState()
     metrics = run.out / "metrics.jsonl"
     if os.path.lexists(metrics):
-        lines = _metrics_lines(metrics)[: state.epoch]
-        write_atomic(metrics, "".join(line + "\n" for line in lines))  # never rewritten in place
+        lines = _metrics_lines(metrics)
+        try:
+            check_metrics_lines(lines, state.history)
+        except ValueError as e:
+            raise RunDirError(
+                f"{metrics}: {e}; the run directory was changed since its checkpoint: remove {path} to "
+                "restart the run from epoch 0, or start a new --out directory"
+            ) from None
+        if run.dist.is_main:
+            write_atomic(metrics, "".join(line + "\n" for line in lines[: state.epoch]))  # never in place
     return state
 
 
@@ -138,7 +150,6 @@ def _read_checkpoint(run: Run, path: Path) -> TrainState:
     fix = f"remove {path} to restart the run from epoch 0, or start a new --out directory"
     try:
         blob = torch.load(path, map_location="cpu", weights_only=True)
-        fingerprint, models, state = blob["fingerprint"], blob["models"], TrainState(**blob["state"])
     except pickle.UnpicklingError:
         raise RunDirError(
             f"{path}: holds objects other than tensors and plain containers, refused unloaded (loading "
@@ -147,10 +158,85 @@ def _read_checkpoint(run: Run, path: Path) -> TrainState:
     except Exception as e:  # truncated or foreign file: several types
         reason = first_line(e, 160)
         raise RunDirError(f"{path}: not a loadable checkpoint of this tool ({reason}); {fix}") from None
-    if fingerprint != run.store.fingerprint:
+    if not isinstance(blob, dict) or sorted(blob) != ["fingerprint", "models", "state"]:
+        shown = sorted(map(str, blob))[:5] if isinstance(blob, dict) else type(blob).__name__
+        raise RunDirError(f"{path}: not a checkpoint of this tool (holds {shown}); {fix}")
+    if blob["fingerprint"] != run.store.fingerprint:
         raise RunDirError(f"{path}: checkpoint was trained on another cache; start a new --out directory")
-    run.models.load_state_dict(models)
+    try:
+        state = state_from_checkpoint(blob["state"], epochs=run.spec.optim.epochs)
+        check_models(run.models, blob["models"])
+        run.models.load_state_dict(blob["models"])
+    except (ValueError, TypeError, KeyError, RuntimeError) as e:
+        raise RunDirError(f"{path}: does not fit this run ({first_line(e, 200)}); {fix}") from None
     return state
+
+
+def check_models(models: Models, saved: Any) -> None:
+    """Raise ValueError unless ``saved`` holds exactly the parts of ``models``, each module's tensors
+    under its own keys and shapes, each optimizer's groups and state shaped like its parameters (a
+    module's ``load_state_dict`` checks keys and shapes in a many-line message; an optimizer's would
+    only fail at its first step, or not at all)."""
+    own = models.state_dict()
+    if not isinstance(saved, dict) or sorted(map(str, saved)) != sorted(own):
+        shown = sorted(map(str, saved)) if isinstance(saved, dict) else type(saved).__name__
+        raise ValueError(f"models holds {shown}, this run's method has {sorted(own)}")
+    for name, mine in own.items():
+        part = getattr(models, name)
+        if isinstance(part, torch.optim.Optimizer):
+            _check_optimizer(f"models.{name}", part, saved[name])
+        else:
+            _check_tensors(f"models.{name}", mine, saved[name])
+
+
+def _check_tensors(where: str, mine: dict[str, torch.Tensor], saved: Any) -> None:
+    if not isinstance(saved, dict):
+        raise ValueError(f"{where} is a {type(saved).__name__}, not a state dict")
+    missing = [k for k in mine if k not in saved]
+    unexpected = sorted(str(k) for k in saved if k not in mine)
+    if missing or unexpected:
+        raise ValueError(
+            f"{where}: {len(missing)} key(s) missing (first: {missing[:1]}), {len(unexpected)} unexpected "
+            f"(first: {unexpected[:1]})"
+        )
+    for key, t in mine.items():
+        v = saved[key]
+        if not isinstance(v, torch.Tensor) or v.shape != t.shape:
+            got = tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
+            raise ValueError(f"{where}.{key} is {got}, expected {tuple(t.shape)}")
+
+
+def _check_optimizer(where: str, opt: torch.optim.Optimizer, saved: Any) -> None:
+    groups = saved.get("param_groups") if isinstance(saved, dict) else None
+    states = saved.get("state") if isinstance(saved, dict) else None
+    if not isinstance(groups, list) or not isinstance(states, dict) or len(groups) != len(opt.param_groups):
+        raise ValueError(f"{where}: not an optimizer state with {len(opt.param_groups)} parameter group(s)")
+    for g, (theirs, mine) in enumerate(zip(groups, opt.param_groups, strict=True)):
+        ids = theirs.get("params") if isinstance(theirs, dict) else None
+        if not isinstance(ids, list) or len(ids) != len(mine["params"]):
+            raise ValueError(f"{where}: parameter group {g} does not hold {len(mine['params'])} parameters")
+        for key in sorted(set(theirs) & set(mine) - {"params", "lr", "initial_lr"}):
+            if not _same_setting(theirs[key], mine[key]):
+                raise ValueError(
+                    f"{where}: group {g} has {key} = {theirs[key]!r}, the spec gives {mine[key]!r}"
+                )
+        for i, p in zip(ids, mine["params"], strict=True):
+            entry = states.get(i, {})
+            if not isinstance(entry, dict):
+                raise ValueError(f"{where}: the state of parameter {i} is not a mapping")
+            for key, v in entry.items():
+                if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape != p.shape:
+                    raise ValueError(
+                        f"{where}: {key} of parameter {i} is {tuple(v.shape)}, expected {tuple(p.shape)}"
+                    )
+
+
+def _same_setting(a: Any, b: Any) -> bool:
+    if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
+        return len(a) == len(b) and all(_same_setting(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return bool(torch.as_tensor(a).double().eq(torch.as_tensor(b).double()).all())
+    return bool(a == b)
 
 
 def log_epoch(m: dict[str, Any], epochs: int, *, run: str) -> None:
