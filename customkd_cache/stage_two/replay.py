@@ -32,7 +32,7 @@ from torch.utils.data import Dataset as TorchDataset
 
 from customkd_cache.data.views import render_view, to_tensor
 from customkd_cache.errors import StoreError
-from customkd_cache.store import dequantize, open_store
+from customkd_cache.store import dequantize, mean_std_from_sums, open_store, std_divisor
 
 if TYPE_CHECKING:
     from customkd_cache.data import Dataset
@@ -146,7 +146,7 @@ class FeatureSource:
             mean, std = (np.asarray(a, np.float32).reshape(-1) for a in standardize)
             if mean.shape != std.shape:
                 raise ValueError(f"standardize: mean {mean.shape} and std {std.shape} differ in shape")
-            self._mean, self._std = mean, np.where(std > 0, std, np.float32(1.0)).astype(np.float32)
+            self._mean, self._std = mean, std_divisor(std)
         self._splits: dict[str, _Block] = {}
         self._units: OrderedDict[tuple[str, int], _Block] = OrderedDict()
         self._params: dict[str, tuple[np.ndarray, np.ndarray]] = {}
@@ -291,9 +291,7 @@ def combined_stats(store: FeatureStore, splits: Sequence[str]) -> tuple[np.ndarr
         count += int(n)
     if count == 0 or total is None or total_sq is None:
         raise StoreError(f"{store.path}: splits {list(splits)} hold no features to compute statistics from")
-    mean = total / count
-    var = np.maximum(total_sq / count - mean * mean, 0.0)  # rounding can leave tiny negatives
-    return mean.astype(np.float32), np.sqrt(var).astype(np.float32)
+    return mean_std_from_sums(total, total_sq, count)
 
 
 # --- epoch plans ---------------------------------------------------------------------------------

@@ -122,7 +122,11 @@ def load_checkpoint(run: Run) -> TrainState:
     path = run.out / "checkpoints" / "last.pt"
     state = _read_checkpoint(run, path) if path.exists() else TrainState()
     metrics = run.out / "metrics.jsonl"
-    if os.path.lexists(metrics):
+    if os.path.islink(metrics):  # never read through a link (what it points at is not the run's)
+        lines = [json.dumps(m, sort_keys=True) for m in state.history]
+    elif not os.path.lexists(metrics):
+        return state
+    else:
         lines = _metrics_lines(metrics)
         try:
             check_metrics_lines(lines, state.history)
@@ -131,8 +135,8 @@ def load_checkpoint(run: Run) -> TrainState:
                 f"{metrics}: {e}; the run directory was changed since its checkpoint: remove {path} to "
                 "restart the run from epoch 0, or start a new --out directory"
             ) from None
-        if run.dist.is_main:
-            write_atomic(metrics, "".join(line + "\n" for line in lines[: state.epoch]))  # never in place
+    if run.dist.is_main:
+        write_atomic(metrics, "".join(line + "\n" for line in lines[: state.epoch]))  # never in place
     return state
 
 

@@ -20,7 +20,6 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from customkd_cache.catalog import check_store, find_store
@@ -47,7 +46,7 @@ from customkd_cache.stage_two.run_dir import (
 from customkd_cache.stage_two.stage_a import fit_probe, labeled_features, stage_a_cycles, train_stage_a
 from customkd_cache.stage_two.stage_b import epoch_batches, train_stage_b, train_view_count
 from customkd_cache.stage_two.state import Run, TrainState
-from customkd_cache.store import FeatureStore, open_store
+from customkd_cache.store import FeatureStore, open_store, std_divisor
 
 
 def run_train(spec: TrainSpec, *, spec_path: Path | None, out: Path, resume: bool = False) -> dict[str, Any]:
@@ -141,7 +140,7 @@ def prepare_run(spec: TrainSpec, *, spec_path: Path | None, out: Path, resume: b
     if not protocol.labeled:
         raise SpecError("the protocol gives no labeled rows: check uda.source or ssl.labeled_list")
     mean, std = combined_stats(store, protocol.train_splits)
-    train_stats = (mean, np.where(std > 0, std, np.float32(1.0)).astype(np.float32))  # as FeatureSource does
+    train_stats = (mean, std_divisor(std))  # as FeatureSource does
     stats = train_stats if spec.customkd.standardize else None
     features = FeatureSource(store.path, in_ram=spec.run.features_in_ram, standardize=stats)
     num_classes = len(dataset.manifest.classes)

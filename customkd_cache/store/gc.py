@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Literal
 
 from customkd_cache.errors import StoreError
+from customkd_cache.files import dir_size
 from customkd_cache.store.claims import is_stale, remove_if_stale
 from customkd_cache.store.feature_store import open_store
 from customkd_cache.store.layout import CLAIMS_DIR
@@ -153,7 +154,7 @@ def _claims(store: Path, result: GcResult, *, now: float, lease_s: float, grace_
             if not stale:
                 live += 1
                 continue
-            size = _size(path)
+            size = dir_size(path)
             try:
                 gone = result.dry_run or remove_if_stale(path, lease_s=lease_s)
             except OSError as e:  # a claim of another user in a shared root, a read-only mount
@@ -189,7 +190,7 @@ def _claim_entries(claims: Path) -> list[Path]:
 def _remove(path: Path, kind: Kind, reason: str, result: GcResult) -> None:
     """Remove ``path`` (a directory: renamed away first, then deleted; never through a link); what
     cannot be removed (permissions, a read-only mount) is recorded in ``result.failed``."""
-    size = _size(path)
+    size = dir_size(path)
     if not result.dry_run:
         try:
             is_dir = stat.S_ISDIR(os.lstat(path).st_mode)
@@ -225,19 +226,6 @@ def _mtime(path: Path) -> float:
         return os.lstat(path).st_mtime
     except FileNotFoundError:
         return 0.0
-
-
-def _size(path: Path) -> int:
-    if not _is_real_dir(path):
-        with contextlib.suppress(FileNotFoundError):
-            return os.lstat(path).st_size
-        return 0
-    total = 0
-    for folder, _dirs, files in os.walk(path):
-        for name in files:
-            with contextlib.suppress(FileNotFoundError):
-                total += os.lstat(os.path.join(folder, name)).st_size
-    return total
 
 
 def _ago(seconds: float) -> str:

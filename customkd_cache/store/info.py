@@ -4,16 +4,14 @@ int8 cosine record. Reads markers and records, never the features.
 
 from __future__ import annotations
 
-import contextlib
 import math
-import os
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from customkd_cache.errors import StoreError
+from customkd_cache.files import dir_size
 from customkd_cache.store.base import StoreBase
 from customkd_cache.store.codec import cosine_record_problem
 from customkd_cache.store.layout import FIDELITY_ATTR, FIDELITY_MIN_ATTR, QUANT_ARRAYS
@@ -24,13 +22,7 @@ class StoreInfo(StoreBase):
 
     def size_bytes(self) -> int:
         """Bytes of every file under the store directory."""
-        total = 0
-        for folder, _dirs, files in os.walk(self.path):
-            for name in files:
-                # a writer's temporary file may be renamed away meanwhile
-                with contextlib.suppress(FileNotFoundError):
-                    total += os.lstat(os.path.join(folder, name)).st_size
-        return total
+        return dir_size(self.path)
 
     def dataset_name(self) -> str:
         """The dataset's name from ``identity["dataset"]`` (its ``name`` or ``kind``), else from the
@@ -92,7 +84,7 @@ class StoreInfo(StoreBase):
             for unit in np.flatnonzero(self.done_units(split)).tolist():
                 views += len(units[unit]) * self.num_views
                 for name in arrays:
-                    total += _file_bytes(self.path / split / name / "c" / str(unit))
+                    total += dir_size(self.path / split / name / "c" / str(unit))
         return total / views if views else None
 
     def quant_cosine(self) -> dict[str, float] | None:
@@ -119,13 +111,6 @@ class StoreInfo(StoreBase):
             sums += record[:, 0].tolist()
             mins += record[:, 1].tolist()
         return {"mean": math.fsum(sums) / count, "min": min(mins)} if count else None
-
-
-def _file_bytes(path: Path) -> int:
-    """Bytes of the file at ``path``, or of every file below it (0 when absent)."""
-    if path.is_file():
-        return path.stat().st_size
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
 def _name_of(entry: Any, keys: tuple[str, ...]) -> str:

@@ -16,7 +16,7 @@ from typing import Literal
 
 import numpy as np
 
-from customkd_cache.errors import StoreError
+from customkd_cache.errors import StoreError, first_line
 
 DTYPES: tuple[str, ...] = ("float16", "float32", "int8")
 QUANTIZED_DTYPE = "int8"  # stored as per-unit affine codes (see the module docstring)
@@ -142,8 +142,7 @@ def _shape(layout: _ArrayLayout, *, n: int, units: int, dims: Mapping[str, int])
 
 def _short(e: BaseException) -> str:
     """``Type: first line of the message`` (zarr and codec errors can span lines)."""
-    lines = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {lines[0][:200]}" if lines else type(e).__name__
+    return f"{type(e).__name__}: {first_line(e)}" if str(e).strip() else type(e).__name__
 
 
 def _why(e: StoreError) -> str:

@@ -5,12 +5,12 @@ damaged with the reason, and the listing goes on).
 
 from __future__ import annotations
 
-import contextlib
 import os
 from pathlib import Path
 from typing import Any
 
-from customkd_cache.errors import StoreError
+from customkd_cache.errors import StoreError, first_line
+from customkd_cache.files import dir_size
 from customkd_cache.store.feature_store import FeatureStore, open_store
 from customkd_cache.store.layout import shown_path
 
@@ -102,20 +102,13 @@ def _list_entry(store: FeatureStore) -> dict[str, Any]:
 
 
 def _damaged_entry(path: Path, error: Exception) -> dict[str, Any]:
-    size = 0
-    for folder, _dirs, files in os.walk(path):
-        for name in files:
-            with contextlib.suppress(FileNotFoundError):
-                size += os.lstat(os.path.join(folder, name)).st_size
-    lines = str(error).strip().splitlines()
-    text = shown_path(lines[0]) if lines else type(error).__name__
     return {
         "path": str(path),
         "dataset": None,
         "teacher": None,
         "splits": [],
         "complete": False,
-        "size_bytes": size,
+        "size_bytes": dir_size(path),
         "fingerprint": None,
         "request_key": None,
         "num_samples": None,
@@ -123,5 +116,5 @@ def _damaged_entry(path: Path, error: Exception) -> dict[str, Any]:
         "created": None,
         "damaged": True,
         "unreadable": False,
-        "error": text,
+        "error": shown_path(first_line(error, 1000)),
     }
