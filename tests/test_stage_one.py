@@ -245,6 +245,91 @@ class TestNothingLost:
         assert_same_arrays(only_store(tmp_path), reference)
 
 
+class TestWriterThread:
+    """Finished units are written by a background thread: the same bytes as writing them inline, and
+    its errors are the main thread's one-line errors."""
+
+    def test_inline_writes_give_the_threaded_bytes(
+        self, oh_root: Path, reference: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        from customkd_cache.specs import load_cache_spec
+        from customkd_cache.stage_one.extract import Shard, run_cache
+
+        monkeypatch.setenv("CUSTOMKD_CACHE_ROOT", str(tmp_path))
+        monkeypatch.setenv("OMP_NUM_THREADS", "1")
+        spec = load_cache_spec(SMOKE, [f"dataset.root={oh_root}", "store.unit_rows=16"])
+        res = run_cache(spec, spec_path=SMOKE, shard=Shard(), progress=False, writer_thread=False)
+        assert res.units_computed == 4 * 5 and res.complete
+        assert_same_arrays(res.path, reference)
+        assert chunk_bytes(res.path) == chunk_bytes(reference)
+
+    def test_a_full_disk_in_the_writer_is_one_line_and_the_rerun_finishes(
+        self,
+        oh_root: Path,
+        reference: Path,
+        tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str],
+    ) -> None:
+        import threading
+
+        from customkd_cache.cli import main
+        from customkd_cache.store import writer
+
+        calls: list[str] = []
+        real = writer.unit_digest
+
+        def full_disk(data: dict[str, np.ndarray]) -> np.ndarray:
+            calls.append(threading.current_thread().name)
+            if len(calls) == 3:  # the third unit: two are written and done
+                raise OSError(28, "No space left on device")
+            return real(data)
+
+        monkeypatch.setattr(writer, "unit_digest", full_disk)
+        monkeypatch.setenv("CUSTOMKD_CACHE_ROOT", str(tmp_path))
+        monkeypatch.setattr(sys, "argv", ["customkd-cache", *smoke_args(oh_root)])
+        with pytest.raises(SystemExit) as exit_:
+            main()
+        err = capsys.readouterr().err.strip().splitlines()
+        assert exit_.value.code == 2
+        assert len(err) == 1 and "No space left on device" in err[0] and "is not marked done" in err[0], err
+        assert set(calls) == {"customkd-unit-writer"}  # written off the main thread
+        store = open_store(only_store(tmp_path))
+        assert sum(int(store.done_units(s).sum()) for s in store.split_names) == 2
+        assert not list((store.path / CLAIMS_DIR).rglob("unit-*"))  # every claim released
+        monkeypatch.setattr(writer, "unit_digest", real)
+        cli(*smoke_args(oh_root), env=env_for(tmp_path))
+        assert chunk_bytes(only_store(tmp_path)) == chunk_bytes(reference)
+
+
+def test_writer_errors_never_block_a_submit() -> None:
+    """A writer that failed keeps taking units (dropping them), so a full queue cannot hang the
+    caller; the error is raised once, in the caller's thread."""
+    from customkd_cache.errors import StoreError
+    from customkd_cache.stage_one.extract import WRITE_QUEUE, _Job, _UnitWriter
+
+    class Failing:
+        def __init__(self) -> None:
+            self.calls = 0
+
+        def write_unit(self, split: str, unit: int, **arrays: np.ndarray) -> None:
+            self.calls += 1
+            time.sleep(0.05)
+            raise StoreError("store: cannot write split 'a' unit 0 (No space left on device)")
+
+    store, released = Failing(), []
+    w = _UnitWriter(store, released.append)  # type: ignore[arg-type]
+    job = _Job("a", 0, np.zeros((1, 1, 1)), np.zeros((1, 1, 4)), np.zeros((1, 1)))
+    t0 = time.perf_counter()
+    with pytest.raises(StoreError, match="No space left"):
+        for _ in range(4 * WRITE_QUEUE + 4):
+            w.submit(job)
+    w.abort()
+    w.close()  # raised once: nothing more
+    assert store.calls == 1 and released == [] and w.written == 0
+    assert time.perf_counter() - t0 < 10
+
+
 class TestShards:
     def test_shard_jobs_fill_one_store(self, oh_root: Path, reference: Path, tmp_path: Path) -> None:
         env = env_for(tmp_path)

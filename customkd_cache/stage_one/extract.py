@@ -5,6 +5,10 @@ claims a unit, computes all its rows and views, writes them in one go and only t
 done, so a kill at any moment followed by a rerun gives the bytes of an uninterrupted run. Several
 processes (``torchrun`` ranks, ``--shard I/N`` jobs, or simply two runs of the same spec) share one
 store: units are split between shards, and claims keep two processes off the same unit.
+
+Finished units are written by a background thread (``_UnitWriter``: casting, zstd, sha256 and the
+Zarr writes), at most ``WRITE_QUEUE`` of them waiting, so the teacher does not wait for them; a unit
+is marked done, and its claim released, only once the thread has written it.
 """
 
 from __future__ import annotations
@@ -13,10 +17,12 @@ import contextlib
 import importlib.metadata
 import os
 import platform
+import queue
 import socket
 import sys
+import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -54,6 +60,7 @@ from customkd_cache.store import (
 )
 
 POLL_S = 0.5
+WRITE_QUEUE = 2  # finished units waiting for the writer thread (each holds its features in memory)
 
 
 @dataclass(frozen=True)
@@ -305,6 +312,7 @@ class _UnitBatches:
     def __init__(self, store: FeatureStore, units: list[tuple[str, int]], batch: int, lease_s: float) -> None:
         self.store, self.units, self.batch, self.lease_s = store, units, batch, lease_s
         self.held: dict[tuple[str, int], claims.Claim] = {}
+        self._lock = threading.Lock()  # the writer thread releases the units it has written
         self.skipped = 0
         self.finished = False  # every unit is done or was handed out (no pass needed after this one)
 
@@ -324,7 +332,8 @@ class _UnitBatches:
                     claim.release()
                     pending.remove(unit)
                     continue
-                self.held[unit] = claim
+                with self._lock:
+                    self.held[unit] = claim
                 pending.remove(unit)
                 progressed = True
                 rows = self.store.units(unit[0])[unit[1]]
@@ -352,12 +361,15 @@ class _UnitBatches:
         return self.store.unit_done(*unit)
 
     def release(self, unit: tuple[str, int]) -> None:
-        claim = self.held.pop(unit, None)
+        with self._lock:
+            claim = self.held.pop(unit, None)
         if claim is not None:
             claim.release()
 
     def release_all(self) -> None:
-        for unit in list(self.held):
+        with self._lock:
+            units = list(self.held)
+        for unit in units:
             self.release(unit)
 
 
@@ -383,6 +395,90 @@ class _UnitBuffer:
         return sum(len(f) for f in self.features) == len(self.rows)
 
 
+@dataclass(frozen=True)
+class _Job:
+    split: str
+    unit: int
+    features: np.ndarray
+    boxes: np.ndarray
+    flips: np.ndarray
+
+
+class _UnitWriter:
+    """Writes finished units (``FeatureStore.write_unit``) in a background thread, then calls
+    ``on_written(unit)``; ``threaded=False`` writes each unit inline in ``submit`` instead.
+
+    At most ``WRITE_QUEUE`` units wait; ``submit`` blocks while the queue is full. The thread's first
+    error is raised in the caller's thread, unchanged (a full disk is the store's one-line StoreError),
+    by the next ``submit`` or by ``close``; after an error the thread drops what is queued (those units
+    stay not done, their claims are released by the caller). ``close`` waits for every queued unit;
+    ``abort`` drops the waiting ones and waits only for the unit being written.
+    """
+
+    def __init__(
+        self, store: FeatureStore, on_written: Callable[[tuple[str, int]], None], *, threaded: bool = True
+    ) -> None:
+        self.store, self.on_written = store, on_written
+        self.written = 0
+        self._error: BaseException | None = None
+        self._drop = threading.Event()
+        self._queue: queue.Queue[_Job | None] = queue.Queue(maxsize=WRITE_QUEUE)
+        self._thread: threading.Thread | None = None
+        if threaded:
+            self._thread = threading.Thread(target=self._run, name="customkd-unit-writer", daemon=True)
+            self._thread.start()
+
+    def submit(self, job: _Job) -> None:
+        self._raise()
+        if self._thread is None:
+            self._write(job)
+            return
+        self._put(job)
+
+    def close(self) -> None:
+        """Write everything queued, stop the thread, raise its error if it had one."""
+        self._stop()
+        self._raise()
+
+    def abort(self) -> None:
+        """Drop the queued units and stop the thread (the unit being written is finished)."""
+        self._drop.set()
+        self._stop()
+
+    def _write(self, job: _Job) -> None:
+        self.store.write_unit(job.split, job.unit, features=job.features, boxes=job.boxes, flips=job.flips)
+        self.written += 1
+        self.on_written((job.split, job.unit))
+
+    def _run(self) -> None:
+        while (job := self._queue.get()) is not None:
+            if self._error is not None or self._drop.is_set():
+                continue  # keep taking jobs, so that a submit never blocks on a dead writer
+            try:
+                self._write(job)
+            except BaseException as e:  # noqa: BLE001 - raised again in the caller's thread
+                self._error = e
+
+    def _put(self, item: _Job | None) -> None:
+        assert self._thread is not None
+        while self._thread.is_alive():
+            try:
+                self._queue.put(item, timeout=POLL_S)
+                return
+            except queue.Full:
+                continue
+
+    def _stop(self) -> None:
+        if self._thread is not None and self._thread.is_alive():
+            self._put(None)
+            self._thread.join()
+
+    def _raise(self) -> None:
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+
+
 def extract_batch(
     teacher: Teacher, pixels: torch.Tensor, *, batch_size: int, device: torch.device
 ) -> np.ndarray:
@@ -405,13 +501,16 @@ def run_cache(
     progress: bool = True,
     repair: bool = False,
     command: Sequence[str] = (),
+    writer_thread: bool = True,
 ) -> CacheResult:
     """Compute this shard's missing units and write them; finalize every split that is whole.
 
     ``repair``: first check this shard's done units (every array against the unit's sha256) and the
     stored ids, labels and statistics, and mark what is damaged for recompute (``FeatureStore.repair``);
     the run then rewrites it, giving the bytes of an undamaged store. ``command``: the command line,
-    recorded in a new store's provenance.
+    recorded in a new store's provenance. ``writer_thread``: write finished units in a background
+    thread (``_UnitWriter``); False writes them inline (the reference ``benchmarks/bench_stage_one.py``
+    compares with).
     """
     t0 = time.perf_counter()
     device = resolve_device(spec.run.device)  # cuda:LOCAL_RANK under torchrun
@@ -433,7 +532,7 @@ def run_cache(
         finished = False
         while not finished:  # a pass ends early when the units left are another writer's
             sampler = _UnitBatches(store, plan.units, rows_per_batch, lease_s)
-            c, i = _write_pass(plan, store, sampler, bar, device)
+            c, i = _write_pass(plan, store, sampler, bar, device, threaded=writer_thread)
             computed, images = computed + c, images + i
             skipped = sampler.skipped if skipped is None else skipped
             finished = sampler.finished
@@ -457,10 +556,17 @@ def run_cache(
 
 
 def _write_pass(
-    plan: CachePlan, store: FeatureStore, sampler: _UnitBatches, bar: Any, device: torch.device
+    plan: CachePlan,
+    store: FeatureStore,
+    sampler: _UnitBatches,
+    bar: Any,
+    device: torch.device,
+    *,
+    threaded: bool = True,
 ) -> tuple[int, int]:
-    """One pass of ``sampler`` over the units: compute and write each unit it hands out; return the
-    units written and the images computed. Claims still held at the end (a failure) are released."""
+    """One pass of ``sampler`` over the units: compute each unit it hands out and hand it to the
+    writer (which releases its claim once it is written); return the units written and the images
+    computed. On a failure the units still queued are dropped, and every claim still held is released."""
     spec = plan.spec
     loader = DataLoader(
         RowViews(plan),
@@ -470,7 +576,8 @@ def _write_pass(
         persistent_workers=False,
     )
     buffers: dict[tuple[str, int], _UnitBuffer] = {}
-    computed = images = 0
+    images = 0
+    writer = _UnitWriter(store, sampler.release, threaded=threaded)
     try:
         for items in loader:
             split, first = items[0][0], items[0][1]
@@ -482,19 +589,23 @@ def _write_pass(
             images += len(items)
             bar.update(len(items))
             if buf.full():
-                store.write_unit(
-                    split,
-                    unit[1],
-                    features=np.concatenate(buf.features),
-                    boxes=np.concatenate(buf.boxes),
-                    flips=np.concatenate(buf.flips),
+                writer.submit(
+                    _Job(
+                        split,
+                        unit[1],
+                        features=np.concatenate(buf.features),
+                        boxes=np.concatenate(buf.boxes),
+                        flips=np.concatenate(buf.flips),
+                    )
                 )
-                sampler.release(unit)
                 del buffers[unit]
-                computed += 1
+        writer.close()
+    except BaseException:
+        writer.abort()
+        raise
     finally:
         sampler.release_all()
-    return computed, images
+    return writer.written, images
 
 
 class _NoBar:
