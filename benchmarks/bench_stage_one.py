@@ -8,7 +8,8 @@ from an untimed warm-up run and replayed, as if enough decoding workers kept a G
 (``--decode`` renders them in every run, with ``--workers`` processes). Everything else is the real
 stage one: loader, claims, ``FeatureStore.write_unit``, stats. Runs alternate (inline, threaded,
 inline, ...) so machine noise hits both; prints the median work seconds of each, their ratio, the
-teacher's and the writer's own time, and whether every run wrote the same bytes.
+teacher's and the writer's own time, and whether every run wrote the same bytes. Torch runs one
+intra-op thread (the stand-in does no math to spread).
 
     python -m benchmarks.bench_stage_one                     # 20 ms per batch, D = 1024
     python -m benchmarks.bench_stage_one --sleep-ms 5 --repeats 5
@@ -122,6 +123,7 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=0, help="decoding processes (run.num_workers)")
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
+    torch.set_num_threads(1)  # the stand-in does no math; idle intra-op threads only add noise
     timers = Timers()
     install_stand_ins(args, timers)
     with tempfile.TemporaryDirectory() as tmp:
