@@ -369,6 +369,14 @@ class TrainRunSpec(RunSpec):
     dist_timeout_s: int = Field(
         1800, ge=1, description="under torchrun: seconds a rank waits in a collective before the run fails"
     )
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto",
+        description="stage two's forward passes and losses: bf16 autocast (losses in fp32), or fp32; "
+        "auto = bf16 on a CUDA device that supports it, else fp32",
+    )
+    log_every: int = Field(
+        50, ge=1, description="stage-B steps between reads of the running losses (and the non-finite check)"
+    )
 
 
 class TrainSpec(_Spec):

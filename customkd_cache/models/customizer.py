@@ -6,7 +6,6 @@ saved in its checkpoints only.
 
 from __future__ import annotations
 
-import math
 from typing import Literal
 
 import torch
@@ -37,10 +36,11 @@ def bound_rms(z: Tensor, max_rms: Tensor) -> Tensor:
     Rows already inside the bound are returned as they are; the scaling is differentiable, so a loss
     on the output can still change each row's direction once its norm is at the bound.
     """
-    if math.isinf(float(max_rms)):  # no graph through inf / rms: its gradient would be 0 * inf = NaN
-        return z
-    rms = z.float().pow(2).mean(dim=1, keepdim=True).sqrt()
-    scale = torch.clamp(max_rms.to(rms.dtype) / rms.clamp(min=1e-12), max=1.0)
+    # No branch on the bound's value (reading it would cost a device sync per call): with inf, rms / inf
+    # is 0, clamped to 1, and the clamp passes no gradient (0 * 1/inf = 0, never 0 * inf = NaN); the
+    # tiny term keeps sqrt's gradient finite for an all-zero row.
+    rms = (z.float().pow(2).mean(dim=1, keepdim=True) + 1e-24).sqrt()
+    scale = 1.0 / torch.clamp(rms / max_rms.to(rms.dtype), min=1.0)
     return z * scale.to(z.dtype)
 
 

@@ -10,6 +10,7 @@ import torch
 
 from customkd_cache.stage_two.build import to_feature_space
 from customkd_cache.stage_two.losses import linear_cka
+from customkd_cache.stage_two.precision import run_autocast, run_precision
 from customkd_cache.stage_two.probe import probe_accuracy
 from customkd_cache.stage_two.replay import Row, make_loader
 from customkd_cache.stage_two.state import Run, TrainState
@@ -56,7 +57,8 @@ def _student_accuracy(
         )
         correct = 0
         for batch in loader:
-            logits, f_s = models.student(batch["pixels"].to(run.device))
+            with run_autocast(run):
+                logits, f_s = models.student(batch["pixels"].to(run.device))
             correct += int((logits.argmax(1).cpu() == batch["label"]).sum())
             if keep_features:
                 feats.append(f_s.float().cpu())
@@ -79,15 +81,17 @@ def _final_metrics(run: Run, rows_by_split: dict[str, list[int]], f_s: torch.Ten
     out = {"cka_student_teacher": linear_cka(f_s, f_t)}
     if run.models.customizer is not None:
         run.models.customizer.eval()
-        customized = run.models.customizer(f_t.to(run.device))
-        activate = to_feature_space(run.models)
-        customized = customized if activate is None else activate(customized)
+        with run_autocast(run):
+            customized = run.models.customizer(f_t.to(run.device))
+            activate = to_feature_space(run.models)
+            customized = customized if activate is None else activate(customized)
         out["cka_student_customized"] = linear_cka(f_s, customized.float().cpu())
         labels = np.concatenate(
             [run.store.labels(s)[np.asarray(r, np.int64)] for s, r in rows_by_split.items()]
         )
         head = run.models.student.head()
-        predicted = head(customized.to(next(head.parameters()).dtype)).argmax(1).cpu().numpy()
+        with run_autocast(run):
+            predicted = head(customized.to(next(head.parameters()).dtype)).argmax(1).cpu().numpy()
         out["customized_teacher_accuracy"] = float((predicted == labels).mean()) if len(labels) else 0.0
     return out
 
@@ -101,7 +105,8 @@ def teacher_accuracy(run: Run) -> tuple[float, dict[str, float]]:
         n = len(rows)
         f = torch.from_numpy(run.features.get_many(split, rows, np.zeros(n, np.int64))).to(run.device)
         y = torch.from_numpy(run.store.labels(split)[rows].astype(np.int64)).to(run.device)
-        acc = probe_accuracy(run.probe, f, y)
+        with run_autocast(run):
+            acc = probe_accuracy(run.probe, f, y)
         per_split[split] = acc
         correct += acc * n
         total += n
@@ -117,6 +122,7 @@ def summarize(run: Run, state: TrainState) -> dict[str, Any]:
         "seed": run.spec.seed,
         "teacher_mode": run.spec.teacher_mode,
         "student": run.spec.student.name,
+        "precision": run_precision(run),
         "student_accuracy": last.get("student_accuracy"),
         "student_accuracy_per_split": last.get("student_accuracy_per_split"),
         "teacher_accuracy": t_acc,

@@ -60,6 +60,7 @@ def train_probe(
     mean: Tensor | None = None,
     std: Tensor | None = None,
     device: torch.device | str = "cpu",
+    precision: str = "fp32",
 ) -> Probe:
     """Fit a probe on ``features`` (N, D) float (e.g. every cached view of the labeled images,
     flattened) and ``labels`` (N,) int64 in ``[0, num_classes)``.
@@ -69,6 +70,7 @@ def train_probe(
     given (e.g. the cache's statistics), else those of ``features``. The weights start at zero and
     the shuffling draws from a ``torch.Generator`` seeded with ``seed``, so the result depends only
     on the inputs and ``seed`` (on a given device and thread count), never on the global RNG.
+    ``precision = "bf16"`` runs each forward pass and loss under bf16 autocast (the loss in float32).
     Returns the probe on the CPU, in eval mode.
     """
     _check_inputs(features, labels, num_classes)
@@ -85,7 +87,8 @@ def train_probe(
     opt = torch.optim.AdamW(linear.parameters(), lr=spec.lr, weight_decay=spec.weight_decay, foreach=True)
     generator = torch.Generator().manual_seed(seed)
     for _ in range(spec.epochs):
-        train_probe_epoch(linear, opt, x, y, batch_size=spec.batch_size, generator=generator)
+        with torch.autocast(device_type=x.device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+            train_probe_epoch(linear, opt, x, y, batch_size=spec.batch_size, generator=generator)
     return Probe(linear.eval().cpu(), mean.float().cpu(), std.float().cpu())
 
 
@@ -102,10 +105,11 @@ def train_probe_epoch(
     order = torch.randperm(x.shape[0], generator=generator).to(x.device)
     for start in range(0, x.shape[0], batch_size):
         idx = order[start : start + batch_size]
-        loss = F.cross_entropy(linear(x[idx]), y[idx])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        loss = F.cross_entropy(linear(x[idx]).float(), y[idx])
+        with torch.autocast(device_type=x.device.type, enabled=False):  # backward outside autocast
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
 
 
 def probe_accuracy(probe: Probe, features: Tensor, labels: Tensor) -> float:

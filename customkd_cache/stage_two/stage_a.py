@@ -15,6 +15,7 @@ from torch import nn
 from customkd_cache.specs import TrainSpec
 from customkd_cache.stage_two.build import to_feature_space
 from customkd_cache.stage_two.losses import customization_loss
+from customkd_cache.stage_two.precision import run_autocast
 from customkd_cache.stage_two.probe import Probe, train_probe
 from customkd_cache.stage_two.replay import FeatureSource, Row
 from customkd_cache.stage_two.state import Run
@@ -40,6 +41,8 @@ def fit_probe(
     labeled: tuple[np.ndarray, np.ndarray],
     num_classes: int,
     raw_stats: tuple[np.ndarray, np.ndarray] | None,
+    *,
+    precision: str = "fp32",
 ) -> Probe:
     """The teacher probe: a linear classifier on the labeled rows' cached features (``labeled``,
     every view in use, see ``labeled_features``).
@@ -59,6 +62,7 @@ def fit_probe(
         seed=spec.seed,
         mean=torch.from_numpy(mean),
         std=torch.from_numpy(std),
+        precision=precision,
     )
 
 
@@ -102,9 +106,10 @@ def train_stage_a(run: Run, epoch: int, cycle: int) -> dict[str, Any]:
         customizer.train()
         for _ in range(ck.stage_a_steps):
             idx = torch.from_numpy(rng.integers(0, len(labels), size=ck.stage_a_batch_size))
-            loss = customization_loss(
-                head, customizer, feats[idx], labels[idx], activation=to_feature_space(models)
-            )
+            with run_autocast(run):
+                loss = customization_loss(
+                    head, customizer, feats[idx], labels[idx], activation=to_feature_space(models)
+                )
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -124,8 +129,9 @@ def stage_a_report(run: Run, head: nn.Module, feats: torch.Tensor, labels: torch
     activate = to_feature_space(run.models) or (lambda z: z)
     ce, correct, norm = 0.0, 0, 0.0
     for i in range(0, len(labels), 4096):
-        z = customizer(feats[i : i + 4096])
-        logits = head(activate(z)).float()
+        with run_autocast(run):
+            z = customizer(feats[i : i + 4096])
+            logits = head(activate(z)).float()
         y = labels[i : i + 4096]
         ce += float(torch.nn.functional.cross_entropy(logits, y, reduction="sum"))
         correct += int((logits.argmax(1) == y).sum())
@@ -163,7 +169,7 @@ def student_feature_scale(run: Run) -> tuple[float, float]:
     student = run.models.student
     was_training = student.training
     student.train()
-    with _frozen_batchnorm_stats(student):
+    with _frozen_batchnorm_stats(student), run_autocast(run):
         _, f_s, h_s = student.forward_parts(_bound_pixels(run))
     student.train(was_training)
     f = (h_s if run.models.pre_activation else f_s).float()

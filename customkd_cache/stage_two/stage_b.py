@@ -11,6 +11,7 @@ from customkd_cache.errors import NonFiniteLossError
 from customkd_cache.specs import TrainSpec
 from customkd_cache.stage_two.build import lr_at
 from customkd_cache.stage_two.losses import TEACHER_LOGIT_TERMS, StageBTerms, method_terms, stage_b_loss
+from customkd_cache.stage_two.precision import run_autocast
 from customkd_cache.stage_two.replay import Row, draw_views, epoch_items, make_loader, stage_b_batches
 from customkd_cache.stage_two.state import Run, TrainState
 
@@ -76,10 +77,12 @@ def train_stage_b(
     dkd_ramp = min(1.0, (epoch + 1) / max(spec.dkd.warmup_epochs, 1))
     sums: dict[str, float] = defaultdict(float)
     n = 0
+    autocast = run_autocast(run)
     for batch in loader:
         for g in models.opt_b.param_groups:
             g["lr"] = lr_at(spec, state.step, total_steps)
-        terms, f_s_norm = _stage_b_step(run, {k: v.to(run.device) for k, v in batch.items()}, dkd_ramp)
+        with autocast:  # forward passes and losses; backward runs outside, as PyTorch recommends
+            terms, f_s_norm = _stage_b_step(run, {k: v.to(run.device) for k, v in batch.items()}, dkd_ramp)
         _check_finite(terms, epoch, state.step, spec.method, dist)
         models.opt_b.zero_grad(set_to_none=False)
         terms.total.backward()
@@ -143,7 +146,8 @@ def _teacher_features(run: Run, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """The batch's teacher features (standardized as the cache's): cached, or computed on the fly."""
     if run.teacher is None:
         return batch["feature"]
-    with torch.no_grad():
+    with torch.no_grad(), torch.autocast(device_type=run.device.type, enabled=False):
+        # the teacher computes in its own precision (cache spec's teacher.precision), not stage two's;
         # the teacher runs under inference mode; its output cannot be saved for backward (the loss
         # saves f_t when it is not standardized below), so it is copied into a normal tensor
         f = run.teacher.features(batch["teacher_pixels"]).float().clone()

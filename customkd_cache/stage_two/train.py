@@ -32,6 +32,7 @@ from customkd_cache.stage_two import tensorboard
 from customkd_cache.stage_two.build import build_models
 from customkd_cache.stage_two.evaluate import evaluate, summarize
 from customkd_cache.stage_two.online import create_online_teacher
+from customkd_cache.stage_two.precision import resolve_precision, run_precision
 from customkd_cache.stage_two.protocols import build_protocol
 from customkd_cache.stage_two.replay import FeatureSource, ReplayDataset, combined_stats
 from customkd_cache.stage_two.run_dir import (
@@ -61,7 +62,8 @@ def run_train(spec: TrainSpec, *, spec_path: Path | None, out: Path, resume: boo
         run = prepare_run(spec, spec_path=spec_path, out=out, resume=resume, dist=dist)
         state = load_checkpoint(run) if resume else TrainState()
         if dist.is_main:
-            print(f"device: {describe_device(run.device)}", file=sys.stderr, flush=True)
+            shown = f"{describe_device(run.device)}, precision {run_precision(run)}"
+            print(f"device: {shown}", file=sys.stderr, flush=True)
         total_steps = spec.optim.epochs * len(epoch_batches(run, 0))
         for epoch in range(state.epoch, spec.optim.epochs):
             train_one_epoch(run, epoch, state, total_steps)
@@ -132,6 +134,7 @@ def prepare_run(spec: TrainSpec, *, spec_path: Path | None, out: Path, resume: b
     """
     check_out(out, spec, resume=resume)
     device = dist.device if dist.world > 1 else resolve_device(spec.run.device)
+    precision = resolve_precision(spec.run.precision, device)  # refused here, before any work
     dataset = open_dataset(spec.dataset)
     store_path = find_store(spec, spec_path=spec_path, manifest=dataset.manifest)
     store = open_store(store_path)
@@ -147,7 +150,7 @@ def prepare_run(spec: TrainSpec, *, spec_path: Path | None, out: Path, resume: b
     teacher = create_online_teacher(spec, spec_path, store, device) if spec.teacher_mode == "online" else None
     views = train_view_count(spec, store.num_views)
     labeled = labeled_features(features, store, protocol.labeled, views)  # probe and every stage A
-    probe = fit_probe(spec, labeled, num_classes, None if stats else train_stats)
+    probe = fit_probe(spec, labeled, num_classes, None if stats else train_stats, precision=precision)
     models = build_models(spec, spec_path=spec_path, num_classes=num_classes, teacher_dim=store.feature_dim)
     replay = _replay_dataset(spec, dataset, store, features, models.student, teacher)
     features.preload([*protocol.train_splits, *protocol.eval_splits])
