@@ -201,6 +201,15 @@ class Dist:
         tdist.all_reduce(t, op=tdist.ReduceOp.MIN)
         return bool(t.item())
 
+    def min_over_ranks(self, value: torch.Tensor) -> int:
+        """The smallest of an integer scalar (on any device) over every rank: one all-reduce, and the
+        one host read of ``value``. Every rank must call it at the same point."""
+        if self.world == 1:
+            return int(value)
+        t = value.detach().reshape(1).to(device=self.device, dtype=torch.int64)
+        tdist.all_reduce(t, op=tdist.ReduceOp.MIN)
+        return int(t.item())
+
     def average_gradients(self, params: list[torch.Tensor]) -> None:
         """Sum every gradient across ranks and divide by the world size (one flat all-reduce)."""
         if self.world == 1:

@@ -9,17 +9,22 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 
-from customkd_cache.errors import SpecError
+from customkd_cache.distributed import Dist
+from customkd_cache.errors import NonFiniteLossError, SpecError
 from customkd_cache.specs import load_train_spec
+from customkd_cache.stage_two import evaluate as evaluate_module
 from customkd_cache.stage_two import probe as probe_module
+from customkd_cache.stage_two import stage_b
 from customkd_cache.stage_two.precision import resolve_precision
-from customkd_cache.stage_two.train import run_train
+from customkd_cache.stage_two.state import TrainState
+from customkd_cache.stage_two.train import prepare_run, run_train
 from customkd_cache.testing import fakedata
 from customkd_cache.testing import run_cli as cli
 
@@ -132,3 +137,155 @@ class TestPrecision:
             epoch(*a, **k)
 
         monkeypatch.setattr(probe_module, "train_probe_epoch", probe_epoch)
+
+
+# --- channels_last, pinned memory, non-blocking copies -----------------------------------------
+
+
+class _Stop(Exception):
+    pass
+
+
+@pytest.fixture
+def fake_cuda_moves(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
+    """``Module.to`` and ``Tensor.to`` accept a CUDA device on this CPU machine: the move is dropped,
+    everything else (memory format, dtype) happens; each tensor move's keywords are recorded."""
+    moves: list[dict[str, Any]] = []
+
+    def drop_cuda(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        def is_cuda(a: Any) -> bool:
+            return (isinstance(a, torch.device) and a.type == "cuda") or (
+                isinstance(a, str) and a.startswith("cuda")
+            )
+
+        kwargs = {k: v for k, v in kwargs.items() if not (k == "device" and is_cuda(v))}
+        return tuple(a for a in args if not is_cuda(a)), kwargs
+
+    module_to, tensor_to = torch.nn.Module.to, torch.Tensor.to
+
+    def fake_module_to(self: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+        args, kwargs = drop_cuda(args, kwargs)
+        return module_to(self, *args, **kwargs)
+
+    def fake_tensor_to(self: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        moves.append(dict(kwargs))
+        args, kwargs = drop_cuda(args, kwargs)
+        kwargs.pop("non_blocking", None)
+        return tensor_to(self, *args, **kwargs) if args or kwargs else self
+
+    monkeypatch.setattr(torch.nn.Module, "to", fake_module_to)
+    monkeypatch.setattr(torch.Tensor, "to", fake_tensor_to)
+    return moves
+
+
+def _prepared(spec: Any, out: Path) -> Any:
+    return prepare_run(spec, spec_path=TRAIN_SPEC, out=out, resume=False, dist=Dist(0, 1, 0, CPU))
+
+
+class TestCudaPaths:
+    def test_the_student_is_channels_last_on_cuda_only(
+        self, spec_for: Any, tmp_path: Path, fake_cuda_moves: list[dict[str, Any]]
+    ) -> None:
+        run = _prepared(spec_for(), tmp_path / "r")
+        convs = [p for p in run.models.student.parameters() if p.ndim == 4]
+        assert convs and not all(p.is_contiguous(memory_format=torch.channels_last) for p in convs)
+        run.models.to(torch.device("cuda", 0))
+        assert all(p.is_contiguous(memory_format=torch.channels_last) for p in convs)
+
+    def test_batches_move_non_blocking_and_channels_last_on_cuda(
+        self, fake_cuda_moves: list[dict[str, Any]]
+    ) -> None:
+        batch = {"pixels": torch.rand(2, 3, 8, 8), "label": torch.tensor([1, 2])}
+        out = stage_b.to_device(batch, torch.device("cuda", 0))
+        assert fake_cuda_moves == [{"non_blocking": True}, {"non_blocking": True}]
+        assert out["pixels"].is_contiguous(memory_format=torch.channels_last)
+        assert stage_b.to_device(batch, CPU)["pixels"].is_contiguous()  # the CPU keeps NCHW
+
+    @pytest.mark.parametrize(("device", "pinned"), [("cpu", False), ("cuda", True)])
+    def test_loaders_pin_memory_on_cuda_only(
+        self, spec_for: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, device: str, pinned: bool
+    ) -> None:
+        run = _prepared(spec_for(), tmp_path / "r")
+        run.device = torch.device(device)
+        asked: list[bool] = []
+
+        def make_loader(*a: Any, pin_memory: bool = False, **k: Any) -> Any:
+            asked.append(pin_memory)
+            raise _Stop
+
+        monkeypatch.setattr(stage_b, "make_loader", make_loader)
+        monkeypatch.setattr(evaluate_module, "make_loader", make_loader)
+        with pytest.raises(_Stop):
+            stage_b.train_stage_b(run, 0, TrainState(), 10)
+        with pytest.raises(_Stop):
+            evaluate_module.evaluate(run)
+        assert asked == [pinned, pinned]
+
+
+# --- host reads per epoch ----------------------------------------------------------------------
+
+
+HOST_READS = ("item", "tolist", "cpu", "numpy", "__float__", "__int__", "__bool__", "__index__")
+
+
+def _count_host_reads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Record each read of a tensor's value by the host (a device sync on a GPU) made from this
+    package's code (not from torch's own, e.g. the optimizers' CPU step counters)."""
+    package = str(REPO / "customkd_cache")
+    reads: list[str] = []
+    for name in HOST_READS:
+        original = getattr(torch.Tensor, name)
+
+        def wrapped(self: torch.Tensor, *a: Any, _o: Any = original, _n: str = name, **k: Any) -> Any:
+            caller = sys._getframe(1).f_code.co_filename
+            if caller.startswith(package):
+                reads.append(f"{_n} {Path(caller).name}:{sys._getframe(1).f_lineno}")
+            return _o(self, *a, **k)
+
+        monkeypatch.setattr(torch.Tensor, name, wrapped)
+    return reads
+
+
+@pytest.mark.parametrize("method", ["customkd", "dkd"])
+def test_stage_b_reads_the_device_every_log_every_steps(
+    spec_for: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, method: str
+) -> None:
+    """A stage-B epoch reads the device at most steps / log_every + 2 times, and its sums are the
+    per-step losses added up."""
+    run = _prepared(spec_for(f"method={method}", "optim.batch_size=8", "run.log_every=4"), tmp_path / "r")
+    step = stage_b._stage_b_step
+    totals: list[torch.Tensor] = []
+
+    def recorded(*a: Any) -> Any:
+        terms, norm = step(*a)
+        totals.append(terms.total.detach().clone())
+        return terms, norm
+
+    monkeypatch.setattr(stage_b, "_stage_b_step", recorded)
+    reads = _count_host_reads(monkeypatch)
+    sums, n = stage_b.train_stage_b(run, 0, TrainState(), 100)
+    monkeypatch.undo()
+    assert n >= 12, n  # enough steps for the bound to mean something
+    assert len(reads) <= n // 4 + 2, reads
+    assert sums["loss_total"] == pytest.approx(float(sum(float(t) for t in totals)), rel=1e-6)
+
+
+def test_a_nan_is_caught_within_log_every_steps_naming_its_step(
+    spec_for: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import dataclasses
+
+    run = _prepared(spec_for("optim.batch_size=8", "run.log_every=5"), tmp_path / "r")
+    step, calls = stage_b._stage_b_step, []
+
+    def poisoned(*a: Any) -> Any:
+        terms, norm = step(*a)
+        calls.append(1)
+        if len(calls) == 3:  # step 2
+            terms = dataclasses.replace(terms, total=terms.total * float("nan"))
+        return terms, norm
+
+    monkeypatch.setattr(stage_b, "_stage_b_step", poisoned)
+    with pytest.raises(NonFiniteLossError, match=r"loss is not finite at epoch 0, step 2 \(total=nan"):
+        stage_b.train_stage_b(run, 0, TrainState(), 100)
+    assert len(calls) == 5  # stopped at the first check after the NaN

@@ -13,6 +13,7 @@ from customkd_cache.stage_two.losses import linear_cka
 from customkd_cache.stage_two.precision import run_autocast, run_precision
 from customkd_cache.stage_two.probe import probe_accuracy
 from customkd_cache.stage_two.replay import Row, make_loader
+from customkd_cache.stage_two.stage_b import to_device
 from customkd_cache.stage_two.state import Run, TrainState
 
 
@@ -54,11 +55,12 @@ def _student_accuracy(
             batches=None,
             num_workers=run.spec.run.num_workers,
             seed=run.spec.seed,
+            pin_memory=run.device.type == "cuda",
         )
         correct = 0
         for batch in loader:
             with run_autocast(run):
-                logits, f_s = models.student(batch["pixels"].to(run.device))
+                logits, f_s = models.student(to_device({"pixels": batch["pixels"]}, run.device)["pixels"])
             correct += int((logits.argmax(1).cpu() == batch["label"]).sum())
             if keep_features:
                 feats.append(f_s.float().cpu())

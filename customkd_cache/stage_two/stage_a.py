@@ -18,6 +18,7 @@ from customkd_cache.stage_two.losses import customization_loss
 from customkd_cache.stage_two.precision import run_autocast
 from customkd_cache.stage_two.probe import Probe, train_probe
 from customkd_cache.stage_two.replay import FeatureSource, Row
+from customkd_cache.stage_two.stage_b import to_device
 from customkd_cache.stage_two.state import Run
 from customkd_cache.store import FeatureStore
 
@@ -186,7 +187,8 @@ def _bound_pixels(run: Run) -> torch.Tensor:
         rng = np.random.default_rng([run.spec.seed, 23])
         chosen = sorted(rng.choice(len(rows), size=min(BOUND_ROWS, len(rows)), replace=False).tolist())
         run.replay.set_items([(rows[i], 0) for i in chosen], 0)
-        run.bound_pixels = torch.stack([run.replay[k]["pixels"] for k in range(len(chosen))]).to(run.device)
+        pixels = torch.stack([run.replay[k]["pixels"] for k in range(len(chosen))])
+        run.bound_pixels = to_device({"pixels": pixels}, run.device)["pixels"]
     return run.bound_pixels
 
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections import defaultdict
-
 import torch
 
 from customkd_cache.distributed import Dist
@@ -46,6 +44,7 @@ def train_stage_b(
     ``f_s_norm``, the mean L2 norm of ``f_s`` per batch) and the number of steps.
 
     Under several ranks each batch of the plan is split between them (rank r takes rows r::world).
+    The losses stay on the device; the host reads them every ``run.log_every`` steps (``_Window``).
     """
     spec, models, dist = run.spec, run.models, run.dist
     batches = epoch_batches(run, epoch)
@@ -69,55 +68,99 @@ def train_stage_b(
         batches=index_batches,
         num_workers=spec.run.num_workers,
         seed=spec.seed + epoch,
+        pin_memory=run.device.type == "cuda",  # page-locked batches: asynchronous copies to the GPU
     )
     models.student.train()
     if models.student_projector is not None:
         models.student_projector.train()
     params = [p for g in models.opt_b.param_groups for p in g["params"]]
     dkd_ramp = min(1.0, (epoch + 1) / max(spec.dkd.warmup_epochs, 1))
-    sums: dict[str, float] = defaultdict(float)
+    window = _Window(run.device)
     n = 0
     autocast = run_autocast(run)
     for batch in loader:
         for g in models.opt_b.param_groups:
             g["lr"] = lr_at(spec, state.step, total_steps)
         with autocast:  # forward passes and losses; backward runs outside, as PyTorch recommends
-            terms, f_s_norm = _stage_b_step(run, {k: v.to(run.device) for k, v in batch.items()}, dkd_ramp)
-        _check_finite(terms, epoch, state.step, spec.method, dist)
+            terms, f_s_norm = _stage_b_step(run, to_device(batch, run.device), dkd_ramp)
+        window.add(terms, f_s_norm, state.step)
         models.opt_b.zero_grad(set_to_none=False)
         terms.total.backward()
         dist.average_gradients(params)
         models.opt_b.step()
         state.step += 1
         n += 1
-        for key in LOSS_TERMS:
-            sums[f"loss_{key}"] += float(getattr(terms, key).detach())
-        sums["f_s_norm"] += f_s_norm
-    return dict(sums), n
+        if n % spec.run.log_every == 0:
+            window.check(epoch, spec.method, dist)
+    if n % spec.run.log_every:  # the steps since the last check (every rank runs the same number)
+        window.check(epoch, spec.method, dist)
+    return window.sums(), n
 
 
-def _check_finite(terms: StageBTerms, epoch: int, step: int, method: str, dist: Dist) -> None:
-    """Stop at the first NaN/Inf loss instead of training on garbage (and reporting chance accuracy).
+def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """A loader batch on ``device``: non-blocking copies (the loader pins its batches on CUDA) and, on
+    CUDA, the student's ``pixels`` in channels_last, the memory format of the student's weights there
+    (``Models.to``)."""
+    out = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+    if device.type == "cuda" and "pixels" in out and out["pixels"].ndim == 4:
+        out["pixels"] = out["pixels"].contiguous(memory_format=torch.channels_last)
+    return out
 
-    Decided on every rank together: a rank whose loss is finite stops too when another rank's is not.
+
+class _Window:
+    """Stage B's running sums kept on the run's device, so a step never waits for the device.
+
+    The host reads them every ``run.log_every`` steps and at the end of the epoch: there the
+    non-finite check is decided on every rank together (one all-reduce), so a NaN/Inf loss stops the
+    run at most ``log_every`` steps after it appears, with the exact step it appeared at.
     """
-    finite = torch.isfinite(terms.total.detach())
-    if dist.all_true(finite):
-        return
-    fix = "lower optim.lr or the loss weights in the train spec"
-    if bool(finite):
+
+    NONE = 2**62  # no non-finite loss seen
+
+    def __init__(self, device: torch.device) -> None:
+        self.total = torch.zeros(len(LOSS_TERMS) + 1, dtype=torch.float64, device=device)
+        self.bad_step = torch.full((), self.NONE, dtype=torch.int64, device=device)
+        self.bad_terms = torch.zeros(len(LOSS_TERMS), dtype=torch.float32, device=device)
+
+    def add(self, terms: StageBTerms, f_s_norm: torch.Tensor, step: int) -> None:
+        values = torch.stack([getattr(terms, k).detach().float() for k in LOSS_TERMS])
+        first = (self.bad_step == self.NONE) & ~torch.isfinite(values[0])  # values[0]: total
+        self.bad_step = torch.where(first, step, self.bad_step)
+        self.bad_terms = torch.where(first, values, self.bad_terms)
+        self.total += torch.cat([values, f_s_norm.detach().float().reshape(1)]).double()
+
+    def check(self, epoch: int, method: str, dist: Dist) -> None:
+        """Raise NonFiniteLossError on every rank when a loss was not finite on any rank.
+
+        Every rank must call it at the same points (it is one collective under several ranks).
+        """
+        first = dist.min_over_ranks(self.bad_step)
+        if first == self.NONE:
+            return
+        fix = "lower optim.lr or the loss weights in the train spec"
+        own = int(self.bad_step)
+        if own != first:
+            raise NonFiniteLossError(
+                f"{method}: loss is not finite on another rank at epoch {epoch}, step {first}; {fix}"
+            )
+        values = self.bad_terms.tolist()
+        parts = ", ".join(f"{k}={v:.4g}" for k, v in zip(LOSS_TERMS, values, strict=True))
+        where = f" on rank {dist.rank}" if dist.world > 1 else ""
         raise NonFiniteLossError(
-            f"{method}: loss is not finite on another rank at epoch {epoch}, step {step}; {fix}"
+            f"{method}: loss is not finite{where} at epoch {epoch}, step {own} ({parts}); {fix}"
         )
-    parts = ", ".join(f"{k}={float(getattr(terms, k).detach()):.4g}" for k in LOSS_TERMS)
-    where = f" on rank {dist.rank}" if dist.world > 1 else ""
-    raise NonFiniteLossError(
-        f"{method}: loss is not finite{where} at epoch {epoch}, step {step} ({parts}); {fix}"
-    )
+
+    def sums(self) -> dict[str, float]:
+        """The sums of each loss term (``loss_<term>``) and of ``f_s_norm`` (one read of the device)."""
+        values = self.total.tolist()
+        keys = [f"loss_{k}" for k in LOSS_TERMS] + ["f_s_norm"]
+        return dict(zip(keys, values, strict=True))
 
 
-def _stage_b_step(run: Run, batch: dict[str, torch.Tensor], dkd_ramp: float) -> tuple[StageBTerms, float]:
-    """The loss terms of one batch and the batch's mean L2 norm of ``f_s``."""
+def _stage_b_step(
+    run: Run, batch: dict[str, torch.Tensor], dkd_ramp: float
+) -> tuple[StageBTerms, torch.Tensor]:
+    """The loss terms of one batch and the batch's mean L2 norm of ``f_s`` (0-dim, on the device)."""
     spec, models = run.spec, run.models
     logits, f_s, h_s = models.student.forward_parts(batch["pixels"])
     f_t = _teacher_features(run, batch)
@@ -139,7 +182,7 @@ def _stage_b_step(run: Run, batch: dict[str, torch.Tensor], dkd_ramp: float) -> 
         dkd_ramp=dkd_ramp,
         h_s=h_s if models.pre_activation else None,
     )
-    return terms, float(f_s.detach().float().norm(dim=1).mean())
+    return terms, f_s.detach().float().norm(dim=1).mean()
 
 
 def _teacher_features(run: Run, batch: dict[str, torch.Tensor]) -> torch.Tensor:
