@@ -206,7 +206,9 @@ class Dist:
         one host read of ``value``. Every rank must call it at the same point."""
         if self.world == 1:
             return int(value)
-        t = value.detach().reshape(1).to(device=self.device, dtype=torch.int64)
+        t = (
+            value.detach().reshape(1).to(device=self.device, dtype=torch.int64).clone()
+        )  # never reduce in place
         tdist.all_reduce(t, op=tdist.ReduceOp.MIN)
         return int(t.item())
 
