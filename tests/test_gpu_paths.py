@@ -289,3 +289,40 @@ def test_a_nan_is_caught_within_log_every_steps_naming_its_step(
     with pytest.raises(NonFiniteLossError, match=r"loss is not finite at epoch 0, step 2 \(total=nan"):
         stage_b.train_stage_b(run, 0, TrainState(), 100)
     assert len(calls) == 5  # stopped at the first check after the NaN
+
+
+# --- the probe and stage A on the run's device -------------------------------------------------
+
+
+META = torch.device("meta")  # a device that is not the CPU, available everywhere (no data)
+
+
+def test_the_probe_and_stage_a_run_on_the_runs_device(
+    spec_for: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from customkd_cache.stage_two import stage_a
+    from customkd_cache.stage_two import train as train_module
+
+    monkeypatch.setattr(train_module, "resolve_device", lambda name: META)
+    fitted_on: list[Any] = []
+    train_probe = stage_a.train_probe
+
+    def recorded_probe(*a: Any, device: Any = "cpu", **k: Any) -> Any:
+        fitted_on.append(torch.device(device))
+        return train_probe(*a, **k)  # fitted on the CPU: a probe on meta has no weights to return
+
+    monkeypatch.setattr(stage_a, "train_probe", recorded_probe)
+    run = _prepared(spec_for("customkd.stage_a_ce_target=0"), tmp_path / "r")
+    assert fitted_on == [META] and run.probe.linear.weight.device == META
+    stage_a_on: set[torch.device] = set()
+    loss = stage_a.customization_loss
+
+    def recorded_loss(head: Any, customizer: Any, f_t: torch.Tensor, *a: Any, **k: Any) -> Any:
+        stage_a_on.update({f_t.device, next(customizer.parameters()).device, next(head.parameters()).device})
+        return loss(head, customizer, f_t, *a, **k)
+
+    monkeypatch.setattr(stage_a, "customization_loss", recorded_loss)
+    monkeypatch.setattr(stage_a, "set_target_bound", lambda run: {})
+    monkeypatch.setattr(stage_a, "stage_a_report", lambda *a: {})
+    assert stage_a.train_stage_a(run, 0, 0)["stage_a_steps"] > 0
+    assert stage_a_on == {META}

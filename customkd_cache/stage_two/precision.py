@@ -10,7 +10,7 @@ recommends. The choice is part of the run's spec (spec.json), not of the store's
 
 from __future__ import annotations
 
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, nullcontext
 from typing import TYPE_CHECKING
 
 import torch
@@ -48,7 +48,9 @@ def resolve_precision(name: str, device: torch.device) -> str:
 def autocast(device: torch.device, precision: str) -> AbstractContextManager[object]:
     """The autocast context of ``precision`` (``resolve_precision``'s value) on ``device``; a no-op
     for fp32."""
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+    if precision != "bf16":
+        return nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
 
 def run_precision(run: Run) -> str:

@@ -43,6 +43,7 @@ def fit_probe(
     num_classes: int,
     raw_stats: tuple[np.ndarray, np.ndarray] | None,
     *,
+    device: torch.device | str = "cpu",
     precision: str = "fp32",
 ) -> Probe:
     """The teacher probe: a linear classifier on the labeled rows' cached features (``labeled``,
@@ -51,6 +52,7 @@ def fit_probe(
     It standardizes with the statistics of the whole training splits (``raw_stats`` when the
     features come unstandardized, else none is needed): statistics of the few labeled rows alone
     have near-zero spreads in some dimensions and give the probe unbounded logits elsewhere.
+    It trains on ``device`` (the run's) and is returned on the CPU.
     """
     feats, labels = labeled
     d = feats.shape[1]
@@ -63,6 +65,7 @@ def fit_probe(
         seed=spec.seed,
         mean=torch.from_numpy(mean),
         std=torch.from_numpy(std),
+        device=device,
         precision=precision,
     )
 

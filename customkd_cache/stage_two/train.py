@@ -150,7 +150,8 @@ def prepare_run(spec: TrainSpec, *, spec_path: Path | None, out: Path, resume: b
     teacher = create_online_teacher(spec, spec_path, store, device) if spec.teacher_mode == "online" else None
     views = train_view_count(spec, store.num_views)
     labeled = labeled_features(features, store, protocol.labeled, views)  # probe and every stage A
-    probe = fit_probe(spec, labeled, num_classes, None if stats else train_stats, precision=precision)
+    raw_stats = None if stats else train_stats
+    probe = fit_probe(spec, labeled, num_classes, raw_stats, device=device, precision=precision)
     models = build_models(spec, spec_path=spec_path, num_classes=num_classes, teacher_dim=store.feature_dim)
     replay = _replay_dataset(spec, dataset, store, features, models.student, teacher)
     features.preload([*protocol.train_splits, *protocol.eval_splits])
