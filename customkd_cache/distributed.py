@@ -1,10 +1,11 @@
 """Data parallelism for stage two under ``torchrun`` (PyTorch's own launcher).
 
 ``torchrun --nproc-per-node=N -m customkd_cache train ...`` sets ``RANK``/``WORLD_SIZE``; each rank
-computes the loss on its share of every batch, gradients are averaged across ranks with one
-all-reduce per step (the arithmetic of ``DistributedDataParallel``, without its bucketing and
-overlap, which keeps optional modules such as projectors out of DDP's unused-parameter checks), and
-rank 0 evaluates and writes. BatchNorm running statistics are taken from rank 0 before each
+computes the loss on its own batches of ``optim.batch_size`` (per GPU), gradients are averaged across
+ranks with one all-reduce per step (the arithmetic of ``DistributedDataParallel``, without its
+bucketing and overlap, which keeps optional modules such as projectors out of DDP's unused-parameter
+checks), rank 0 trains stage A and broadcasts it, evaluation is shared (counts summed), and rank 0
+writes. BatchNorm running statistics are taken from rank 0 before each
 evaluation. Backend: nccl on CUDA, gloo on CPU; every collective's tensor lives on the process
 group's device (``Dist.device``), since nccl has no CPU tensors. A single process needs none of
 this: ``Dist`` is then a no-op. ``resolve_device`` turns ``run.device`` into a torch device for
@@ -240,14 +241,48 @@ class Dist:
             sums, count = dict(zip(keys, reduced[:-1], strict=True)), int(reduced[-1])
         return {k: sums[k] / max(count, 1) for k in keys}
 
+    def sum_over_ranks(self, values: list[int]) -> list[int]:
+        """Element-wise sums of integer counts over every rank (one all-reduce)."""
+        if self.world == 1:
+            return list(values)
+        t = torch.tensor(values, dtype=torch.int64, device=self.device)
+        tdist.all_reduce(t)
+        return [int(v) for v in t.cpu().tolist()]
+
+    def gather_rows(self, t: torch.Tensor) -> torch.Tensor:
+        """Every rank's (n_r, ...) tensor concatenated in rank order (n_r may differ), on every rank,
+        on the CPU: one all-gather of the sizes, one of the rows (padded to the largest share)."""
+        if self.world == 1:
+            return t.cpu()
+        n = torch.tensor([t.shape[0]], dtype=torch.int64, device=self.device)
+        sizes = [torch.zeros_like(n) for _ in range(self.world)]
+        tdist.all_gather(sizes, n)
+        counts = [int(x.item()) for x in sizes]
+        padded = torch.zeros((max(counts), *t.shape[1:]), dtype=t.dtype, device=self.device)
+        padded[: t.shape[0]] = t.to(self.device)
+        parts = [torch.empty_like(padded) for _ in range(self.world)]
+        tdist.all_gather(parts, padded)
+        return torch.cat([p[:c].cpu() for p, c in zip(parts, counts, strict=True)])
+
+    def broadcast_module(self, module: nn.Module) -> None:
+        """Copy rank 0's parameters and buffers of ``module`` to every rank."""
+        if self.world == 1:
+            return
+        with torch.no_grad():
+            for t in [*module.parameters(), *module.buffers()]:
+                self._broadcast(t)
+
+    def _broadcast(self, t: torch.Tensor) -> None:
+        if t.device == self.device:
+            tdist.broadcast(t, src=0)
+        else:  # a tensor kept elsewhere travels through the group's device
+            on_group = t.to(self.device)
+            tdist.broadcast(on_group, src=0)
+            t.copy_(on_group)
+
     def sync_buffers(self, module: nn.Module) -> None:
         """Copy rank 0's buffers (BatchNorm running statistics) to every rank."""
         if self.world == 1:
             return
         for b in module.buffers():
-            if b.device == self.device:
-                tdist.broadcast(b, src=0)
-            else:  # a buffer kept elsewhere travels through the group's device
-                on_group = b.to(self.device)
-                tdist.broadcast(on_group, src=0)
-                b.copy_(on_group)
+            self._broadcast(b)

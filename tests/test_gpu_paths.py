@@ -326,3 +326,95 @@ def test_the_probe_and_stage_a_run_on_the_runs_device(
     monkeypatch.setattr(stage_a, "stage_a_report", lambda *a: {})
     assert stage_a.train_stage_a(run, 0, 0)["stage_a_steps"] > 0
     assert stage_a_on == {META}
+
+
+# --- several ranks (gloo on this machine) ------------------------------------------------------
+
+
+_TWO_RANKS = """
+import json, sys
+from pathlib import Path
+
+import torch
+
+from customkd_cache.distributed import Dist
+from customkd_cache.specs import load_train_spec
+from customkd_cache.stage_two.evaluate import evaluate
+from customkd_cache.stage_two.stage_a import train_stage_a
+from customkd_cache.stage_two.train import prepare_run
+
+spec_path, root, out, result = sys.argv[1:5]
+spec = load_train_spec(Path(spec_path), [f"dataset.root={root}", "optim.epochs=1"])
+with Dist.from_env("cpu", timeout_s=120) as dist:
+    run = prepare_run(spec, spec_path=Path(spec_path), out=Path(out), resume=False, dist=dist)
+    p_t = run.models.customizer
+    if dist.rank == 1:  # as ranks drift apart on GPUs (non-deterministic sums)
+        with torch.no_grad():
+            for p in p_t.parameters():
+                p.add_(1.0)
+    report = train_stage_a(run, 0, 0)
+    flat = torch.cat([t.detach().reshape(-1) for t in [*p_t.parameters(), *p_t.buffers()]])
+    both = dist.gather_rows(flat.reshape(1, -1))
+    scores = evaluate(run, final=True)
+    if dist.is_main:
+        same = bool(torch.equal(both[0], both[1]))
+        Path(result).write_text(json.dumps({"same_p_t": same, "report": report, "eval": scores}))
+"""
+
+
+def _two_ranks(script: str, args: list[str], env: dict[str, str]) -> None:
+    import socket
+    import subprocess
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = env | {"WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, script, *args],
+            env=env | {"RANK": str(r), "LOCAL_RANK": str(r)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for r in (0, 1)
+    ]
+    try:
+        outs = [p.communicate(timeout=300) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    for r, (p, (_, err)) in enumerate(zip(procs, outs, strict=True)):
+        assert p.returncode == 0, (r, err[-3000:])
+
+
+def test_two_ranks_share_p_t_and_score_as_one_process(
+    cached: dict[str, Path], spec_for: Any, tmp_path: Path
+) -> None:
+    """Two gloo ranks: after stage A both hold rank 0's P_t (rank 1's was perturbed first), and the
+    evaluation shared between them gives exactly one process's accuracies."""
+    script = tmp_path / "two_ranks.py"
+    script.write_text(_TWO_RANKS)
+    result = tmp_path / "result.json"
+    args = [str(TRAIN_SPEC), str(cached["root"]), str(tmp_path / "two"), str(result)]
+    _two_ranks(str(script), args, _env(cached["caches"]) | {"PYTHONPATH": str(REPO)})
+    two = json.loads(result.read_text())
+    assert two["same_p_t"] and two["report"]["stage_a_steps"] > 0
+    from customkd_cache.stage_two.evaluate import evaluate
+
+    run = _prepared(spec_for(), tmp_path / "one")
+    one = evaluate(run, final=True)
+    assert two["eval"]["student_accuracy"] == one["student_accuracy"]
+    assert two["eval"]["student_accuracy_per_split"] == one["student_accuracy_per_split"]
+    assert two["eval"]["cka_student_teacher"] == pytest.approx(one["cka_student_teacher"], rel=1e-5)
+
+
+def test_each_rank_trains_whole_batches() -> None:
+    """optim.batch_size is per GPU: each rank takes whole batches of the plan, padded by wrapping."""
+    plan = [[0, 1], [2, 3], [4, 5]]
+    assert stage_b.rank_batches(plan, 0, 1) == plan
+    assert stage_b.rank_batches(plan, 0, 2) == [[0, 1], [4, 5]]
+    assert stage_b.rank_batches(plan, 1, 2) == [[2, 3], [0, 1]]
+    assert stage_b.rank_steps(3, 1, 2) == 2 and stage_b.rank_steps(7, 2, 2) == 2 + 2
+    assert stage_b.rank_steps(7, 3, 1) == 7

@@ -4,7 +4,7 @@ The one end-to-end CLI test: generate an OfficeHome-layout dataset, cache it wit
 train from the cache, and load the student checkpoint with timm. Then: every method runs from the same
 cache; a killed run resumed with ``--resume`` reaches the same numbers; caches that do not fit are
 refused with exit 2; the online teacher sees exactly the cached views; two gloo ranks under torchrun
-track one process.
+train on per-GPU batches and stay close to one process.
 """
 
 from __future__ import annotations
@@ -470,7 +470,7 @@ def test_online_teacher_unstandardized_trains(
     assert res["method"] == method and res["student_accuracy"] is not None
 
 
-def test_torchrun_two_ranks_track_one_process(cached: dict[str, Path], tmp_path: Path) -> None:
+def test_torchrun_two_ranks_train_per_gpu_batches(cached: dict[str, Path], tmp_path: Path) -> None:
     torchrun = Path(sys.executable).parent / "torchrun"
     if not torchrun.exists():
         pytest.skip("torchrun not installed beside this python")
@@ -505,14 +505,19 @@ def test_torchrun_two_ranks_track_one_process(cached: dict[str, Path], tmp_path:
     one = [json.loads(x) for x in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
     two = [json.loads(x) for x in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
     assert len(one) == len(two) == 2
-    # Same data, same averaged gradients; BatchNorm sees half batches per rank, hence a tolerance,
-    # and the two trajectories drift apart a little more each epoch (measured: 1.4 % then 5.5 %).
-    for (a, b), tol in zip(zip(one, two, strict=True), (0.05, 0.1), strict=True):
-        assert abs(a["loss_total"] - b["loss_total"]) / a["loss_total"] < tol, (a, b)
+    # optim.batch_size is per GPU: two ranks take two batches of the plan per step (half the steps,
+    # twice the global batch), so the runs differ; they stay close (measured: 8 % in epoch 0).
+    steps = [
+        torch.load(tmp_path / run / "checkpoints" / "last.pt", weights_only=True)["state"]["step"]
+        for run in ("one", "two")
+    ]
+    assert steps[1] == 2 * -(-(steps[0] // 2) // 2), steps
+    for a, b in zip(one, two, strict=True):
+        assert abs(a["loss_total"] - b["loss_total"]) / a["loss_total"] < 0.25, (a, b)
     r1 = json.loads((tmp_path / "one" / "results.json").read_text())
     r2 = json.loads((tmp_path / "two" / "results.json").read_text())
     assert r1["teacher_accuracy"] == r2["teacher_accuracy"]
-    assert abs(r1["student_accuracy"] - r2["student_accuracy"]) <= 0.05
+    assert abs(r1["student_accuracy"] - r2["student_accuracy"]) <= 0.1
 
 
 _POISON_RANK_1 = """

@@ -24,7 +24,10 @@ def evaluate(run: Run, *, final: bool = False) -> dict[str, Any]:
 
     ``final``: also the linear CKA on the evaluation images between ``f_s`` and the cached teacher
     feature ``f_t`` (every method) and between ``f_s`` and ``P_t(f_t)`` (methods with a customizer),
-    and the customized teacher's accuracy: the student's head on ``P_t(f_t)``.
+    and the customized teacher's accuracy: the student's head on ``P_t(f_t)`` (on rank 0 only).
+
+    Every rank must call it (the images are shared between the ranks); the accuracies are the same
+    on every rank.
     """
     eval_rows = {s: run.protocol.eval_indices(s, run.store.num_samples(s)) for s in run.protocol.eval_splits}
     acc, per_split, f_s = _student_accuracy(run, eval_rows, keep_features=final)
@@ -32,7 +35,7 @@ def evaluate(run: Run, *, final: bool = False) -> dict[str, Any]:
     if run.protocol.val_rows:
         val_acc, val_split, _ = _student_accuracy(run, run.protocol.val_rows, keep_features=False)
         out.update(val_accuracy=val_acc, val_accuracy_per_split=val_split)
-    if final and f_s is not None:
+    if final and f_s is not None and run.dist.is_main:
         out.update(_final_metrics(run, eval_rows, f_s))
     return out
 
@@ -41,14 +44,19 @@ def _student_accuracy(
     run: Run, rows_by_split: dict[str, list[int]], *, keep_features: bool
 ) -> tuple[float, dict[str, float], torch.Tensor | None]:
     """Accuracy over all rows, per split, and (``keep_features``) the (N, d_s) features ``f_s`` in
-    the order of ``rows_by_split``."""
-    models = run.models
+    the order of ``rows_by_split``.
+
+    Under several ranks each rank scores a contiguous share of each split (``shard``), the correct
+    counts are summed over the ranks and the features gathered in order, so every rank returns what
+    one process would.
+    """
+    models, dist = run.models, run.dist
     models.student.eval()
     per_split: dict[str, float] = {}
     feats: list[torch.Tensor] = []
-    correct_all = total_all = 0
+    corrects: list[int] = []
     for split, rows in rows_by_split.items():
-        run.replay.set_items([(Row(split, r, False), 0) for r in rows], 0)
+        run.replay.set_items([(Row(split, r, False), 0) for r in shard(rows, dist.rank, dist.world)], 0)
         loader = make_loader(
             run.replay,
             batch_size=run.spec.optim.batch_size,
@@ -57,18 +65,31 @@ def _student_accuracy(
             seed=run.spec.seed,
             pin_memory=run.device.type == "cuda",
         )
-        correct = 0
+        correct = torch.zeros((), dtype=torch.int64, device=run.device)  # read once per split
+        split_feats: list[torch.Tensor] = []
         for batch in loader:
             with run_autocast(run):
                 logits, f_s = models.student(to_device({"pixels": batch["pixels"]}, run.device)["pixels"])
-            correct += int((logits.argmax(1).cpu() == batch["label"]).sum())
+            correct += (logits.argmax(1) == batch["label"].to(run.device, non_blocking=True)).sum()
             if keep_features:
-                feats.append(f_s.float().cpu())
-        per_split[split] = correct / max(len(rows), 1)
-        correct_all += correct
-        total_all += len(rows)
+                split_feats.append(f_s.float())
+        corrects.append(int(correct))
+        if keep_features:
+            d = run.models.student.feature_dim
+            mine = torch.cat(split_feats) if split_feats else torch.zeros((0, d), device=run.device)
+            feats.append(dist.gather_rows(mine))
+    summed = dist.sum_over_ranks(corrects)
+    for (split, rows), n_correct in zip(rows_by_split.items(), summed, strict=True):
+        per_split[split] = n_correct / max(len(rows), 1)
+    total_all = sum(len(rows) for rows in rows_by_split.values())
     f_s_all = torch.cat(feats) if keep_features and feats else None
-    return correct_all / max(total_all, 1), per_split, f_s_all
+    return sum(summed) / max(total_all, 1), per_split, f_s_all
+
+
+def shard(rows: list[int], rank: int, world: int) -> list[int]:
+    """Rank ``rank``'s contiguous share of ``rows`` (shares differ in size by at most one row)."""
+    n = len(rows)
+    return rows[rank * n // world : (rank + 1) * n // world]
 
 
 def _final_metrics(run: Run, rows_by_split: dict[str, list[int]], f_s: torch.Tensor) -> dict[str, float]:

@@ -95,12 +95,30 @@ def train_stage_a(run: Run, epoch: int, cycle: int) -> dict[str, Any]:
     learns with ``P_t``. The bound on ``P_t``'s output is set first (``set_target_bound``). A cycle
     stops early once a step's CE is below ``stage_a_ce_target`` (when > 0). Returns the steps run and
     ``stage_a_report``'s figures.
+
+    Under several ranks rank 0 alone trains and then broadcasts ``P_t`` (parameters and buffers, the
+    bound included) and the head when it learned, so every rank's stage B distills toward the same
+    target (ranks training on their own would drift apart with the GPU's non-deterministic sums);
+    the other ranks return ``stage_a_steps = 0`` and no figures (rank 0 writes the metrics).
     """
-    models, ck = run.models, run.spec.customkd
+    models, ck, dist = run.models, run.spec.customkd, run.dist
     assert models.customizer is not None and models.opt_a is not None  # stage_a_cycles checked
-    customizer, opt = models.customizer, models.opt_a
+    customizer = models.customizer
     head = models.stage_a_head if models.stage_a_head is not None else models.student.head()
     learns = models.stage_a_head is not None or ck.head_learns_in_stage_a
+    if dist.world > 1:  # rank 0 trains, every rank then holds rank 0's P_t (and head, when it learns)
+        report = _train_stage_a(run, epoch, cycle, head, learns) if dist.is_main else {"stage_a_steps": 0}
+        dist.broadcast_module(customizer)
+        if learns:
+            dist.broadcast_module(head)
+        return report
+    return _train_stage_a(run, epoch, cycle, head, learns)
+
+
+def _train_stage_a(run: Run, epoch: int, cycle: int, head: nn.Module, learns: bool) -> dict[str, Any]:
+    models, ck = run.models, run.spec.customkd
+    assert models.customizer is not None and models.opt_a is not None
+    customizer, opt = models.customizer, models.opt_a
     bound = set_target_bound(run)
     feats = torch.from_numpy(run.labeled[0]).to(run.device)
     labels = torch.from_numpy(run.labeled[1]).to(run.device)

@@ -43,7 +43,8 @@ def train_stage_b(
     epoch's batch plan is cut into ``k`` contiguous parts); returns the sums of each loss term (and of
     ``f_s_norm``, the mean L2 norm of ``f_s`` per batch) and the number of steps.
 
-    Under several ranks each batch of the plan is split between them (rank r takes rows r::world).
+    Under several ranks each rank trains on whole batches of the plan (``optim.batch_size`` is per
+    GPU: ``rank_batches``), so a step's global batch is ``world`` batches.
     The losses stay on the device; the host reads them every ``run.log_every`` steps (``_Window``).
     """
     spec, models, dist = run.spec, run.models, run.dist
@@ -57,10 +58,7 @@ def train_stage_b(
         include_eval=spec.train_views == "all",
     )
     items, index_batches = epoch_items(batches, views)
-    i, k = part
-    index_batches = index_batches[i * len(index_batches) // k : (i + 1) * len(index_batches) // k]
-    if dist.world > 1:  # every rank needs a row of each batch; the plan is the same on all ranks
-        index_batches = [b[dist.rank :: dist.world] for b in index_batches if len(b) >= dist.world]
+    index_batches = rank_batches(part_of(index_batches, *part), dist.rank, dist.world)
     run.replay.set_items(items, epoch)
     loader = make_loader(
         run.replay,
@@ -95,6 +93,27 @@ def train_stage_b(
     if n % spec.run.log_every:  # the steps since the last check (every rank runs the same number)
         window.check(epoch, spec.method, dist)
     return window.sums(), n
+
+
+def part_of(batches: list[list[int]], i: int, k: int) -> list[list[int]]:
+    """Part ``i`` of ``k`` contiguous parts of an epoch's batch plan."""
+    return batches[i * len(batches) // k : (i + 1) * len(batches) // k]
+
+
+def rank_batches(batches: list[list[int]], rank: int, world: int) -> list[list[int]]:
+    """Rank ``rank``'s batches of a plan that every rank holds: batch ``s * world + rank`` at step
+    ``s``, the plan wrapped around to fill the last step (as ``DistributedSampler`` pads), so every
+    rank runs ``ceil(len / world)`` steps and every batch is trained on each epoch."""
+    if world == 1 or not batches:
+        return batches
+    steps = -(-len(batches) // world)
+    return [batches[(s * world + rank) % len(batches)] for s in range(steps)]
+
+
+def rank_steps(num_batches: int, parts: int, world: int) -> int:
+    """Steps one rank runs in an epoch of ``num_batches`` batches cut into ``parts`` parts."""
+    sizes = [(i + 1) * num_batches // parts - i * num_batches // parts for i in range(parts)]
+    return sum(-(-n // world) for n in sizes)
 
 
 def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:

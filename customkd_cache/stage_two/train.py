@@ -45,7 +45,7 @@ from customkd_cache.stage_two.run_dir import (
     write_json,
 )
 from customkd_cache.stage_two.stage_a import fit_probe, labeled_features, stage_a_cycles, train_stage_a
-from customkd_cache.stage_two.stage_b import epoch_batches, train_stage_b, train_view_count
+from customkd_cache.stage_two.stage_b import epoch_batches, rank_steps, train_stage_b, train_view_count
 from customkd_cache.stage_two.state import Run, TrainState
 from customkd_cache.store import FeatureStore, open_store, std_divisor
 
@@ -53,8 +53,9 @@ from customkd_cache.store import FeatureStore, open_store, std_divisor
 def run_train(spec: TrainSpec, *, spec_path: Path | None, out: Path, resume: bool = False) -> dict[str, Any]:
     """Train one method from the cache and write the run directory; return results.json's content.
 
-    Under ``torchrun`` (``WORLD_SIZE`` > 1) every rank takes its share of each stage-B batch and
-    gradients are averaged across ranks before each step; rank 0 evaluates and writes.
+    Under ``torchrun`` (``WORLD_SIZE`` > 1) every rank trains on its own batches of
+    ``optim.batch_size`` (the batch is per GPU) and gradients are averaged across ranks before each
+    step; evaluation is shared between the ranks; rank 0 trains stage A and writes.
     """
     if spec.run.threads:
         torch.set_num_threads(spec.run.threads)
@@ -64,7 +65,9 @@ def run_train(spec: TrainSpec, *, spec_path: Path | None, out: Path, resume: boo
         if dist.is_main:
             shown = f"{describe_device(run.device)}, precision {run_precision(run)}"
             print(f"device: {shown}", file=sys.stderr, flush=True)
-        total_steps = spec.optim.epochs * len(epoch_batches(run, 0))
+        per_epoch = len(epoch_batches(run, 0))  # the same every epoch
+        parts = [max(stage_a_cycles(run, e), 1) for e in range(spec.optim.epochs)]
+        total_steps = sum(rank_steps(per_epoch, k, dist.world) for k in parts)
         for epoch in range(state.epoch, spec.optim.epochs):
             train_one_epoch(run, epoch, state, total_steps)
         results = summarize(run, state) if dist.is_main else {}
@@ -109,12 +112,13 @@ def train_one_epoch(run: Run, epoch: int, state: TrainState, total_steps: int) -
     metrics["stage_b_seconds"] = round(t_b, 3)
     run.dist.sync_buffers(run.models.student)
     final = epoch + 1 == spec.optim.epochs
-    if ((epoch + 1) % spec.run.eval_every == 0 or final) and run.dist.is_main:
+    if (epoch + 1) % spec.run.eval_every == 0 or final:  # every rank scores its share
         metrics.update(evaluate(run, final=final))
         acc = metrics["student_accuracy"]
         if acc > state.best_accuracy:
             state.best_accuracy, state.best_epoch = acc, epoch
-            save_student_checkpoint(run.models.student, out / "student_best.pth")
+            if run.dist.is_main:
+                save_student_checkpoint(run.models.student, out / "student_best.pth")
     metrics["seconds"] = round(time.perf_counter() - t0, 3)
     state.epoch = epoch + 1
     state.history.append(metrics)
