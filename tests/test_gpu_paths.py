@@ -130,13 +130,18 @@ class TestPrecision:
                 return _o(self, *a, **k)
 
             monkeypatch.setattr(cls, attr, wrapped)
-        epoch = probe_module.train_probe_epoch
+        functional = probe_module.F
 
-        def probe_epoch(*a: Any, **k: Any) -> None:
-            record("probe")
-            epoch(*a, **k)
+        class RecordedF:  # the probe's torch.nn.functional: its loss records the autocast state
+            def __getattr__(self, name: str) -> Any:
+                return getattr(functional, name)
 
-        monkeypatch.setattr(probe_module, "train_probe_epoch", probe_epoch)
+            @staticmethod
+            def cross_entropy(*a: Any, **k: Any) -> Any:
+                record("probe")
+                return functional.cross_entropy(*a, **k)
+
+        monkeypatch.setattr(probe_module, "F", RecordedF())
 
 
 # --- channels_last, pinned memory, non-blocking copies -----------------------------------------
@@ -309,7 +314,7 @@ def test_the_probe_and_stage_a_run_on_the_runs_device(
 
     def recorded_probe(*a: Any, device: Any = "cpu", **k: Any) -> Any:
         fitted_on.append(torch.device(device))
-        return train_probe(*a, **k)  # fitted on the CPU: a probe on meta has no weights to return
+        return train_probe(*a, **k)  # fitted on the CPU (a probe fitted on meta has no weights)
 
     monkeypatch.setattr(stage_a, "train_probe", recorded_probe)
     run = _prepared(spec_for("customkd.stage_a_ce_target=0"), tmp_path / "r")

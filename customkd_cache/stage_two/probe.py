@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from customkd_cache.specs import ProbeSpec
 from customkd_cache.stage_two.losses import standardize
+from customkd_cache.stage_two.precision import autocast
 
 _EVAL_ROWS = 8192  # rows per forward pass when scoring: bounds memory for (N, C) logits
 
@@ -71,7 +72,7 @@ def train_probe(
     the shuffling draws from a ``torch.Generator`` seeded with ``seed``, so the result depends only
     on the inputs and ``seed`` (on a given device and thread count), never on the global RNG.
     ``precision = "bf16"`` runs each forward pass and loss under bf16 autocast (the loss in float32).
-    Returns the probe on the CPU, in eval mode.
+    Returns the probe on ``device``, in eval mode.
     """
     _check_inputs(features, labels, num_classes)
     if mean is None:
@@ -87,9 +88,10 @@ def train_probe(
     opt = torch.optim.AdamW(linear.parameters(), lr=spec.lr, weight_decay=spec.weight_decay, foreach=True)
     generator = torch.Generator().manual_seed(seed)
     for _ in range(spec.epochs):
-        with torch.autocast(device_type=x.device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
-            train_probe_epoch(linear, opt, x, y, batch_size=spec.batch_size, generator=generator)
-    return Probe(linear.eval().cpu(), mean.float().cpu(), std.float().cpu())
+        train_probe_epoch(
+            linear, opt, x, y, batch_size=spec.batch_size, generator=generator, precision=precision
+        )
+    return Probe(linear.eval(), mean.float().to(device), std.float().to(device))
 
 
 def train_probe_epoch(
@@ -100,16 +102,18 @@ def train_probe_epoch(
     *,
     batch_size: int,
     generator: torch.Generator,
+    precision: str = "fp32",
 ) -> None:
-    """One shuffled pass over standardized ``x`` (N, D) float32 and ``y`` (N,) int64."""
+    """One shuffled pass over standardized ``x`` (N, D) float32 and ``y`` (N,) int64; the forward pass
+    and loss under ``precision``'s autocast (the loss in float32), the backward pass outside it."""
     order = torch.randperm(x.shape[0], generator=generator).to(x.device)
     for start in range(0, x.shape[0], batch_size):
         idx = order[start : start + batch_size]
-        loss = F.cross_entropy(linear(x[idx]).float(), y[idx])
-        with torch.autocast(device_type=x.device.type, enabled=False):  # backward outside autocast
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+        with autocast(x.device, precision):
+            loss = F.cross_entropy(linear(x[idx]).float(), y[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
 
 
 def probe_accuracy(probe: Probe, features: Tensor, labels: Tensor) -> float:

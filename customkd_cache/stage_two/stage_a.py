@@ -52,7 +52,7 @@ def fit_probe(
     It standardizes with the statistics of the whole training splits (``raw_stats`` when the
     features come unstandardized, else none is needed): statistics of the few labeled rows alone
     have near-zero spreads in some dimensions and give the probe unbounded logits elsewhere.
-    It trains on ``device`` (the run's) and is returned on the CPU.
+    It trains on ``device`` (the run's) and is returned there.
     """
     feats, labels = labeled
     d = feats.shape[1]
