@@ -90,11 +90,16 @@ def ranks_from_env() -> tuple[int, int, int]:
         raise SpecError(
             f"WORLD_SIZE={texts['WORLD_SIZE']!r}: the number of processes must be >= 1; {_RANKS_FIX}"
         )
+    # LOCAL_RANK is bounded by torchrun's LOCAL_WORLD_SIZE when set: a sweep under torchrun runs each
+    # rank's points as one process (WORLD_SIZE=1) on the rank's own GPU (LOCAL_RANK kept)
+    local_world = os.environ.get("LOCAL_WORLD_SIZE", "").strip()
+    bound = ("LOCAL_WORLD_SIZE", local_world) if local_world else ("WORLD_SIZE", texts["WORLD_SIZE"])
+    limits = {"RANK": world, "LOCAL_RANK": _env_int(*bound) if local_world else world}
     for name, value in (("RANK", rank), ("LOCAL_RANK", local)):
-        if not 0 <= value < world:
+        key, text = ("WORLD_SIZE", texts["WORLD_SIZE"]) if name == "RANK" else bound
+        if not 0 <= value < limits[name]:
             raise SpecError(
-                f"{name}={texts[name]!r} with WORLD_SIZE={texts['WORLD_SIZE']!r}: need 0 <= {name} < "
-                f"WORLD_SIZE; {_RANKS_FIX}"
+                f"{name}={texts[name]!r} with {key}={text!r}: need 0 <= {name} < {key}; {_RANKS_FIX}"
             )
     return rank, world, local
 
