@@ -61,7 +61,7 @@ def sha256_json(obj: Any) -> str:
 
 def split_digests(manifest: Manifest) -> dict[str, str]:
     """Per split, the sha256 of what the store's rows of that split are: the dataset kind, the class
-    names (labels index them), and the split's ids, labels and sizes in order.
+    names (labels index them), and the split's ids, labels, sizes and content digests in order.
 
     A split's digest does not depend on the other splits listed, so a store made over every split of
     a dataset serves a train spec that lists a few of them.
@@ -75,6 +75,7 @@ def split_digests(manifest: Manifest) -> dict[str, str]:
                 "ids": s["ids"],
                 "labels": s["labels"],
                 "sizes": s["sizes"],
+                "digests": s["digests"],
             }
         )
         for s in data["splits"]
@@ -84,8 +85,8 @@ def split_digests(manifest: Manifest) -> dict[str, str]:
 def dataset_identity(
     *, kind: str, manifest_digest: str, splits: dict[str, int], digests: dict[str, str] | None = None
 ) -> dict[str, Any]:
-    """The dataset part of the identity: the manifest digest covers ids, labels, sizes and skips of
-    every split together; ``split_digests`` (``split_digests``) each split alone."""
+    """The dataset part of the identity: the manifest digest covers ids, labels, sizes, content
+    digests and skips of every split together; ``split_digests`` each split alone."""
     identity: dict[str, Any] = {"kind": kind, "manifest_digest": manifest_digest, "num_samples": dict(splits)}
     if digests is not None:
         identity["split_digests"] = dict(digests)

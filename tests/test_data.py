@@ -160,12 +160,20 @@ class TestDigest:
         assert m.classes == ("Z", "a", "b")
         assert m.split("all").ids() == ("Z/ü 1.webp", "a/x.JPG", "a/y.png", "b/z.jpg")
         assert [s.size for s in m.split("all").samples] == [2, 1, 5, 3]
-        assert m.digest() == "b9e89a4ae1809f0a868d24ad99a2297126bdf6765d56b9d63af96a2ec3702118"
+        sha = [hashlib.sha256(b"x" * s.size).hexdigest() for s in m.split("all").samples]
+        assert [s.digest for s in m.split("all").samples] == sha
+        assert m.digest() == "f55bfe7ab114b7aae983df15d093a2d6b39b654d13f5d9a5659d580a9fa6b2ab"
 
     def test_independent_of_creation_order(self, tmp_path: Path) -> None:
         one = open_dataset(self._write(tmp_path / "one", self.FILES)).manifest
         two = open_dataset(self._write(tmp_path / "two", self.FILES[::-1])).manifest
         assert one.digest() == two.digest()
+
+    def test_changes_with_content_of_the_same_size(self, tmp_path: Path) -> None:
+        spec = self._write(tmp_path / "one", self.FILES)
+        base = open_dataset(spec).manifest.digest()
+        (tmp_path / "one" / "a" / "y.png").write_bytes(b"y" * 5)
+        assert open_dataset(spec).manifest.digest() != base
 
     def test_changes_with_content(self, tmp_path: Path) -> None:
         base = open_dataset(self._write(tmp_path / "one", self.FILES)).manifest.digest()
@@ -364,13 +372,13 @@ class TestArrayDatasets:
             open_dataset(DatasetSpec(kind="fashion_mnist", root=str(root)))
         _one_line_error(excinfo, str(path), "59 labels for 60 images")
 
-    def test_truncated_gz_images_fail_on_load(self, tmp_path: Path) -> None:
+    def test_truncated_gz_images_are_refused_when_listed(self, tmp_path: Path) -> None:
+        """The rows are read for their content digests, so a truncated file fails up front."""
         root = fakedata.write_fashion_mnist(tmp_path / "fm")
         path = root / "train-images-idx3-ubyte.gz"
         path.write_bytes(gzip.compress(gzip.decompress(path.read_bytes())[:-100], mtime=0))
-        ds = open_dataset(DatasetSpec(kind="fashion_mnist", root=str(root)))
         with pytest.raises(DatasetError) as excinfo:
-            ds.load_image("train", 0)
+            open_dataset(DatasetSpec(kind="fashion_mnist", root=str(root)))
         _one_line_error(excinfo, str(path), "expected 60 x 28 x 28")
 
     @pytest.mark.skipif(

@@ -1,7 +1,9 @@
 """Opening a dataset: ``open_dataset(spec)`` -> a ``Dataset`` (manifest + image access).
 
 ``open_dataset`` finds the kind's adapter in the registry, lists the dataset in its real layout
-without opening any image, then applies ``dataset.skip_list`` and ``dataset.max_per_split``.
+without opening any image, then applies ``dataset.skip_list`` and ``dataset.max_per_split``, and sets
+the content digest of every sample kept (``customkd_cache.data.digests``: files whose ``stat`` is
+unchanged since this user last read them are not read again).
 A corrupt image is never dropped silently: it fails when loaded, naming the file; ``check_images``
 finds them all up front, and ``dataset.skip_list`` leaves them out in a way that enters the
 manifest digest.
@@ -9,16 +11,19 @@ manifest digest.
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 from PIL import Image
 
+from customkd_cache.data.digests import CACHE_DIR, file_digests, row_digests
 from customkd_cache.data.labels import read_id_lines, shown_ids
+from customkd_cache.data.layouts.arrays import ArrayReader, _row_index
 from customkd_cache.data.layouts.base import FileReader, Reader
 from customkd_cache.data.manifest import Manifest, Sample, SplitManifest
 from customkd_cache.data.registry import kind_info
 from customkd_cache.errors import DatasetError
-from customkd_cache.specs import DatasetSpec, data_path
+from customkd_cache.specs import DatasetSpec, cache_root, data_path
 
 
 class Dataset:
@@ -80,7 +85,15 @@ def open_dataset(spec: DatasetSpec) -> Dataset:
             )
             for s in splits
         ]
-    manifest = Manifest(spec.kind, listing.classes, tuple(splits), skipped)
+    splits, changed = _content_digests(splits, root, listing.reader)
+    if changed:
+        print(
+            f"{root}: {len(changed)} image(s) hold other bytes than when last read here, under the same "
+            f"name (first: {changed[0]}); caches of the earlier bytes no longer match and are not used",
+            file=sys.stderr,
+            flush=True,
+        )
+    manifest = Manifest(spec.kind, listing.classes, tuple(splits), skipped, changed)
     reader = FileReader(spec.max_pixels) if isinstance(listing.reader, FileReader) else listing.reader
     return Dataset(manifest, root, reader)
 
@@ -95,6 +108,17 @@ def check_images(ds: Dataset) -> list[str]:
             except DatasetError:
                 bad[sample.id] = None
     return list(bad)
+
+
+def _content_digests(
+    splits: list[SplitManifest], root: Path, reader: Reader
+) -> tuple[list[SplitManifest], tuple[str, ...]]:
+    """The splits with every sample's content digest, and the ids whose bytes changed since this
+    user's digest cache last recorded them."""
+    if isinstance(reader, ArrayReader):
+        return [row_digests(s, reader.rows(s.name), _row_index) for s in splits], ()
+    done = [file_digests(root, s, cache_dir=cache_root() / CACHE_DIR) for s in splits]
+    return [d.split for d in done], tuple(x for d in done for x in d.changed)
 
 
 def _apply_skip_list(

@@ -1,8 +1,9 @@
 """Manifests: what a dataset is, split by split, and the digest that enters every cache fingerprint.
 
-A ``Manifest`` fixes, per split, the order of the samples, their ids, labels and sizes. Its digest
-depends only on what the samples are (ids, labels, byte sizes), never on the root path, the machine,
-the order the file system returns entries in, or the locale: names sort by Unicode code point.
+A ``Manifest`` fixes, per split, the order of the samples, their ids, labels, sizes and content
+digests (sha256 of each sample's bytes, see ``customkd_cache.data.digests``). Its digest depends only
+on what the samples are (ids, labels, byte sizes, bytes), never on the root path, the machine, file
+times, the order the file system returns entries in, or the locale: names sort by Unicode code point.
 
 Sample ids are stable: the POSIX path relative to the dataset root for file datasets
 (``"Art/Alarm_Clock/00001.jpg"``), ``"<split>/<index:05d>"`` for array-backed datasets (CIFAR,
@@ -13,7 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
 
@@ -24,11 +25,13 @@ from customkd_cache.errors import DatasetError, closest
 
 @dataclass(frozen=True)
 class Sample:
-    """One image: its stable ``id``, class ``label`` and ``size`` (file bytes; array rows: row bytes)."""
+    """One image: its stable ``id``, class ``label``, ``size`` (file bytes; array rows: row bytes) and
+    ``digest``, the sha256 hex of those bytes (``""`` until ``open_dataset`` sets it)."""
 
     id: str
     label: int
     size: int
+    digest: str = ""
 
 
 @dataclass(frozen=True)
@@ -57,6 +60,9 @@ class Manifest:
     classes: tuple[str, ...]
     splits: tuple[SplitManifest, ...]
     skipped: tuple[str, ...] = ()
+    # ids whose bytes differ from what this user's digest cache recorded for them (same name, other
+    # content): what made a fingerprint change; not part of what the dataset is
+    changed: tuple[str, ...] = field(default=(), compare=False)
 
     def split(self, name: str) -> SplitManifest:
         """The split called ``name``; ``DatasetError`` naming the valid splits if there is none."""
@@ -72,7 +78,8 @@ class Manifest:
         return tuple(s.name for s in self.splits)
 
     def to_json(self) -> dict[str, Any]:
-        """Plain JSON data: kind, classes, per split its ids, labels and sizes, and skipped ids."""
+        """Plain JSON data: kind, classes, per split its ids, labels, sizes and content digests, and
+        skipped ids."""
         return {
             "kind": self.kind,
             "classes": list(self.classes),
@@ -82,6 +89,7 @@ class Manifest:
                     "ids": [x.id for x in s.samples],
                     "labels": [x.label for x in s.samples],
                     "sizes": [x.size for x in s.samples],
+                    "digests": [x.digest for x in s.samples],
                 }
                 for s in self.splits
             ],
@@ -95,8 +103,10 @@ class Manifest:
             SplitManifest(
                 s["name"],
                 tuple(
-                    Sample(i, int(lab), int(size))
-                    for i, lab, size in zip(s["ids"], s["labels"], s["sizes"], strict=True)
+                    Sample(i, int(lab), int(size), str(digest))
+                    for i, lab, size, digest in zip(
+                        s["ids"], s["labels"], s["sizes"], s.get("digests", [""] * len(s["ids"])), strict=True
+                    )
                 ),
             )
             for s in data["splits"]
