@@ -131,6 +131,11 @@ class TestBoundedTarget:
         assert torch.allclose(out[0] / out[0].norm(), z[0] / z[0].norm())  # direction kept
         assert torch.equal(bound_rms(z, torch.tensor(float("inf"))), z)
 
+    def test_bound_rms_gradient_is_finite_on_a_zero_row(self) -> None:
+        z = torch.zeros(2, 3, requires_grad=True)  # e.g. a zero-initialized P_t before stage A
+        bound_rms(z, torch.tensor(1.0)).sum().backward()
+        assert z.grad is not None and bool(torch.isfinite(z.grad).all())
+
     @pytest.mark.parametrize("bound", ["fixed_rms", "none"])
     def test_customized_target_stays_within_its_bound(
         self, smoke: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, bound: str
