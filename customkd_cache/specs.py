@@ -353,6 +353,13 @@ class CustomKDSpec(_Spec):
         "stage A classifies activation(P_t(f_t)); features = f_s itself; auto = pre_activation where the "
         "student has one, else features",
     )
+    task_loss: Literal["mse", "normalized", "logit_kl"] = Field(
+        "mse",
+        description="form of L_task: mse = MSE(f_s, P_t(f_t)) (the paper's); normalized = the MSE between "
+        "the two rows each scaled to unit RMS (= 2 - 2 cos), so its pull does not depend on the target's "
+        "norm; logit_kl = KD (kd.temperature) from H_s(P_t(f_t)), the customized teacher's logits, to "
+        "the student's: only what the head reads of the target",
+    )
     fitnet_weight: float = Field(1.0, ge=0.0, description="weight of the fitnet baseline's MSE")
 
 

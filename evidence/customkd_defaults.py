@@ -66,6 +66,19 @@ CANDIDATES: dict[str, tuple[str, list[str]]] = {
             "customkd.target_bound_scale=1",
         ],
     ),
+    # the ViT-S/14 study (evidence/results/customkd_vit.md): L_task's form and stage A's regularization
+    "customkd:pre": ("customkd", []),
+    "customkd:norm": ("customkd", ["customkd.task_loss=normalized"]),
+    "customkd:norm,wd0.5": (
+        "customkd",
+        ["customkd.task_loss=normalized", "customkd.stage_a_weight_decay=0.5"],
+    ),
+    "customkd:logitkl,wd0.5": (
+        "customkd",
+        ["customkd.task_loss=logit_kl", "customkd.stage_a_weight_decay=0.5"],
+    ),
+    "customkd:logitkl": ("customkd", ["customkd.task_loss=logit_kl"]),
+    "customkd+kd:lt0.3": ("customkd+kd", ["customkd.lambda_task=0.3"]),
 }
 
 

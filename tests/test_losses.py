@@ -20,6 +20,7 @@ from customkd_cache.stage_two.losses import (
     kd_loss,
     logit_l2,
     method_terms,
+    normalized_mse,
     stage_b_loss,
     standardize,
 )
@@ -372,3 +373,37 @@ def test_dkd_stays_finite_when_a_binary_mass_underflows() -> None:
     loss.backward()
     assert torch.isfinite(loss)
     assert student.grad is not None and torch.isfinite(student.grad).all()
+
+
+class TestTaskLossForms:
+    """``customkd.task_loss``: the paper's MSE, its unit-RMS (cosine) form and KD from H_s(P_t(f_t))."""
+
+    def test_normalized_is_two_minus_two_cosine_and_scale_free(self) -> None:
+        g = torch.Generator().manual_seed(1)
+        a, b = torch.randn(4, 7, generator=g), torch.randn(4, 7, generator=g)
+        cos = torch.nn.functional.cosine_similarity(a.double(), b.double(), dim=1)
+        want = float((2 - 2 * cos).mean())  # unit-RMS rows: the mean squared difference is 2 - 2 cos
+        assert normalized_mse(a, b).item() == pytest.approx(want, rel=1e-5)
+        assert normalized_mse(3 * a, 0.01 * b).item() == pytest.approx(want, rel=1e-5)
+        z = torch.zeros(2, 7, requires_grad=True)
+        normalized_mse(z, b[:2]).backward()
+        assert z.grad is not None and bool(torch.isfinite(z.grad).all())
+
+    def test_stage_b_task_term_per_form(self) -> None:
+        batch = Batch()
+        with torch.no_grad():
+            customized = batch.customizer(batch.f_t)
+        mse = batch.loss("customkd").task.item()
+        assert mse == pytest.approx(feature_mse(batch.f_s, customized).item(), rel=1e-6)
+        norm = batch.loss("customkd", ck=CK.model_copy(update={"task_loss": "normalized"})).task.item()
+        assert norm == pytest.approx(normalized_mse(batch.f_s, customized).item(), rel=1e-6)
+        ck = CK.model_copy(update={"task_loss": "logit_kl"})
+        kl = batch.loss("customkd", ck=ck, head=batch.head).task.item()
+        want = kd_loss(batch.logits, batch.head(customized), temperature=KD.temperature).item()
+        assert kl == pytest.approx(want, rel=1e-6)
+        with pytest.raises(ValueError, match="head"):
+            batch.loss("customkd", ck=ck)
+
+    def test_unknown_task_loss_is_a_spec_error(self) -> None:
+        with pytest.raises(Exception, match="task_loss"):
+            CustomKDSpec(task_loss="cosine")  # type: ignore[arg-type]

@@ -99,6 +99,16 @@ def feature_mse(pred: Tensor, target: Tensor) -> Tensor:
     return F.mse_loss(pred.float(), target.float())
 
 
+def normalized_mse(pred: Tensor, target: Tensor, eps: float = 1e-12) -> Tensor:
+    """MSE between ``pred`` and ``target`` (B, D) after scaling each row to unit RMS: ``2 - 2 cos``
+    per row, averaged over the batch. Scale-free: the pull on ``pred`` does not grow with the
+    target's norm. A zero row counts as the zero vector (its RMS is clamped at ``eps``)."""
+    p, t = pred.float(), target.float()
+    p = p / p.pow(2).mean(dim=1, keepdim=True).clamp(min=eps).sqrt()
+    t = t / t.pow(2).mean(dim=1, keepdim=True).clamp(min=eps).sqrt()
+    return F.mse_loss(p, t)
+
+
 def linear_cka(x: Tensor, y: Tensor) -> float:
     """Linear CKA (Kornblith et al., ICML 2019) between two representations of the same N inputs.
 
@@ -222,6 +232,8 @@ def stage_b_loss(
     ck: CustomKDSpec,
     dkd_ramp: float = 1.0,
     h_s: Tensor | None = None,
+    head: nn.Module | None = None,
+    activation: Callable[[Tensor], Tensor] | None = None,
 ) -> StageBTerms:
     """Stage B of CustomKD and the baselines (docs/method.md), on a batch mixing labeled and unlabeled rows.
 
@@ -237,7 +249,10 @@ def stage_b_loss(
       task-specific term (the paper's L_spec); with ``h_s`` (B, d_s) given, the student's
       pre-activation ``h_s`` takes the place of ``f_s`` (``customkd.target_space``). ``P_t`` runs under
       ``no_grad`` and in eval mode (its previous mode is restored), so stage B never changes the
-      customizer, not even BatchNorm running statistics.
+      customizer, not even BatchNorm running statistics. ``ck.task_loss = normalized``: the same
+      rows each scaled to unit RMS first (``normalized_mse``); ``logit_kl``: ``kd_loss`` from
+      ``head(activation(P_t(f_t)))`` (no gradient) to ``logits``, which needs ``head`` (the student's
+      ``H_s``; ``activation`` maps a pre-activation target to the head's input, ``None`` = identity).
     - ``kd`` (kd, customkd+kd): ``kd_loss`` against ``teacher_logits`` on all rows.
     - ``dkd`` (dkd, customkd+dkd): ``dkd_loss`` on all rows. DKD needs a target class per row: the
       label on labeled rows and the teacher probe's argmax on unlabeled rows (its pseudo-label), so
@@ -262,7 +277,15 @@ def stage_b_loss(
         p_t = _required(customizer, "customizer", method)
         with _eval_mode(p_t), torch.no_grad():
             customized = p_t(f_t.float())
-        task = feature_mse(f_s if h_s is None else h_s, customized)
+        if ck.task_loss == "logit_kl":
+            h = _required(head, "head", method)
+            with torch.no_grad():
+                custom_logits = h(customized if activation is None else activation(customized))
+            task = kd_loss(logits, custom_logits, temperature=kd.temperature)
+        elif ck.task_loss == "normalized":
+            task = normalized_mse(f_s if h_s is None else h_s, customized)
+        else:
+            task = feature_mse(f_s if h_s is None else h_s, customized)
         total = total + ck.lambda_task * task
     if "kd" in terms:
         t_logits = _required(teacher_logits, "teacher_logits", method)

@@ -7,7 +7,7 @@ import torch
 from customkd_cache.distributed import Dist
 from customkd_cache.errors import NonFiniteLossError
 from customkd_cache.specs import TrainSpec
-from customkd_cache.stage_two.build import lr_at
+from customkd_cache.stage_two.build import lr_at, to_feature_space
 from customkd_cache.stage_two.losses import TEACHER_LOGIT_TERMS, StageBTerms, method_terms, stage_b_loss
 from customkd_cache.stage_two.precision import run_autocast
 from customkd_cache.stage_two.replay import Row, draw_views, epoch_items, make_loader, stage_b_batches
@@ -200,6 +200,8 @@ def _stage_b_step(
         ck=spec.customkd,
         dkd_ramp=dkd_ramp,
         h_s=h_s if models.pre_activation else None,
+        head=models.stage_a_head if models.stage_a_head is not None else models.student.head(),
+        activation=to_feature_space(models),
     )
     return terms, f_s.detach().float().norm(dim=1).mean()
 
