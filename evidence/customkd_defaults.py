@@ -103,6 +103,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--jobs", type=int, default=2, help="runs at once (one torch thread each)")
     ap.add_argument("--work", type=Path, default=REPO / "runs" / "customkd_defaults")
     ap.add_argument("--out", type=Path, default=OUT)
+    ap.add_argument("--name", default="customkd_defaults", help="results file name (without .json/.md)")
     return ap.parse_args(argv)
 
 
@@ -191,9 +192,11 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
     for name in dict.fromkeys(r["candidate"] for r in runs):
         mine = [r for r in runs if r["candidate"] == name]
         per = {}
-        for pc in sorted({r["per_class"] for r in mine}):
-            rows = [r for r in mine if r["per_class"] == pc]
-            per[str(pc)] = {
+        keys = sorted({(r["teacher"], r["per_class"]) for r in mine})
+        multi = len({t for t, _ in keys}) > 1
+        for teacher, pc in keys:
+            rows = [r for r in mine if r["per_class"] == pc and r["teacher"] == teacher]
+            per[f"{teacher} {pc}" if multi else str(pc)] = {
                 "val": _stats([100 * r["val_accuracy"] for r in rows]),
                 "test": _stats([100 * r["student_accuracy"] for r in rows]),
             }
@@ -210,13 +213,20 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
     return {"candidates": by_cand, "chosen": chosen}
 
 
+def _setting_order(key: str) -> tuple[str, int]:
+    """'4' or 'teacher 4' (several teachers): by teacher, then labels per class."""
+    teacher, _, pc = key.rpartition(" ")
+    return teacher, int(pc)
+
+
 def write_report(out: Path, result: dict[str, Any]) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    (out / "customkd_defaults.json").write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
+    (out / f"{result['name']}.json").write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
     summ = result["summary"]
-    pcs = sorted({int(pc) for c in summ["candidates"].values() for pc in c["per_class"]})
+    pcs = sorted({pc for c in summ["candidates"].values() for pc in c["per_class"]}, key=_setting_order)
+    teachers = ", ".join(result["plan"]["teachers"])
     lines = [
-        "# CustomKD defaults chosen on validation (Fashion-MNIST, EfficientNet-Lite0 teacher)",
+        f"# CustomKD defaults chosen on validation (Fashion-MNIST, teachers: {teachers})",
         "",
         f"Command: `{result['command']}` ({result['minutes']:.0f} min, {result['machine']}).",
         f"Plan: {json.dumps(result['plan'])}.",
@@ -234,7 +244,7 @@ def write_report(out: Path, result: dict[str, Any]) -> None:
     for name, c in summ["candidates"].items():
         cells = [f"{c['val']['mean']:.2f} ± {c['val']['std']:.2f}"]
         for pc in pcs:
-            p = c["per_class"].get(str(pc))
+            p = c["per_class"].get(pc)
             cells += (
                 [
                     f"{p['val']['mean']:.2f} ± {p['val']['std']:.2f}",
@@ -247,7 +257,7 @@ def write_report(out: Path, result: dict[str, Any]) -> None:
         shown = f"**{name}**" if name in chosen else name
         lines.append(f"| {shown} | " + " | ".join(cells) + " |")
     lines += ["", f"Teacher probe (linear on the labels), test: {result['probe']}", ""]
-    (out / "customkd_defaults.md").write_text("\n".join(lines) + "\n")
+    (out / f"{result['name']}.md").write_text("\n".join(lines) + "\n")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -284,6 +294,7 @@ def main(argv: list[str] | None = None) -> None:
                 s = _stats(vals)
                 probe[f"{teacher} {pc}/class"] = f"{s['mean']:.2f} ± {s['std']:.2f}"
     result = {
+        "name": args.name,
         "command": command,
         "machine": f"{os.cpu_count()} CPU cores, {args.jobs} runs at a time, 1 torch thread each",
         "minutes": (time.perf_counter() - t0) / 60,
@@ -294,7 +305,7 @@ def main(argv: list[str] | None = None) -> None:
         "summary": summarize(runs),
     }
     write_report(args.out, result)
-    log(f"[defaults] chosen: {result['summary']['chosen']}; wrote {args.out}/customkd_defaults.{{json,md}}")
+    log(f"[defaults] chosen: {result['summary']['chosen']}; wrote {args.out}/{args.name}.{{json,md}}")
 
 
 if __name__ == "__main__":
