@@ -68,7 +68,10 @@ CANDIDATES: dict[str, tuple[str, list[str]]] = {
     ),
     # the ViT-S/14 study (evidence/results/customkd_vit.md): L_task's form and stage A's regularization
     "customkd:pre": ("customkd", []),
-    "customkd:norm": ("customkd", ["customkd.task_loss=normalized"]),
+    "customkd:norm,lt10,wd0.5": (
+        "customkd",
+        ["customkd.task_loss=normalized", "customkd.lambda_task=10", "customkd.stage_a_weight_decay=0.5"],
+    ),
     "customkd:norm,wd0.5": (
         "customkd",
         ["customkd.task_loss=normalized", "customkd.stage_a_weight_decay=0.5"],
