@@ -158,6 +158,11 @@ def _all_items() -> list[tuple[Row, int]]:
     ]
 
 
+def _normalized(ds: ReplayDataset, item: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """One item's tensors as the training loop sees them: uint8 pixels normalized (on the CPU here)."""
+    return {k: v[0] for k, v in ds.to_device(ds.collate([item]), "cpu").items()}
+
+
 def _rows(split: str, n: int, labeled: bool) -> list[Row]:
     return [Row(split, i, labeled) for i in range(n)]
 
@@ -181,7 +186,7 @@ class TestReplay:
         )
         ds.set_items(_all_items(), epoch=0)
         for k, (row, view) in enumerate(_all_items()):
-            item = ds[k]
+            item = _normalized(ds, ds[k])
             img = dataset.load_image(row.split, row.row)
             boxes, flips = sample_views(VIEWS, sample_index=row.row, width=img.width, height=img.height)
             stage_one = _teacher_pixels(img, boxes[view], bool(flips[view]))
@@ -221,7 +226,7 @@ class TestReplay:
         store = open_store(path)
         errors_same, errors_other = [], []
         for k, (row, view) in enumerate(_all_items()):
-            item = ds[k]
+            item = _normalized(ds, ds[k])
             boxes, flips = store.read_boxes(row.split)
             img = dataset.load_image(row.split, row.row)
             exact = to_tensor(
@@ -239,7 +244,7 @@ class TestReplay:
             # the teacher-size rendering, downsampled to the student's size, shows the same content
             down = F.avg_pool2d(item["teacher_pixels"][None], TEACHER.size // STUDENT.size)[0]
             errors_same.append(float((down - item["pixels"]).abs().mean()))
-            other = ds[k - 1 if view else k + 1]["teacher_pixels"]
+            other = _normalized(ds, ds[k - 1 if view else k + 1])["teacher_pixels"]
             errors_other.append(float((F.avg_pool2d(other[None], 2)[0] - item["pixels"]).abs().mean()))
         assert max(errors_same) < 0.05
         assert min(errors_other) > 3 * max(errors_same)
@@ -325,7 +330,7 @@ class TestStageOne:
         ]
         ds.set_items(items, epoch=0)
         for k, (row, view) in enumerate(items):
-            item = ds[k]
+            item = _normalized(ds, ds[k])
             _, _, pixels, boxes, flips = row_views[(row.split, row.row)]
             assert torch.equal(item["teacher_pixels"], pixels[view])
             # the stored feature is the teacher's output on exactly the replayed pixels
@@ -558,6 +563,7 @@ class TestLoader:
         assert fresh._store._store is None and fresh.features is not None  # noqa: SLF001
         assert fresh.features._store._store is None  # noqa: SLF001
         assert inline[0]["pixels"].shape == (4, 3, STUDENT.size, STUDENT.size)
+        assert inline[0]["pixels"].dtype == torch.uint8  # normalized on the training device
         assert inline[0]["feature"].shape == (4, FEATURE_DIM) and inline[0]["feature"].dtype == torch.float32
         assert inline[0]["label"].dtype == torch.int64 and inline[0]["labeled"].dtype == torch.bool
         flat = [

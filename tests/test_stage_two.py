@@ -446,7 +446,8 @@ def test_online_teacher_sees_the_cached_views(
 
     items = [(Row("Art", r, True), v) for r in (0, 7, 64) for v in range(run.store.num_views)]
     run.replay.set_items(items, 0)
-    online = torch.stack([run.replay[k]["teacher_pixels"] for k in range(len(items))])
+    batch = run.replay.collate([run.replay[k] for k in range(len(items))])
+    online = run.replay.to_device(batch, "cpu")["teacher_pixels"]
     with torch.no_grad():
         f_online = run.teacher.features(online).numpy()
     stored = run.store.read_split("Art").astype(np.float32)

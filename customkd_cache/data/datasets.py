@@ -12,10 +12,12 @@ manifest digest.
 from __future__ import annotations
 
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 from PIL import Image
 
+from customkd_cache.data.decode import Region
 from customkd_cache.data.digests import CACHE_DIR, file_digests, row_digests
 from customkd_cache.data.labels import read_id_lines, shown_ids
 from customkd_cache.data.layouts.arrays import ArrayReader, _row_index
@@ -51,6 +53,19 @@ class Dataset:
         Raises ``DatasetError`` naming the file when it is missing or cannot be decoded.
         """
         return self._reader.load(self.root, split, self.sample(split, index))
+
+    def load_region(self, split: str, index: int, *, box: Sequence[float], min_side: int) -> Region:
+        """Sample ``index`` of ``split`` decoded for the crop ``box`` (normalized), to be resized to
+        ``min_side`` pixels: image files at a reduced scale where that crop allows (see
+        ``decode_region``), other images in full. Errors are ``load_image``'s."""
+        load_region = getattr(self._reader, "load_region", None)
+        if load_region is not None:
+            region: Region = load_region(
+                self.root, split, self.sample(split, index), box=box, min_side=min_side
+            )
+            return region
+        img = self.load_image(split, index)
+        return Region(img, (float(img.width), float(img.height)), 1)
 
     def image_size(self, split: str, index: int) -> tuple[int, int]:
         """``(width, height)`` as ``load_image`` would return it; reads only the header of files."""

@@ -3,6 +3,10 @@
 Owns the mode conversions (alpha on white, 16-bit grey, float grey), EXIF orientation, the
 ``dataset.max_pixels`` bound checked before decoding, and the one-line ``DatasetError`` for a file
 that is not an image or is truncated.
+
+``decode_region`` decodes a JPEG at a reduced scale (libjpeg's DCT scaling, 1/2, 1/4 or 1/8) when the
+one crop that will be taken from it keeps at least the output size in pixels at that scale: stage two
+renders one small view per decode, and a full decode of a large photo costs many times the view.
 """
 
 from __future__ import annotations
@@ -11,7 +15,8 @@ import contextlib
 import io
 import struct
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -60,6 +65,69 @@ def decode(source: Path | bytes, name: str, hint: str, *, max_pixels: int | None
         with opened(source if isinstance(source, Path) else io.BytesIO(source), max_pixels) as im:
             im.load()
             return _to_rgb(_exif_transposed(im))
+    except DECODE_ERRORS as e:
+        raise decode_error(name, e, hint) from e
+
+
+# libjpeg's DCT scale factors (``Image.draft``), largest first.
+DRAFT_SCALES = (8, 4, 2)
+# Formats whose decoder scales in the DCT (``Image.draft``); Pillow reads MPO files with its JPEG decoder.
+_DRAFT_FORMATS = ("JPEG", "MPO")
+
+
+@dataclass(frozen=True)
+class Region:
+    """An image decoded for crops of a known size.
+
+    ``image`` is RGB. ``extent`` is ``(width, height)`` of the full-resolution image in ``image``'s
+    pixel coordinates: a normalized box ``(x0, y0, x1, y1)`` is the pixel box
+    ``(x0 * extent[0], y0 * extent[1], x1 * extent[0], y1 * extent[1])`` of ``image``. At ``scale``
+    1 it is ``image.size``; at scale ``s`` it is the full size divided by ``s`` exactly (libjpeg's
+    reduced image holds ``ceil(W / s)`` pixels, the last one covering the partial block).
+    """
+
+    image: Image.Image
+    extent: tuple[float, float]
+    scale: int
+
+
+def draft_scale(width: int, height: int, box: Sequence[float], min_side: int) -> int:
+    """The largest of ``DRAFT_SCALES`` at which the normalized ``box`` of a ``width x height`` image
+    still spans at least ``min_side`` pixels each way, else 1 (decode in full)."""
+    crop_w = (float(box[2]) - float(box[0])) * width
+    crop_h = (float(box[3]) - float(box[1])) * height
+    for s in DRAFT_SCALES:
+        if min(crop_w, crop_h) >= min_side * s:
+            return s
+    return 1
+
+
+def decode_region(
+    source: Path | bytes,
+    name: str,
+    hint: str,
+    *,
+    box: Sequence[float],
+    min_side: int,
+    max_pixels: int | None = None,
+) -> Region:
+    """Decode ``source`` for the crop ``box`` (normalized) that will be resized to ``min_side``
+    pixels (the larger side asked): a JPEG without EXIF rotation at the largest ``draft_scale``,
+    anything else in full as ``decode`` does. Errors are ``decode``'s."""
+    try:
+        with opened(source if isinstance(source, Path) else io.BytesIO(source), max_pixels) as im:
+            width, height = im.size
+            scale = 1
+            if im.format in _DRAFT_FORMATS and orientation(im) == 1:
+                scale = draft_scale(width, height, box, min_side)
+            drafted = im.draft(im.mode, (width // scale, height // scale)) if scale > 1 else None
+            im.load()
+            if drafted is None:  # in full (also when the decoder cannot scale this file)
+                full = _to_rgb(_exif_transposed(im))
+                return Region(full, (float(full.width), float(full.height)), 1)
+            # draft's box: the full image in the reduced image's coordinates, (0, 0, W / s, H / s)
+            extent = (float(drafted[1][2]), float(drafted[1][3]))
+            return Region(_to_rgb(im), extent, round(width / extent[0]))
     except DECODE_ERRORS as e:
         raise decode_error(name, e, hint) from e
 

@@ -82,18 +82,26 @@ def sample_views(
 
 
 def render_view(
-    img: Image.Image, box: np.ndarray, flip: bool, *, size: int, interpolation: str
+    img: Image.Image,
+    box: np.ndarray,
+    flip: bool,
+    *,
+    size: int,
+    interpolation: str,
+    extent: tuple[float, float] | None = None,
 ) -> Image.Image:
     """The view as a ``size x size`` image: crop ``box`` and resize in one resample, then mirror.
 
-    Cropping and resizing in one ``Image.resize(..., box=...)`` call filters from the full-resolution
-    pixels once (no intermediate rounding), and accepts the fractional pixel box that a normalized
-    float32 box maps to. ``interpolation`` is one of ``INTERPOLATIONS``; else ``ValueError``.
+    Cropping and resizing in one ``Image.resize(..., box=...)`` call filters from the decoded pixels
+    once (no intermediate rounding), and accepts the fractional pixel box that a normalized float32
+    box maps to. ``extent`` is the full image's ``(width, height)`` in ``img``'s pixel coordinates
+    (``Region.extent`` of an image decoded at a reduced scale); by default ``img.size``.
+    ``interpolation`` is one of ``INTERPOLATIONS``; else ``ValueError``.
     """
     resample = INTERPOLATIONS.get(interpolation)
     if resample is None:
         raise ValueError(f"interpolation {interpolation!r} is not one of {sorted(INTERPOLATIONS)}")
-    width, height = img.size
+    width, height = extent if extent is not None else img.size
     x0, y0, x1, y1 = (float(c) for c in box)
     out = img.resize((size, size), resample, box=(x0 * width, y0 * height, x1 * width, y1 * height))
     return out.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if flip else out
@@ -108,6 +116,28 @@ def to_tensor(img: Image.Image, *, mean: Sequence[float], std: Sequence[float]) 
     m = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
     s = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
     return x.sub_(m).div_(s).contiguous()
+
+
+def to_uint8(img: Image.Image) -> torch.Tensor:
+    """An RGB image as a ``(3, H, W) uint8`` tensor, unnormalized: a quarter of ``to_tensor``'s bytes
+    between processes; ``normalize_on_device`` (on the training device) makes ``to_tensor``'s values of it."""
+    import torch
+
+    pixels = np.array(img.convert("RGB") if img.mode != "RGB" else img, dtype=np.uint8)
+    return torch.from_numpy(pixels).permute(2, 0, 1).contiguous()
+
+
+def normalize_on_device(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """``uint8`` pixels ``(..., 3, H, W)`` -> float32 ``(x / 255 - mean) / std`` on ``x``'s device.
+
+    The same float32 operations in the same order as ``to_tensor``, so on the CPU the values are
+    equal to ``to_tensor``'s bit for bit.
+    """
+    import torch
+
+    m = torch.tensor(mean, dtype=torch.float32, device=x.device).view(-1, 1, 1)
+    s = torch.tensor(std, dtype=torch.float32, device=x.device).view(-1, 1, 1)
+    return x.to(torch.float32).div_(255.0).sub_(m).div_(s)
 
 
 def _eval_box(eval_crop: float, width: int, height: int) -> np.ndarray:

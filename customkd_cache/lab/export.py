@@ -260,7 +260,7 @@ def _render(replay: Any, rows: list[Any], spec: specs.TrainSpec) -> tuple[torch.
     loader = make_loader(replay, batch_size=BATCH, batches=None, num_workers=0, seed=spec.seed)
     pixels, labels = [], []
     for batch in loader:
-        pixels.append(batch["pixels"])
+        pixels.append(replay.to_device(batch, "cpu")["pixels"])
         labels.append(batch["label"].numpy())
     size = spec.student.input_size
     if not pixels:

@@ -69,7 +69,11 @@ def _student_accuracy(
         split_feats: list[torch.Tensor] = []
         for batch in loader:
             with run_autocast(run):
-                logits, f_s = models.student(to_device({"pixels": batch["pixels"]}, run.device)["pixels"])
+                logits, f_s = models.student(
+                    to_device(run.replay.to_device(batch, run.device, non_blocking=True), run.device)[
+                        "pixels"
+                    ]
+                )
             correct += (logits.argmax(1) == batch["label"].to(run.device, non_blocking=True)).sum()
             if keep_features:
                 split_feats.append(f_s.float())

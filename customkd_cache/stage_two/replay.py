@@ -27,10 +27,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 from PIL import Image, ImageEnhance
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, default_collate
 from torch.utils.data import Dataset as TorchDataset
 
-from customkd_cache.data.views import render_view, to_tensor
+from customkd_cache.data.views import normalize_on_device, render_view, to_uint8
 from customkd_cache.errors import StoreError
 from customkd_cache.store import dequantize, mean_std_from_sums, open_store, std_divisor
 
@@ -435,17 +435,24 @@ class ReplayDataset(TorchDataset):
 
     Each item is a dict:
 
-    - ``"pixels"``: ``(3, s, s)`` float32, the stored box and flip of ``view`` rendered at
-      ``student_size`` and normalized with the student's mean/std; with ``photometric`` a colour
-      jitter seeded by ``(seed, epoch, split, row)`` is applied to the student's pixels only.
+    - ``"pixels"``: ``(3, s, s)`` uint8, the stored box and flip of ``view`` rendered at
+      ``student_size``; with ``photometric`` a colour jitter seeded by ``(seed, epoch, split, row)``
+      is applied to the student's pixels only. ``to_device`` normalizes a collated batch with the
+      student's mean/std on the training device (a quarter of float32's bytes between processes).
     - ``"feature"``: ``(D,)`` float32, the cached teacher feature of the same view (when ``features``).
-    - ``"teacher_pixels"``: ``(3, S, S)`` float32, the same view rendered for an online teacher (when
-      ``teacher_size``), never jittered.
+    - ``"teacher_pixels"``: ``(3, S, S)`` uint8, the same view rendered for an online teacher (when
+      ``teacher_size``), never jittered; ``to_device`` normalizes it with the teacher's mean/std.
     - ``"label"`` int (int64 once collated): the stored label. Unlabeled rows carry theirs too, for
       evaluation and analysis only: training must use it only where ``"labeled"`` is true.
     - ``"labeled"`` bool, ``"row"`` int, ``"view"`` int, ``"split_index"`` int (into ``split_names``).
 
     Boxes, flips and labels are read once per split from the store, lazily in each process.
+
+    Decoding (``reduced=True``): a JPEG is decoded at the largest DCT scale (1/2, 1/4, 1/8) at which
+    the stored crop still spans ``student_size`` pixels each way (``Dataset.load_region``), so the
+    student's pixels differ slightly from a full decode's (docs/benchmarks.md gives the largest
+    difference measured); ``reduced=False`` decodes in full. With an online teacher
+    (``teacher_size``) every image is decoded in full, so the teacher sees exactly stage one's pixels.
     """
 
     def __init__(
@@ -464,6 +471,7 @@ class ReplayDataset(TorchDataset):
         teacher_interpolation: str | None = None,
         photometric: bool = False,
         seed: int = 0,
+        reduced: bool = True,
     ) -> None:
         if teacher_size is not None and (teacher_mean is None or teacher_std is None):
             raise ValueError(
@@ -482,6 +490,7 @@ class ReplayDataset(TorchDataset):
         self.teacher_interpolation = teacher_interpolation or interpolation
         self.photometric = photometric
         self.seed = seed
+        self.reduced = reduced
         self.split_names: tuple[str, ...] = tuple(s.name for s in dataset.manifest.splits)
         self._split_index = {name: i for i, name in enumerate(self.split_names)}
         self._split_sizes = {s.name: len(s.samples) for s in dataset.manifest.splits}
@@ -530,12 +539,18 @@ class ReplayDataset(TorchDataset):
         split = self.split_names[split_index]
         sv = self._split_views(split)
         box, flip = sv.boxes[row, view], bool(sv.flips[row, view])
-        img = self.dataset.load_image(split, row)
-        student = render_view(img, box, flip, size=self.student_size, interpolation=self.interpolation)
+        if self.reduced and self.teacher_size is None:
+            region = self.dataset.load_region(split, row, box=box, min_side=self.student_size)
+            img, extent = region.image, region.extent
+        else:
+            img, extent = self.dataset.load_image(split, row), None
+        student = render_view(
+            img, box, flip, size=self.student_size, interpolation=self.interpolation, extent=extent
+        )
         if self.photometric:
             student = self._jitter(student, split_index, row)
         item: dict[str, Any] = {
-            "pixels": to_tensor(student, mean=self.student_mean, std=self.student_std),
+            "pixels": to_uint8(student),
             "label": int(sv.labels[row]),
             "labeled": bool(self._labeled[k]),
             "row": row,
@@ -545,11 +560,27 @@ class ReplayDataset(TorchDataset):
         if self.features is not None:
             item["feature"] = torch.from_numpy(self.features.get(split, row, view))
         if self.teacher_size is not None:
-            assert self.teacher_mean is not None and self.teacher_std is not None  # checked in __init__
             size, interp = self.teacher_size, self.teacher_interpolation
-            teacher = render_view(img, box, flip, size=size, interpolation=interp)
-            item["teacher_pixels"] = to_tensor(teacher, mean=self.teacher_mean, std=self.teacher_std)
+            item["teacher_pixels"] = to_uint8(render_view(img, box, flip, size=size, interpolation=interp))
         return item
+
+    def collate(self, items: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        """Items -> one batch, as the DataLoader makes it (``make_loader`` passes this as its collate_fn)."""
+        batch: dict[str, torch.Tensor] = default_collate(list(items))
+        return batch
+
+    def to_device(
+        self, batch: dict[str, torch.Tensor], device: torch.device | str, *, non_blocking: bool = False
+    ) -> dict[str, torch.Tensor]:
+        """A collated batch of items on ``device``, its uint8 pixels normalized there to float32:
+        ``"pixels"`` with the student's mean/std, ``"teacher_pixels"`` with the teacher's."""
+        out = {k: v.to(device, non_blocking=non_blocking) for k, v in batch.items()}
+        out["pixels"] = normalize_on_device(out["pixels"], self.student_mean, self.student_std)
+        if "teacher_pixels" in out:
+            assert self.teacher_mean is not None and self.teacher_std is not None  # checked in __init__
+            mean, std = self.teacher_mean, self.teacher_std
+            out["teacher_pixels"] = normalize_on_device(out["teacher_pixels"], mean, std)
+        return out
 
     def _split_views(self, split: str) -> _SplitViews:
         if split not in self._views:
@@ -622,6 +653,7 @@ def make_loader(
             ds,
             batch_sampler=batches,
             num_workers=num_workers,
+            collate_fn=ds.collate,
             generator=generator,
             pin_memory=pin_memory,
             **worker_args,
@@ -631,6 +663,7 @@ def make_loader(
         batch_size=batch_size,
         shuffle=False,
         num_workers=num_workers,
+        collate_fn=ds.collate,
         generator=generator,
         pin_memory=pin_memory,
         **worker_args,

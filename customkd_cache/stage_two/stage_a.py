@@ -208,8 +208,8 @@ def _bound_pixels(run: Run) -> torch.Tensor:
         rng = np.random.default_rng([run.spec.seed, 23])
         chosen = sorted(rng.choice(len(rows), size=min(BOUND_ROWS, len(rows)), replace=False).tolist())
         run.replay.set_items([(rows[i], 0) for i in chosen], 0)
-        pixels = torch.stack([run.replay[k]["pixels"] for k in range(len(chosen))])
-        run.bound_pixels = to_device({"pixels": pixels}, run.device)["pixels"]
+        batch = run.replay.collate([run.replay[k] for k in range(len(chosen))])
+        run.bound_pixels = to_device(run.replay.to_device(batch, run.device), run.device)["pixels"]
     return run.bound_pixels
 
 

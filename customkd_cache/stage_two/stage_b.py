@@ -80,7 +80,11 @@ def train_stage_b(
         for g in models.opt_b.param_groups:
             g["lr"] = lr_at(spec, state.step, total_steps)
         with autocast:  # forward passes and losses; backward runs outside, as PyTorch recommends
-            terms, f_s_norm = _stage_b_step(run, to_device(batch, run.device), dkd_ramp)
+            terms, f_s_norm = _stage_b_step(
+                run,
+                to_device(run.replay.to_device(batch, run.device, non_blocking=True), run.device),
+                dkd_ramp,
+            )
         window.add(terms, f_s_norm, state.step)
         models.opt_b.zero_grad(set_to_none=False)
         terms.total.backward()

@@ -469,3 +469,23 @@ def _write_idx(path: Path, header: bytes, body: np.ndarray, gz: bool) -> None:
         path.with_name(path.name + ".gz").write_bytes(gzip.compress(payload, mtime=0))
     else:
         path.write_bytes(payload)
+
+
+def photo_like(width: int, height: int, *, seed: int = 0) -> Image.Image:
+    """A photo-like RGB image: smooth noise at three scales, a colour gradient and a little grain
+    (JPEG sizes like a camera's, not a flat test card's)."""
+    rng = _rng(seed, width, height)
+    out = np.zeros((height, width, 3), np.float32)
+    for per_1000px, amplitude in ((4, 90.0), (16, 45.0), (64, 20.0)):
+        grid = rng.random((height * per_1000px // 1000 + 2, width * per_1000px // 1000 + 2, 3))
+        small = Image.fromarray((grid * 255).astype(np.uint8))
+        out += (
+            amplitude
+            / 255.0
+            * np.asarray(small.resize((width, height), Image.Resampling.BICUBIC), np.float32)
+        )
+    ys, xs = np.mgrid[0:height, 0:width].astype(np.float32)
+    out += 60.0 * (xs / width)[..., None] * np.array([1.0, 0.5, 0.0], np.float32)
+    out += 40.0 * (ys / height)[..., None]
+    out += rng.normal(0.0, 6.0, out.shape).astype(np.float32)
+    return Image.fromarray(out.clip(0, 255).astype(np.uint8))

@@ -9,7 +9,16 @@ from typing import Protocol
 
 from PIL import Image
 
-from customkd_cache.data.decode import DECODE_ERRORS, decode, decode_error, opened, orientation, skip_hint
+from customkd_cache.data.decode import (
+    DECODE_ERRORS,
+    Region,
+    decode,
+    decode_error,
+    decode_region,
+    opened,
+    orientation,
+    skip_hint,
+)
 from customkd_cache.data.manifest import Sample, SplitManifest
 from customkd_cache.data.registry import layout
 from customkd_cache.errors import DatasetError, closest
@@ -33,6 +42,15 @@ class FileReader:
     def load(self, root: Path, split: str, sample: Sample) -> Image.Image:
         path = root / sample.id
         return decode(path, str(path), skip_hint(sample.id), max_pixels=self.max_pixels)
+
+    def load_region(
+        self, root: Path, split: str, sample: Sample, *, box: Sequence[float], min_side: int
+    ) -> Region:
+        """The image decoded for one crop (``decode_region``): a JPEG reduced where the crop allows."""
+        path = root / sample.id
+        return decode_region(
+            path, str(path), skip_hint(sample.id), box=box, min_side=min_side, max_pixels=self.max_pixels
+        )
 
     def size(self, root: Path, split: str, sample: Sample) -> tuple[int, int]:
         path = root / sample.id

@@ -1,0 +1,220 @@
+"""Stage two's input pipeline: JPEG decoding at a reduced scale for the stored crop, uint8 pixels out
+of the workers and their normalization on the training device."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from customkd_cache.catalog import fingerprint
+from customkd_cache.data import Dataset, open_dataset
+from customkd_cache.data.decode import decode, decode_region, draft_scale
+from customkd_cache.data.views import normalize_on_device, render_view, sample_views, to_tensor, to_uint8
+from customkd_cache.errors import DatasetError
+from customkd_cache.specs import DatasetSpec, ViewsSpec
+from customkd_cache.stage_two.replay import ReplayDataset, Row, make_loader
+from customkd_cache.store import SplitInit, create_or_open_store, open_store
+from customkd_cache.testing.fakedata import photo_like
+
+# Not a multiple of 8 either way: the reduced image's last pixel covers a partial block, so a box
+# mapped with the reduced image's size instead of the exact full size / scale lands up to 5/8 pixel off.
+W, H = 1203, 901
+# Largest and mean absolute difference (0..255) between a view rendered from the reduced decode and
+# from the full decode, on this photo-like JPEG. Measured: at most 3 and 0.54; mapping the box with the
+# reduced image's size gives 6-11 and 0.97-2.1.
+MAX_DIFF, MEAN_DIFF = 4, 0.75
+BOXES = ([0.1, 0.05, 0.95, 0.99], [0.0, 0.0, 1.0, 1.0], [0.3, 0.2, 0.9, 0.8], [0.52, 0.4, 1.0, 1.0])
+
+
+@pytest.fixture(scope="module")
+def jpeg() -> bytes:
+    buf = io.BytesIO()
+    photo_like(W, H, seed=1).save(buf, "JPEG", quality=90)
+    return buf.getvalue()
+
+
+def _view(
+    img: Image.Image, box: np.ndarray, size: int, extent: tuple[float, float] | None = None
+) -> np.ndarray:
+    out = render_view(img, box, False, size=size, interpolation="bicubic", extent=extent)
+    return np.asarray(out, np.int16)
+
+
+class TestReducedDecode:
+    def test_draft_scale_keeps_the_output_size(self) -> None:
+        box = (0.0, 0.0, 1.0, 1.0)
+        assert draft_scale(1792, 1792, box, 224) == 8
+        assert draft_scale(1791, 4000, box, 224) == 4  # the short side of the crop decides
+        assert draft_scale(896, 896, box, 224) == 4
+        assert draft_scale(895, 895, box, 224) == 2
+        assert draft_scale(447, 1000, box, 224) == 1
+        assert draft_scale(4000, 3000, (0.25, 0.25, 0.5, 0.5), 224) == 2  # 1000 x 750 px crop
+
+    @pytest.mark.parametrize("box", BOXES)
+    @pytest.mark.parametrize("size", [64, 100])
+    def test_crop_of_the_reduced_image_is_the_full_decode_crop(
+        self, jpeg: bytes, box: list[float], size: int
+    ) -> None:
+        b = np.asarray(box, np.float32)
+        region = decode_region(jpeg, "photo.jpg", "hint", box=b, min_side=size)
+        assert region.scale == draft_scale(W, H, b, size) > 1
+        assert region.extent == (W / region.scale, H / region.scale)
+        assert region.image.size == (-(-W // region.scale), -(-H // region.scale))
+        assert region.image.mode == "RGB"
+        full = _view(decode(jpeg, "photo.jpg", "hint"), b, size)
+        diff = np.abs(_view(region.image, b, size, region.extent) - full)
+        assert diff.max() <= MAX_DIFF and diff.mean() <= MEAN_DIFF, (diff.max(), diff.mean())
+
+    def test_small_crop_is_decoded_in_full(self, jpeg: bytes) -> None:
+        box = np.asarray([0.1, 0.1, 0.2, 0.2], np.float32)  # 120 x 90 px
+        region = decode_region(jpeg, "photo.jpg", "hint", box=box, min_side=64)
+        assert region.scale == 1 and region.extent == (W, H)
+        assert region.image.tobytes() == decode(jpeg, "photo.jpg", "hint").tobytes()
+
+    def test_rotated_and_non_jpeg_images_are_decoded_in_full(self, tmp_path: Path) -> None:
+        img = photo_like(640, 480, seed=2)
+        exif = Image.Exif()
+        exif[0x0112] = 6  # rotate 90: the decoded image is 480 x 640
+        box = np.asarray([0.0, 0.0, 1.0, 1.0], np.float32)
+        for name, kwargs in (("turned.jpg", {"exif": exif.tobytes(), "quality": 90}), ("flat.png", {})):
+            path = tmp_path / name
+            img.save(path, **kwargs)
+            region = decode_region(path, str(path), "hint", box=box, min_side=32)
+            full = decode(path, str(path), "hint")
+            assert region.scale == 1 and region.image.tobytes() == full.tobytes()
+            assert region.extent == (full.width, full.height)
+        assert full.size == (640, 480) and region.image.size == (640, 480)  # the PNG
+        turned = decode_region(tmp_path / "turned.jpg", "t", "hint", box=box, min_side=32)
+        assert turned.image.size == (480, 640)
+
+    def test_errors_are_decodes(self, jpeg: bytes, tmp_path: Path) -> None:
+        box = np.asarray([0.0, 0.0, 1.0, 1.0], np.float32)
+        with pytest.raises(DatasetError, match="photo.jpg: image too large.*dataset.max_pixels"):
+            decode_region(
+                jpeg, "photo.jpg", "re-download it, or skip it", box=box, min_side=8, max_pixels=1000
+            )
+        with pytest.raises(DatasetError, match="cut.jpg: unreadable image"):
+            decode_region(jpeg[: len(jpeg) // 2], "cut.jpg", "hint", box=box, min_side=8)
+
+
+class TestUint8Pixels:
+    def test_normalize_on_device_equals_the_float_conversion(self) -> None:
+        img = photo_like(40, 30, seed=3)
+        mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+        x = to_uint8(img)
+        assert x.dtype == torch.uint8 and x.shape == (3, 30, 40)
+        want = to_tensor(img, mean=mean, std=std)
+        assert torch.equal(normalize_on_device(x, mean, std), want)
+        batch = normalize_on_device(torch.stack([x, x.flip(-1)]), mean, std)
+        assert batch.dtype == torch.float32 and torch.equal(batch[0], want)
+        assert torch.equal(batch[1], want.flip(-1))
+
+
+# --- the replayed views --------------------------------------------------------------------------
+
+VIEWS = ViewsSpec.model_validate({"num_views": 4, "seed": 1})
+SIZES = ((300, 240), (257, 333), (96, 80), (640, 480))
+STUDENT_SIZE = 24
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory: pytest.TempPathFactory) -> tuple[Dataset, Path]:
+    """Photo-like JPEGs in a list-file dataset and a store holding their views (features are zeros)."""
+    root = tmp_path_factory.mktemp("photos")
+    lines = []
+    for i, (w, h) in enumerate(SIZES):
+        photo_like(w, h, seed=i).save(root / f"{i}.jpg", quality=90)
+        lines.append(f"{i}.jpg {i % 2}")
+    (root / "all.txt").write_text("\n".join(lines) + "\n")
+    spec = DatasetSpec.model_validate(
+        {"kind": "list_file", "root": str(root), "lists": [str(root / "all.txt")]}
+    )
+    dataset = open_dataset(spec)
+    split = dataset.manifest.splits[0]
+    store = create_or_open_store(
+        root / "views.zarr",
+        fingerprint=fingerprint({"test": "loader"}),
+        identity={"test": "loader"},
+        provenance={},
+        splits={split.name: SplitInit(ids=split.ids(), labels=split.labels())},
+        num_views=VIEWS.num_views,
+        feature_dim=2,
+        dtype="float16",
+        unit_rows=len(SIZES),
+        compressor="zstd",
+    )
+    views = [sample_views(VIEWS, sample_index=i, width=w, height=h) for i, (w, h) in enumerate(SIZES)]
+    store.write_unit(
+        split.name,
+        0,
+        features=np.zeros((len(SIZES), VIEWS.num_views, 2), np.float32),
+        boxes=np.stack([b for b, _ in views]),
+        flips=np.stack([f for _, f in views]),
+    )
+    assert store.finalize_split(split.name)
+    return dataset, root / "views.zarr"
+
+
+def _replay(photos: tuple[Dataset, Path], **kw: Any) -> ReplayDataset:
+    dataset, path = photos
+    ds = ReplayDataset(
+        dataset=dataset,
+        store_path=path,
+        features=None,
+        student_size=STUDENT_SIZE,
+        student_mean=MEAN,
+        student_std=STD,
+        interpolation="bicubic",
+        **kw,
+    )
+    split = dataset.manifest.splits[0].name
+    ds.set_items([(Row(split, r, True), v) for r in range(len(SIZES)) for v in range(VIEWS.num_views)], 0)
+    return ds
+
+
+class TestReplayedViews:
+    def test_reduced_decode_stays_close_and_flips_stay_exact(self, photos: tuple[Dataset, Path]) -> None:
+        reduced, full = _replay(photos), _replay(photos, reduced=False)
+        dataset, path = photos
+        boxes, flips = open_store(path).read_boxes(dataset.manifest.splits[0].name)
+        scales = []
+        for k in range(len(full)):
+            a, b = reduced[k], full[k]
+            assert a["pixels"].dtype == torch.uint8 and a["pixels"].shape == (3, STUDENT_SIZE, STUDENT_SIZE)
+            diff = (a["pixels"].int() - b["pixels"].int()).abs()
+            assert int(diff.max()) <= MAX_DIFF and float(diff.float().mean()) <= MEAN_DIFF
+            row, view = a["row"], a["view"]
+            box = boxes[row, view]
+            w, h = SIZES[row]
+            scales.append(draft_scale(w, h, box, STUDENT_SIZE))
+            # the flip is the stored one, applied to the reduced rendering as to the full one
+            region = dataset.load_region(dataset.manifest.splits[0].name, row, box=box, min_side=STUDENT_SIZE)
+            plain = to_uint8(
+                render_view(
+                    region.image, box, False, size=STUDENT_SIZE, interpolation="bicubic", extent=region.extent
+                )
+            )
+            assert torch.equal(a["pixels"], plain.flip(-1) if flips[row, view] else plain)
+        assert set(scales) >= {1, 2, 4, 8}  # every scale was exercised
+        assert any(flips.ravel()) and not all(flips[:, 1:].ravel())
+
+    def test_batches_are_uint8_until_the_device(self, photos: tuple[Dataset, Path]) -> None:
+        ds = _replay(photos, reduced=False)
+        batch = next(iter(make_loader(ds, batch_size=5, batches=None, num_workers=0, seed=0)))
+        assert batch["pixels"].dtype == torch.uint8 and batch["pixels"].shape == (
+            5,
+            3,
+            STUDENT_SIZE,
+            STUDENT_SIZE,
+        )
+        on = ds.to_device(batch, "cpu")
+        assert on["pixels"].dtype == torch.float32
+        assert torch.equal(on["pixels"], normalize_on_device(batch["pixels"], MEAN, STD))
+        assert torch.equal(on["label"], batch["label"]) and torch.equal(on["row"], batch["row"])
