@@ -373,6 +373,12 @@ class ProbeSpec(_Spec):
 class TrainRunSpec(RunSpec):
     eval_every: int = Field(1, ge=1)
     features_in_ram: bool = Field(True, description="hold each split's features in RAM (else stream blocks)")
+    decode: Literal["cpu", "gpu"] = Field(
+        "cpu",
+        description="cpu: DataLoader workers decode (JPEGs at the DCT scale the stored crop allows) and "
+        "render each view; gpu: workers read the JPEG files' bytes, decoded in batches on the run's "
+        "device (nvjpeg on CUDA) and cropped and resized there (other images as with cpu)",
+    )
     dist_timeout_s: int = Field(
         1800, ge=1, description="under torchrun: seconds a rank waits in a collective before the run fails"
     )

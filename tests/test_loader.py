@@ -18,7 +18,7 @@ from customkd_cache.data.decode import decode, decode_region, draft_scale
 from customkd_cache.data.views import normalize_on_device, render_view, sample_views, to_tensor, to_uint8
 from customkd_cache.errors import DatasetError
 from customkd_cache.specs import DatasetSpec, ViewsSpec
-from customkd_cache.stage_two.replay import ReplayDataset, Row, make_loader
+from customkd_cache.stage_two.replay import ReplayDataset, Row, decode_jpegs, jitter_on_device, make_loader
 from customkd_cache.store import SplitInit, create_or_open_store, open_store
 from customkd_cache.testing.fakedata import photo_like
 
@@ -218,3 +218,113 @@ class TestReplayedViews:
         assert on["pixels"].dtype == torch.float32
         assert torch.equal(on["pixels"], normalize_on_device(batch["pixels"], MEAN, STD))
         assert torch.equal(on["label"], batch["label"]) and torch.equal(on["row"], batch["row"])
+
+
+# --- the device path (run.decode = "gpu"), exercised on the CPU -----------------------------------
+
+# Largest difference (0..255) of a view rendered on the device from Pillow's, both from a full decode:
+# torch's antialiased kernels against Pillow's fixed-point ones, and the evaluation view's box rounded to
+# whole pixels. Measured at most 6 (bicubic, upsampling a small crop), 1-3 otherwise.
+DEVICE_MAX_DIFF = 8
+
+
+def _pixels_255(ds: ReplayDataset, batch: dict[str, Any]) -> torch.Tensor:
+    """A batch's normalized pixels, back in 0..255."""
+    x = ds.to_device(batch, "cpu")["pixels"]
+    return x * torch.tensor(STD).view(3, 1, 1) * 255.0 + torch.tensor(MEAN).view(3, 1, 1) * 255.0
+
+
+class TestDevicePath:
+    def test_device_decode_gives_pillows_pixels(self, photos: tuple[Dataset, Path]) -> None:
+        gpu, cpu = _replay(photos, decode="gpu"), _replay(photos, reduced=False)
+        item = gpu[0]
+        assert "pixels" not in item and item["jpeg"].dtype == torch.uint8 and item["box"].shape == (4,)
+        batch = gpu.collate([gpu[k] for k in range(len(gpu))])
+        assert len(batch["jpeg"]) == len(gpu) and batch["pixels"].dtype == torch.uint8
+        want = _pixels_255(cpu, cpu.collate([cpu[k] for k in range(len(cpu))]))
+        got = _pixels_255(gpu, batch)
+        assert float((got - want).abs().max()) <= DEVICE_MAX_DIFF + 1e-3
+        # the same files decode to the same pixels as Pillow's full decode
+        dataset, _ = photos
+        split = dataset.manifest.splits[0].name
+        data = [
+            torch.frombuffer(bytearray(dataset.device_jpeg(split, r) or b""), dtype=torch.uint8)
+            for r in range(2)
+        ]
+        for r, img in enumerate(decode_jpegs(data, torch.device("cpu"))):
+            assert img is not None and torch.equal(img, to_uint8(dataset.load_image(split, r)))
+
+    def test_jitter_on_device_is_pillows(self, photos: tuple[Dataset, Path]) -> None:
+        gpu, cpu = (
+            _replay(photos, decode="gpu", photometric=True, seed=4),
+            _replay(photos, photometric=True, seed=4),
+        )
+        img = to_uint8(photo_like(40, 30, seed=5))
+        factors = torch.from_numpy(np.stack([cpu._jitter_factors(0, r) for r in range(6)]))  # noqa: SLF001
+        want = []
+        for r in range(6):
+            pil = Image.fromarray(img.permute(1, 2, 0).numpy())
+            want.append(to_uint8(cpu._jitter(pil, 0, r)))  # noqa: SLF001
+        assert torch.equal(jitter_on_device(img[None].expand(6, -1, -1, -1), factors), torch.stack(want))
+        batch = gpu.collate([gpu[k] for k in range(8)])
+        assert batch["jitter"].shape == (8, 3)
+        plain = _replay(photos, decode="gpu", seed=4)
+        jittered, unjittered = (
+            _pixels_255(gpu, batch),
+            _pixels_255(plain, plain.collate([plain[k] for k in range(8)])),
+        )
+        assert float((jittered - unjittered).abs().mean()) > 5
+
+    def test_other_images_are_rendered_by_the_workers(
+        self, photos: tuple[Dataset, Path], tmp_path: Path
+    ) -> None:
+        dataset, path = photos
+        ds = _replay(photos, decode="gpu")
+        split = dataset.manifest.splits[0].name
+        png = dataset.root / dataset.sample(split, 1).id
+        grey = photo_like(*SIZES[1], seed=1).convert("L")
+        original = png.read_bytes()
+        try:
+            grey.save(png, "PNG")  # same name, now a PNG: decoded by the worker
+            items = [ds[k] for k in range(VIEWS.num_views * 2)]
+        finally:
+            png.write_bytes(original)
+        assert all("jpeg" in it for it in items[: VIEWS.num_views])
+        assert all("pixels" in it and "jpeg" not in it for it in items[VIEWS.num_views :])
+        batch = ds.collate(items)
+        assert batch["jpeg_at"].tolist() == list(range(VIEWS.num_views))
+        out = _pixels_255(ds, batch)
+        for k, it in enumerate(items[VIEWS.num_views :], start=VIEWS.num_views):
+            want = normalize_on_device(it["pixels"][None], MEAN, STD)[0]
+            assert torch.equal(ds.to_device(batch, "cpu")["pixels"][k], want)
+        assert float(out[: VIEWS.num_views].std()) > 1  # the device rendered something
+
+    def test_a_file_the_device_cannot_decode_fails_with_its_name(
+        self, photos: tuple[Dataset, Path], tmp_path: Path
+    ) -> None:
+        ds = _replay(photos, decode="gpu")
+        dataset, _ = photos
+        split = dataset.manifest.splits[0].name
+        path = dataset.root / dataset.sample(split, 0).id
+        original = path.read_bytes()
+        try:
+            batch = ds.collate([ds[0], ds[VIEWS.num_views]])
+            batch["jpeg"][0] = batch["jpeg"][0][: len(original) // 2].clone()  # as if cut short on disk
+            path.write_bytes(original[: len(original) // 2])
+            with pytest.raises(DatasetError, match=r"0\.jpg: unreadable image"):
+                ds.to_device(batch, "cpu")
+        finally:
+            path.write_bytes(original)
+
+    def test_online_teacher_and_other_interpolations_stay_on_the_workers(
+        self, photos: tuple[Dataset, Path]
+    ) -> None:
+        teacher = {"teacher_size": 32, "teacher_mean": MEAN, "teacher_std": STD}
+        for ds in (
+            _replay(photos, decode="gpu", **teacher),
+            _replay(photos, decode="gpu", interpolation="lanczos"),
+        ):
+            item = ds[0]
+            assert "jpeg" not in item and item["pixels"].dtype == torch.uint8
+        with pytest.raises(ValueError, match="decode"):
+            _replay(photos, decode="nvjpeg")

@@ -67,6 +67,15 @@ class Dataset:
         img = self.load_image(split, index)
         return Region(img, (float(img.width), float(img.height)), 1)
 
+    def device_jpeg(self, split: str, index: int) -> bytes | None:
+        """The JPEG file of sample ``index`` of ``split`` as bytes, when a decoder on the training
+        device gives the image ``load_image`` gives (see ``decode.device_jpeg``); else None."""
+        read = getattr(self._reader, "device_jpeg", None)
+        if read is None:
+            return None
+        data: bytes | None = read(self.root, split, self.sample(split, index))
+        return data
+
     def image_size(self, split: str, index: int) -> tuple[int, int]:
         """``(width, height)`` as ``load_image`` would return it; reads only the header of files."""
         return self._reader.size(self.root, split, self.sample(split, index))

@@ -138,6 +138,20 @@ def decode_region(
         raise decode_error(name, e, hint) from e
 
 
+def device_jpeg(source: Path, name: str, hint: str, *, max_pixels: int | None = None) -> bytes | None:
+    """The bytes of ``source`` when it is a file a JPEG decoder on the training device gives the same
+    image of as ``decode`` (``torchvision.io.decode_jpeg`` with RGB output): a baseline or
+    progressive JPEG in RGB or grey, without EXIF rotation, within ``max_pixels``; else None (decode
+    it with ``decode``). Only the header is parsed; an error reading or parsing it is ``decode``'s."""
+    try:
+        data = source.read_bytes()
+        with opened(io.BytesIO(data), max_pixels) as im:
+            fits = im.format == "JPEG" and im.mode in ("RGB", "L") and orientation(im) == 1
+    except DECODE_ERRORS as e:
+        raise decode_error(name, e, hint) from e
+    return data if fits else None
+
+
 def decode_error(name: str, e: BaseException, hint: str) -> DatasetError:
     """The one-line error for an image that failed to open or decode; one that is only larger than
     allowed says how to raise the bound, not "re-download it"."""

@@ -118,6 +118,37 @@ def to_tensor(img: Image.Image, *, mean: Sequence[float], std: Sequence[float]) 
     return x.sub_(m).div_(s).contiguous()
 
 
+# The interpolations ``render_view_on_device`` renders as Pillow does: torch's antialiased bilinear
+# and bicubic kernels follow Pillow's resampling (support scaled with the reduction, bicubic
+# a = -0.5). Nearest is left out: torch and Pillow round pixel centres differently (a 1-pixel shift).
+DEVICE_INTERPOLATIONS = ("bilinear", "bicubic")
+
+
+def render_view_on_device(
+    img: torch.Tensor, box: Sequence[float], flip: bool, *, size: int, interpolation: str
+) -> torch.Tensor:
+    """``render_view`` for a decoded ``(3, H, W) uint8`` tensor, on its device: ``(3, size, size) uint8``.
+
+    The box is rounded to whole pixels (the crop is a slice), then resized with torch's antialiased
+    kernel in float32 and rounded. Random views' boxes are whole pixels already (``view_params``);
+    the evaluation view's centre square can move by up to half a pixel. ``interpolation`` is one of
+    ``DEVICE_INTERPOLATIONS``; else ``ValueError``.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    if interpolation not in DEVICE_INTERPOLATIONS:
+        raise ValueError(f"interpolation {interpolation!r} is not one of {list(DEVICE_INTERPOLATIONS)}")
+    height, width = img.shape[-2:]
+    x0, y0, x1, y1 = (float(c) for c in box)
+    left, top = min(round(x0 * width), width - 1), min(round(y0 * height), height - 1)
+    right, bottom = max(round(x1 * width), left + 1), max(round(y1 * height), top + 1)
+    crop = img[None, :, top:bottom, left:right].float()
+    out = F.interpolate(crop, size=(size, size), mode=interpolation, align_corners=False, antialias=True)
+    out = out[0].clamp_(0, 255).round_().to(torch.uint8)
+    return out.flip(-1) if flip else out
+
+
 def to_uint8(img: Image.Image) -> torch.Tensor:
     """An RGB image as a ``(3, H, W) uint8`` tensor, unnormalized: a quarter of ``to_tensor``'s bytes
     between processes; ``normalize_on_device`` (on the training device) makes ``to_tensor``'s values of it."""

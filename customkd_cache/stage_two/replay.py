@@ -18,6 +18,7 @@ import functools
 import multiprocessing
 import os
 import random
+import warnings
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -30,7 +31,13 @@ from PIL import Image, ImageEnhance
 from torch.utils.data import DataLoader, default_collate
 from torch.utils.data import Dataset as TorchDataset
 
-from customkd_cache.data.views import normalize_on_device, render_view, to_uint8
+from customkd_cache.data.views import (
+    DEVICE_INTERPOLATIONS,
+    normalize_on_device,
+    render_view,
+    render_view_on_device,
+    to_uint8,
+)
 from customkd_cache.errors import StoreError
 from customkd_cache.store import dequantize, mean_std_from_sums, open_store, std_divisor
 
@@ -51,6 +58,8 @@ _TORCH_CONVERT_MIN = 1024
 # Colour jitter strength of the optional student-only photometric augmentation (like
 # torchvision's ColorJitter(0.4, 0.4, 0.4)); the teacher's stored view is never jittered.
 JITTER = 0.4
+# Batch entries of items decoded on the device (``ReplayDataset.collate``), used by ``to_device``.
+_DEVICE_KEYS = frozenset({"jpeg", "jpeg_at", "box", "flip", "jitter"})
 
 
 class _LazyStore:
@@ -472,7 +481,10 @@ class ReplayDataset(TorchDataset):
         photometric: bool = False,
         seed: int = 0,
         reduced: bool = True,
+        decode: str = "cpu",
     ) -> None:
+        if decode not in ("cpu", "gpu"):
+            raise ValueError(f"decode must be 'cpu' or 'gpu', got {decode!r}")
         if teacher_size is not None and (teacher_mean is None or teacher_std is None):
             raise ValueError(
                 "teacher_size needs teacher_mean and teacher_std (from the teacher's preprocessing)"
@@ -491,6 +503,10 @@ class ReplayDataset(TorchDataset):
         self.photometric = photometric
         self.seed = seed
         self.reduced = reduced
+        self.decode = decode
+        # The device path renders the student's view only; an online teacher's view is rendered by
+        # Pillow from a full decode (stage one's pixels), and so is the student's beside it.
+        self._on_device = decode == "gpu" and teacher_size is None and interpolation in DEVICE_INTERPOLATIONS
         self.split_names: tuple[str, ...] = tuple(s.name for s in dataset.manifest.splits)
         self._split_index = {name: i for i, name in enumerate(self.split_names)}
         self._split_sizes = {s.name: len(s.samples) for s in dataset.manifest.splits}
@@ -539,18 +555,7 @@ class ReplayDataset(TorchDataset):
         split = self.split_names[split_index]
         sv = self._split_views(split)
         box, flip = sv.boxes[row, view], bool(sv.flips[row, view])
-        if self.reduced and self.teacher_size is None:
-            region = self.dataset.load_region(split, row, box=box, min_side=self.student_size)
-            img, extent = region.image, region.extent
-        else:
-            img, extent = self.dataset.load_image(split, row), None
-        student = render_view(
-            img, box, flip, size=self.student_size, interpolation=self.interpolation, extent=extent
-        )
-        if self.photometric:
-            student = self._jitter(student, split_index, row)
         item: dict[str, Any] = {
-            "pixels": to_uint8(student),
             "label": int(sv.labels[row]),
             "labeled": bool(self._labeled[k]),
             "row": row,
@@ -559,28 +564,101 @@ class ReplayDataset(TorchDataset):
         }
         if self.features is not None:
             item["feature"] = torch.from_numpy(self.features.get(split, row, view))
-        if self.teacher_size is not None:
+        jpeg = self.dataset.device_jpeg(split, row) if self._on_device else None
+        if jpeg is not None:  # decoded, cropped and resized in ``to_device``
+            item["jpeg"] = torch.frombuffer(bytearray(jpeg), dtype=torch.uint8)
+            item["box"], item["flip"] = torch.from_numpy(box.copy()), flip
+            if self.photometric:
+                item["jitter"] = torch.from_numpy(self._jitter_factors(split_index, row))
+            return item
+        if self.teacher_size is None:
+            student = self._student_view(split, row, box, flip)
+        else:  # decoded in full: the online teacher sees exactly stage one's pixels
+            img = self.dataset.load_image(split, row)
             size, interp = self.teacher_size, self.teacher_interpolation
             item["teacher_pixels"] = to_uint8(render_view(img, box, flip, size=size, interpolation=interp))
+            student = render_view(img, box, flip, size=self.student_size, interpolation=self.interpolation)
+        if self.photometric:
+            student = self._jitter(student, split_index, row)
+        item["pixels"] = to_uint8(student)
         return item
 
-    def collate(self, items: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        """Items -> one batch, as the DataLoader makes it (``make_loader`` passes this as its collate_fn)."""
-        batch: dict[str, torch.Tensor] = default_collate(list(items))
+    def _student_view(self, split: str, row: int, box: np.ndarray, flip: bool) -> Image.Image:
+        if self.reduced:
+            region = self.dataset.load_region(split, row, box=box.tolist(), min_side=self.student_size)
+            img, extent = region.image, region.extent
+        else:
+            img, extent = self.dataset.load_image(split, row), None
+        size, interp = self.student_size, self.interpolation
+        return render_view(img, box, flip, size=size, interpolation=interp, extent=extent)
+
+    def collate(self, items: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        """Items -> one batch, as the DataLoader makes it (``make_loader`` passes this as its collate_fn).
+
+        Items whose JPEG is decoded on the device (``decode="gpu"``) leave zeros in ``"pixels"`` at
+        ``"jpeg_at"`` and bring ``"jpeg"`` (a list of their files' bytes), ``"box"`` ``(n, 4)``,
+        ``"flip"`` ``(n,)`` and, with ``photometric``, ``"jitter"`` ``(n, 3)``, which ``to_device`` uses.
+        """
+        at = [i for i, item in enumerate(items) if "jpeg" in item]
+        if not at:
+            batch: dict[str, Any] = default_collate(list(items))
+            return batch
+        keys = [k for k in items[at[0]] if k not in _DEVICE_KEYS]  # the items' common entries
+        batch = {k: default_collate([item[k] for item in items]) for k in keys}
+        pixels = torch.zeros((len(items), 3, self.student_size, self.student_size), dtype=torch.uint8)
+        for i, item in enumerate(items):
+            if "pixels" in item:
+                pixels[i] = item["pixels"]
+        batch["pixels"] = pixels
+        batch["jpeg"] = [items[i]["jpeg"] for i in at]
+        batch["jpeg_at"] = torch.tensor(at, dtype=torch.int64)
+        batch["box"] = torch.stack([items[i]["box"] for i in at])
+        batch["flip"] = torch.tensor([items[i]["flip"] for i in at], dtype=torch.bool)
+        if self.photometric:
+            batch["jitter"] = torch.stack([items[i]["jitter"] for i in at])
         return batch
 
     def to_device(
-        self, batch: dict[str, torch.Tensor], device: torch.device | str, *, non_blocking: bool = False
+        self, batch: dict[str, Any], device: torch.device | str, *, non_blocking: bool = False
     ) -> dict[str, torch.Tensor]:
         """A collated batch of items on ``device``, its uint8 pixels normalized there to float32:
-        ``"pixels"`` with the student's mean/std, ``"teacher_pixels"`` with the teacher's."""
-        out = {k: v.to(device, non_blocking=non_blocking) for k, v in batch.items()}
+        ``"pixels"`` with the student's mean/std, ``"teacher_pixels"`` with the teacher's.
+
+        Items whose JPEG came as bytes (``decode="gpu"``) are decoded here in one batched call
+        (``torchvision.io.decode_jpeg``: nvjpeg on CUDA), their stored boxes cropped and resized, their
+        flips and colour jitter applied, on ``device``. A file the device decoder refuses is decoded by
+        Pillow instead, so a broken file fails with the one-line error naming it.
+        """
+        device = torch.device(device)
+        out = {k: v.to(device, non_blocking=non_blocking) for k, v in batch.items() if k not in _DEVICE_KEYS}
+        if "jpeg" in batch:
+            out["pixels"][batch["jpeg_at"].to(device)] = self._device_views(batch, device)
         out["pixels"] = normalize_on_device(out["pixels"], self.student_mean, self.student_std)
         if "teacher_pixels" in out:
             assert self.teacher_mean is not None and self.teacher_std is not None  # checked in __init__
             mean, std = self.teacher_mean, self.teacher_std
             out["teacher_pixels"] = normalize_on_device(out["teacher_pixels"], mean, std)
         return out
+
+    def _device_views(self, batch: dict[str, Any], device: torch.device) -> torch.Tensor:
+        """``(n, 3, s, s) uint8`` on ``device``: the student views of a batch's JPEG items."""
+        images = decode_jpegs(batch["jpeg"], device)
+        size, interp = self.student_size, self.interpolation
+        views = []
+        for j, img in enumerate(images):
+            box, flip = batch["box"][j].tolist(), bool(batch["flip"][j])
+            if img is None:
+                i = int(batch["jpeg_at"][j])
+                split = self.split_names[int(batch["split_index"][i])]
+                row = int(batch["row"][i])
+                view = self._student_view(split, row, np.asarray(box, np.float32), flip)
+                views.append(to_uint8(view).to(device))
+            else:
+                views.append(render_view_on_device(img, box, flip, size=size, interpolation=interp))
+        pixels = torch.stack(views)
+        if "jitter" in batch:
+            pixels = jitter_on_device(pixels, batch["jitter"].to(device))
+        return pixels
 
     def _split_views(self, split: str) -> _SplitViews:
         if split not in self._views:
@@ -595,15 +673,65 @@ class ReplayDataset(TorchDataset):
             self._views[split] = _SplitViews(np.asarray(boxes, np.float32), np.asarray(flips, bool), labels)
         return self._views[split]
 
+    def _jitter_factors(self, split_index: int, row: int) -> np.ndarray:
+        """``(3,) float64``: the brightness, contrast and saturation factors of this epoch's jitter."""
+        rng = np.random.default_rng([self.seed, self.epoch, split_index, row, 13])
+        return rng.uniform(1.0 - JITTER, 1.0 + JITTER, size=3)
+
     def _jitter(self, img: Image.Image, split_index: int, row: int) -> Image.Image:
         """Brightness, contrast and saturation each scaled by a factor in [1 - JITTER, 1 + JITTER]."""
-        rng = np.random.default_rng([self.seed, self.epoch, split_index, row, 13])
-        factors = rng.uniform(1.0 - JITTER, 1.0 + JITTER, size=3)
+        factors = self._jitter_factors(split_index, row)
         for enhance, f in zip(
             (ImageEnhance.Brightness, ImageEnhance.Contrast, ImageEnhance.Color), factors, strict=True
         ):
             img = enhance(img).enhance(float(f))
         return img
+
+
+def decode_jpegs(data: Sequence[torch.Tensor], device: torch.device) -> list[torch.Tensor | None]:
+    """JPEG files' bytes (1-d uint8 CPU tensors) -> ``(3, H, W) uint8`` RGB images on ``device``, in one
+    ``torchvision.io.decode_jpeg`` call (batched nvjpeg on CUDA, libjpeg on the CPU). When the batch
+    fails, each file is decoded alone and the ones that still fail are None."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    with warnings.catch_warnings():
+        # torchvision 0.29 deprecates its image decoders in favour of torchcodec; the call is unchanged
+        warnings.simplefilter("ignore", DeprecationWarning)
+        try:
+            return list(decode_jpeg(list(data), mode=ImageReadMode.RGB, device=device))
+        except RuntimeError:
+            out: list[torch.Tensor | None] = []
+            for d in data:
+                try:
+                    out.append(decode_jpeg(d, mode=ImageReadMode.RGB, device=device))
+                except RuntimeError:
+                    out.append(None)
+            return out
+
+
+def jitter_on_device(pixels: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
+    """``ReplayDataset._jitter`` (Pillow's ImageEnhance Brightness, Contrast, Color) on ``(n, 3, H, W)
+    uint8`` images, each with its own ``(3,)`` row of ``factors``, on their device.
+
+    Pillow's arithmetic: each step blends with a degenerate image in float32 and truncates to uint8
+    (``Image.blend``); grey is ITU-R 601 luma in 16-bit fixed point, rounded (``convert("L")``); the
+    contrast's mean grey is the rounded mean of that luma.
+    """
+    f = factors.to(torch.float32)
+    x = pixels.to(torch.float32)
+
+    def blend(degenerate: torch.Tensor, x: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+        return (degenerate + alpha.view(-1, 1, 1, 1) * (x - degenerate)).clamp_(0, 255).floor_()
+
+    def luma(x: torch.Tensor) -> torch.Tensor:
+        w = torch.tensor([19595, 38470, 7471], dtype=torch.int64, device=x.device).view(1, 3, 1, 1)
+        return ((x.to(torch.int64) * w).sum(1, keepdim=True) + 0x8000).div(65536, rounding_mode="floor")
+
+    x = blend(torch.zeros_like(x), x, f[:, 0])
+    mean = luma(x).to(torch.float64).mean(dim=(1, 2, 3)).add(0.5).floor().to(torch.float32)
+    x = blend(mean.view(-1, 1, 1, 1).expand_as(x), x, f[:, 1])
+    x = blend(luma(x).to(torch.float32).expand_as(x), x, f[:, 2])
+    return x.to(torch.uint8)
 
 
 # --- loading -------------------------------------------------------------------------------------

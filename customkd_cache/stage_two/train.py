@@ -212,5 +212,6 @@ def _replay_dataset(
         interpolation=cfg.get("interpolation", "bilinear"),
         photometric=spec.optim.photometric,
         seed=spec.seed,
+        decode=spec.run.decode,
         **kwargs,
     )

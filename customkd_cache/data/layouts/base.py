@@ -15,6 +15,7 @@ from customkd_cache.data.decode import (
     decode,
     decode_error,
     decode_region,
+    device_jpeg,
     opened,
     orientation,
     skip_hint,
@@ -51,6 +52,11 @@ class FileReader:
         return decode_region(
             path, str(path), skip_hint(sample.id), box=box, min_side=min_side, max_pixels=self.max_pixels
         )
+
+    def device_jpeg(self, root: Path, split: str, sample: Sample) -> bytes | None:
+        """The file's bytes when the training device can decode it as Pillow would (``device_jpeg``)."""
+        path = root / sample.id
+        return device_jpeg(path, str(path), skip_hint(sample.id), max_pixels=self.max_pixels)
 
     def size(self, root: Path, split: str, sample: Sample) -> tuple[int, int]:
         path = root / sample.id
