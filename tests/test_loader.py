@@ -4,6 +4,7 @@ of the workers and their normalization on the training device."""
 from __future__ import annotations
 
 import io
+import os
 from pathlib import Path
 from typing import Any
 
@@ -17,9 +18,12 @@ from customkd_cache.data import Dataset, open_dataset
 from customkd_cache.data.decode import decode, decode_region, draft_scale
 from customkd_cache.data.views import normalize_on_device, render_view, sample_views, to_tensor, to_uint8
 from customkd_cache.errors import DatasetError
-from customkd_cache.specs import DatasetSpec, ViewsSpec
+from customkd_cache.specs import DatasetSpec, ViewsSpec, load_train_spec
+from customkd_cache.stage_two import replay
 from customkd_cache.stage_two.replay import ReplayDataset, Row, decode_jpegs, jitter_on_device, make_loader
+from customkd_cache.stage_two.train import run_train
 from customkd_cache.store import SplitInit, create_or_open_store, open_store
+from customkd_cache.testing import fakedata, run_cli
 from customkd_cache.testing.fakedata import photo_like
 
 # Not a multiple of 8 either way: the reduced image's last pixel covers a partial block, so a box
@@ -328,3 +332,29 @@ class TestDevicePath:
             assert "jpeg" not in item and item["pixels"].dtype == torch.uint8
         with pytest.raises(ValueError, match="decode"):
             _replay(photos, decode="nvjpeg")
+
+
+def test_training_with_device_decode_runs_on_the_cpu(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``run.decode = "gpu"`` through stage A, stage B and evaluation: every batch's JPEGs decoded in
+    ``to_device`` (on the CPU here, the same function as on CUDA)."""
+    repo = Path(__file__).resolve().parents[1]
+    root = fakedata.write_officehome(tmp_path / "OfficeHome", per_class=1)
+    env = dict(
+        os.environ, CUSTOMKD_CACHE_ROOT=str(tmp_path / "caches"), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1"
+    )
+    cache_spec = repo / "cache_specs" / "smoke" / "officehome.toml"
+    run_cli("cache", "--spec", str(cache_spec), "--set", f"dataset.root={root}", "-q", env=env)
+    monkeypatch.setenv("CUSTOMKD_CACHE_ROOT", str(tmp_path / "caches"))
+    decoded: list[int] = []
+    decode_jpegs = replay.decode_jpegs
+
+    def counting(data: Any, device: torch.device) -> Any:
+        decoded.append(len(data))
+        return decode_jpegs(data, device)
+
+    monkeypatch.setattr(replay, "decode_jpegs", counting)
+    train_spec = repo / "pipelines" / "smoke" / "officehome.toml"
+    spec = load_train_spec(train_spec, [f"dataset.root={root}", "run.decode=gpu", "optim.epochs=1"])
+    result = run_train(spec, spec_path=train_spec, out=tmp_path / "run")
+    assert result["student_accuracy"] is not None
+    assert sum(decoded) > 0
