@@ -458,10 +458,15 @@ class ReplayDataset(TorchDataset):
     Boxes, flips and labels are read once per split from the store, lazily in each process.
 
     Decoding (``reduced=True``): a JPEG is decoded at the largest DCT scale (1/2, 1/4, 1/8) at which
-    the stored crop still spans ``student_size`` pixels each way (``Dataset.load_region``), so the
-    student's pixels differ slightly from a full decode's (docs/benchmarks.md gives the largest
+    the stored crop still spans twice ``student_size`` pixels each way (``Dataset.load_region``), so
+    the student's pixels differ slightly from a full decode's (docs/benchmarks.md gives the largest
     difference measured); ``reduced=False`` decodes in full. With an online teacher
     (``teacher_size``) every image is decoded in full, so the teacher sees exactly stage one's pixels.
+
+    ``decode="gpu"``: an item whose image is a JPEG file the device decodes as Pillow does
+    (``Dataset.device_jpeg``) carries the file's bytes and its stored box instead of pixels, and
+    ``to_device`` decodes and renders it on the training device; other images, items with an online
+    teacher and interpolations other than bilinear and bicubic are rendered in the worker as above.
     """
 
     def __init__(
