@@ -6,7 +6,8 @@
   the tf32 and bf16 features to the fp32 ones of the same images;
 - stage two: a MobileNetV3-Large student at 224 px, one optimizer step (forward, CE, backward, SGD)
   with and without bf16 autocast: milliseconds per step and images/s;
-- decoding on the CPU against the GPU, when the train spec has a decode option (else skipped);
+- stage two's input: items/s of one CPU worker decoding (``run.decode = "cpu"``) against the batched
+  device decode (``run.decode = "gpu"``), on photo-like JPEGs;
 - ``--dist`` (run under ``torchrun --nproc-per-node=1``): LOCAL_RANK -> device mapping of
   ``Dist.from_env`` and a process group initialised with nccl (gloo on CPU) that all-reduces.
 
@@ -142,13 +143,34 @@ def stage_two(device: torch.device) -> dict[str, Any]:
 
 
 def decode(device: torch.device) -> dict[str, Any]:
-    """CPU against GPU decoding, when the train spec has the option; else why it was skipped."""
-    from customkd_cache.specs import TrainRunSpec
+    """Stage two's input at the student's size: items/s of one CPU worker (``run.decode = "cpu"``, the
+    reduced JPEG decode) against the batched device decode (``run.decode = "gpu"``: the worker reads
+    the bytes, ``ReplayDataset.to_device`` decodes, crops and resizes on ``device``), on photo-like
+    JPEGs in ``benchmarks/bench_loader.py``'s size mix."""
+    import tempfile
 
-    options = [k for k in TrainRunSpec.model_fields if "decode" in k]
-    if not options:
-        return {"skipped": "the train spec has no decode option (run.*decode*) on this version"}
-    return {"skipped": f"decode option {options} found, but this check does not measure it yet"}
+    from benchmarks.bench_loader import image_sizes, replay, write_photos
+    from customkd_cache.specs import ViewsSpec
+
+    size = SIZES["student_px"]
+    sizes = [(320, 240), (240, 320), (300, 300), (640, 480)] if CPU else image_sizes(32, seed=0)
+    views = ViewsSpec.model_validate({"num_views": 4, "seed": 0})
+    out: dict[str, Any] = {"images": len(sizes), "views": views.num_views, "px": size}
+    with tempfile.TemporaryDirectory(prefix="gpu_check_decode_") as tmp:
+        dataset, store = write_photos(Path(tmp), sizes, views, edges=False)
+        cpu = replay(dataset, store, size, "bilinear", reduced=True)
+        gpu = replay(dataset, store, size, "bilinear", reduced=True, decode="gpu")
+        n = len(cpu)
+        items: list[dict[str, Any]] = []
+        for name, ds in (("cpu_worker", cpu), ("gpu_worker", gpu)):
+            t0 = time.perf_counter()
+            items = [ds[k] for k in range(n)]
+            out[f"{name}_items_per_s"] = round(n / (time.perf_counter() - t0), 1)
+        batch = gpu.collate(items)
+        out["gpu_items_decoded_on_device"] = len(batch.get("jpeg", []))
+        sec = _timed(lambda: gpu.to_device(batch, device), SIZES["steps"], device)
+        out["gpu_to_device_items_per_s"] = round(n / sec, 1)
+    return out
 
 
 def dist_check() -> dict[str, Any]:

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU check: stage one ViT-L/14 in teacher.precision fp32 / tf32 / bf16 (views/s, cosine to fp32),
-# stage two MobileNetV3-L step time with and without autocast, CPU vs GPU decode (when the option
-# exists), and LOCAL_RANK + nccl under a single-process torchrun. Under 8 minutes on one H100.
+# stage two MobileNetV3-L step time with and without autocast, CPU vs GPU decode (run.decode),
+# and LOCAL_RANK + nccl under a single-process torchrun. Under 8 minutes on one H100.
 # Results: $OUT_DIR/gpu_check*.json (default runs/gpu_check, or $OUT/gpu_check when $OUT is set).
 #   benchmarks/gpu_check.sh                   # on a GPU machine
 #   GPU_CHECK_CPU=1 benchmarks/gpu_check.sh   # the same path on the CPU, tiny sizes (tested)

@@ -33,6 +33,10 @@ def test_gpu_check_cpu_mode_measures_every_part(tmp_path: Path) -> None:
     assert one["bf16_resolves_to"] == "bf16-autocast"
     assert one["auto_resolves_to"] == one["tf32_resolves_to"] == "fp32"  # on the CPU
     assert two["fp32_ms_per_step"] > 0 and two["bf16_autocast_ms_per_step"] > 0
-    assert "skipped" in main["decode"] or main["decode"]
+    dec = main["decode"]
+    assert dec["cpu_worker_items_per_s"] > 0 and dec["gpu_to_device_items_per_s"] > 0
+    assert (
+        dec["gpu_items_decoded_on_device"] == dec["images"] * dec["views"]
+    )  # every JPEG took the device path
     dist = json.loads((tmp_path / "gpu_check_dist.json").read_text())["dist"]
     assert dist == dist | {"local_rank": 0, "device": "cpu", "device_ok": True, "all_reduce_ok": True}
