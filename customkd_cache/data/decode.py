@@ -74,8 +74,9 @@ def decode(source: Path | bytes, name: str, hint: str, *, max_pixels: int | None
 DRAFT_SCALES = (8, 4, 2)
 # A crop is decoded at scale 1/s only if it still spans DRAFT_MARGIN times the output size there, so
 # the resize after it reduces at least 2x more. Measured on generated photos with hard edges drawn
-# on them (benchmarks/bench_loader.py --edges, 224 px): with a margin of 1 a view differed from the
-# full decode's by up to 47 (of 255) at an edge, with 2 by up to 12; the mean stays under 0.5.
+# on them (``python -m benchmarks.bench_loader --edges [--margin 1]``, 224 px, docs/benchmarks.md):
+# with a margin of 1 a view differed from the full decode's by up to 41 (of 255) at an edge (mean
+# 0.25), with 2 by up to 15 (mean 0.05); 2 runs the mix at 2.00x the full decode's items/s, 1 at 2.73x.
 DRAFT_MARGIN = 2
 # Formats whose decoder scales in the DCT (``Image.draft``); Pillow reads MPO files with its JPEG decoder.
 _DRAFT_FORMATS = ("JPEG", "MPO")
