@@ -350,14 +350,16 @@ class TestResume:
         proc = _train(cached, out, "--set", "optim.epochs=1", "--set", "run.eval_every=3", "--resume")
         assert proc.returncode == 0, proc.stderr
 
-    def test_a_change_of_the_batch_plan_is_refused(
-        self, cached: dict[str, Path], finished: Path, tmp_path: Path
+    @pytest.mark.parametrize("setting", ["run.features_in_ram=false", "run.precision=bf16", "run.decode=gpu"])
+    def test_a_change_of_what_is_computed_is_refused(
+        self, cached: dict[str, Path], finished: Path, tmp_path: Path, setting: str
     ) -> None:
-        """run.features_in_ram picks the batch plan (streamed blocks or not): not resumable."""
+        """run.features_in_ram picks the batch plan (streamed blocks or not), run.precision the
+        arithmetic, run.decode the pixels: not resumable, though other run settings are."""
         out = tmp_path / "run"
         shutil.copytree(finished, out)
-        extra = ("--set", "optim.epochs=1", "--set", "run.features_in_ram=false", "--resume")
-        _refused(_train(cached, out, *extra), "run.features_in_ram")
+        extra = ("--set", "optim.epochs=1", "--set", setting, "--resume")
+        _refused(_train(cached, out, *extra), setting.split("=")[0])
 
     def test_a_kill_before_the_first_checkpoint_leaves_no_duplicate_metrics(
         self, cached: dict[str, Path], finished: Path, tmp_path: Path

@@ -21,8 +21,10 @@ from customkd_cache.store import FeatureStore
 
 # Spec sections that may change on --resume: how the run is executed, not what it computes.
 RESUMABLE_SECTIONS = ("run",)
-# ... except these keys: they change what is computed (features_in_ram picks the stage-B batch plan).
-NOT_RESUMABLE_KEYS = ("run.features_in_ram",)
+# ... except these keys: they change what is computed (features_in_ram picks the stage-B batch plan,
+# precision the arithmetic, decode the pixels: the device path renders a view up to a few levels off
+# Pillow's), so a run resumed with another value would end at numbers its spec.json cannot reproduce.
+NOT_RESUMABLE_KEYS = ("run.features_in_ram", "run.precision", "run.decode")
 
 
 def check_out(out: Path, spec: TrainSpec, *, resume: bool) -> None:
