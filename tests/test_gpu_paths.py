@@ -423,3 +423,41 @@ def test_each_rank_trains_whole_batches() -> None:
     assert stage_b.rank_batches(plan, 1, 2) == [[2, 3], [0, 1]]
     assert stage_b.rank_steps(3, 1, 2) == 2 and stage_b.rank_steps(7, 2, 2) == 2 + 2
     assert stage_b.rank_steps(7, 3, 1) == 7
+
+
+class _RecordingDist(Dist):
+    """One process that records its barriers, as rank 0 of a larger job would meet them."""
+
+    def __init__(self, calls: list[str]) -> None:
+        super().__init__(0, 1, 0, CPU)
+        self.calls = calls
+
+    def barrier(self) -> None:
+        self.calls.append("barrier")
+
+
+def test_every_rank_checks_out_before_rank_0_writes_it(
+    spec_for: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without a barrier between them, a slow rank checked --out after rank 0 had written spec.json
+    there and refused it as 'not empty'."""
+    from customkd_cache.stage_two import train as train_module
+
+    calls: list[str] = []
+    check_out, prepare_out = train_module.check_out, train_module.prepare_out
+
+    def checking(*args: Any, **kwargs: Any) -> None:
+        calls.append("check_out")
+        check_out(*args, **kwargs)
+
+    def writing(*args: Any, **kwargs: Any) -> None:
+        calls.append("prepare_out")
+        prepare_out(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "check_out", checking)
+    monkeypatch.setattr(train_module, "prepare_out", writing)
+    prepare_run(
+        spec_for(), spec_path=TRAIN_SPEC, out=tmp_path / "r", resume=False, dist=_RecordingDist(calls)
+    )
+    assert calls[0] == "check_out" and "prepare_out" in calls
+    assert "barrier" in calls[1 : calls.index("prepare_out")]

@@ -137,6 +137,7 @@ def prepare_run(spec: TrainSpec, *, spec_path: Path | None, out: Path, resume: b
     no spec.json behind that would make the same command need ``--resume``.
     """
     check_out(out, spec, resume=resume)
+    dist.barrier()  # every rank has checked --out before rank 0 writes in it (below)
     device = dist.device if dist.world > 1 else resolve_device(spec.run.device)
     precision = resolve_precision(spec.run.precision, device)  # refused here, before any work
     dataset = open_dataset(spec.dataset)
