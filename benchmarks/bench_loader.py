@@ -34,16 +34,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image
 
-from customkd_cache.catalog import fingerprint
-from customkd_cache.data import Dataset, decode, open_dataset
+from customkd_cache.data import Dataset, decode
 from customkd_cache.data.decode import decode_image, draft_scale
-from customkd_cache.data.views import render_view, sample_views, to_tensor
-from customkd_cache.specs import DatasetSpec, ViewsSpec
+from customkd_cache.data.views import render_view, to_tensor
+from customkd_cache.specs import ViewsSpec
 from customkd_cache.stage_two.replay import ReplayDataset, Row
-from customkd_cache.store import SplitInit, create_or_open_store
-from customkd_cache.testing.fakedata import photo_like
+from customkd_cache.testing.fakedata import photo_views_store
 
 # Long sides (px) and their weights: OfficeHome's images range from about 120 px to over 6,000 (many
 # product and real-world photos of 1,000-4,000), DomainNet's mostly from 300 to 1,200 with a tail of
@@ -66,61 +64,6 @@ def image_sizes(count: int, seed: int) -> list[tuple[int, int]]:
         )
         out.append((w, h))
     return out
-
-
-def with_edges(img: Image.Image, seed: int) -> Image.Image:
-    """``img`` with black and white rectangles and lines drawn on it (hard edges)."""
-    rng = np.random.default_rng(seed)
-    draw = ImageDraw.Draw(img)
-    w, h = img.size
-    for k in range(12):
-        x0, y0 = int(rng.integers(0, w)), int(rng.integers(0, h))
-        x1, y1 = x0 + int(rng.integers(1, max(2, w // 4))), y0 + int(rng.integers(1, max(2, h // 4)))
-        colour = (0, 0, 0) if k % 2 else (255, 255, 255)
-        if k % 3:
-            draw.rectangle((x0, y0, x1, y1), fill=colour)
-        else:
-            draw.line((x0, y0, x1, y1), fill=colour, width=max(1, w // 300))
-    return img
-
-
-def write_photos(
-    root: Path, sizes: list[tuple[int, int]], views: ViewsSpec, edges: bool
-) -> tuple[Dataset, Path]:
-    """The JPEGs as a list-file dataset and a store holding their stored views (features are zeros)."""
-    lines = []
-    for i, (w, h) in enumerate(sizes):
-        img = photo_like(w, h, seed=i)
-        (with_edges(img, i) if edges else img).save(root / f"{i}.jpg", quality=90)
-        lines.append(f"{i}.jpg {i % 2}")
-    (root / "all.txt").write_text("\n".join(lines) + "\n")
-    spec = DatasetSpec.model_validate(
-        {"kind": "list_file", "root": str(root), "lists": [str(root / "all.txt")]}
-    )
-    dataset = open_dataset(spec)
-    split = dataset.manifest.splits[0]
-    store = create_or_open_store(
-        root / "views.zarr",
-        fingerprint=fingerprint({"bench": "loader"}),
-        identity={"bench": "loader"},
-        provenance={},
-        splits={split.name: SplitInit(ids=split.ids(), labels=split.labels())},
-        num_views=views.num_views,
-        feature_dim=2,
-        dtype="float16",
-        unit_rows=len(sizes),
-        compressor="zstd",
-    )
-    drawn = [sample_views(views, sample_index=i, width=w, height=h) for i, (w, h) in enumerate(sizes)]
-    store.write_unit(
-        split.name,
-        0,
-        features=np.zeros((len(sizes), views.num_views, 2), np.float32),
-        boxes=np.stack([b for b, _ in drawn]),
-        flips=np.stack([f for _, f in drawn]),
-    )
-    store.finalize_split(split.name)
-    return dataset, root / "views.zarr"
 
 
 def replay(
@@ -240,7 +183,7 @@ def main(argv: list[str] | None = None) -> None:
     sizes = image_sizes(args.images, args.seed)
     views = ViewsSpec.model_validate({"num_views": args.views, "seed": args.seed})
     with tempfile.TemporaryDirectory(prefix="bench_loader_") as tmp:
-        dataset, store = write_photos(Path(tmp), sizes, views, args.edges)
+        dataset, store = photo_views_store(Path(tmp), sizes, views, edges=args.edges)
         megabytes = sum(p.stat().st_size for p in Path(tmp).glob("*.jpg")) / 2**20
         reduced = replay(dataset, store, args.size, args.interpolation, reduced=True)
         full = replay(dataset, store, args.size, args.interpolation, reduced=False)

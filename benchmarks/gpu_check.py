@@ -149,15 +149,16 @@ def decode(device: torch.device) -> dict[str, Any]:
     JPEGs in ``benchmarks/bench_loader.py``'s size mix."""
     import tempfile
 
-    from benchmarks.bench_loader import image_sizes, replay, write_photos
+    from benchmarks.bench_loader import image_sizes, replay
     from customkd_cache.specs import ViewsSpec
+    from customkd_cache.testing.fakedata import photo_views_store
 
     size = SIZES["student_px"]
     sizes = [(320, 240), (240, 320), (300, 300), (640, 480)] if CPU else image_sizes(32, seed=0)
     views = ViewsSpec.model_validate({"num_views": 4, "seed": 0})
     out: dict[str, Any] = {"images": len(sizes), "views": views.num_views, "px": size}
     with tempfile.TemporaryDirectory(prefix="gpu_check_decode_") as tmp:
-        dataset, store = write_photos(Path(tmp), sizes, views, edges=False)
+        dataset, store = photo_views_store(Path(tmp), sizes, views)
         cpu = replay(dataset, store, size, "bilinear", reduced=True)
         gpu = replay(dataset, store, size, "bilinear", reduced=True, decode="gpu")
         n = len(cpu)

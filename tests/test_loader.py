@@ -13,18 +13,17 @@ import pytest
 import torch
 from PIL import Image
 
-from customkd_cache.catalog import fingerprint
-from customkd_cache.data import Dataset, open_dataset
+from customkd_cache.data import Dataset
 from customkd_cache.data.decode import decode, decode_region, draft_scale
-from customkd_cache.data.views import normalize_on_device, render_view, sample_views, to_tensor, to_uint8
+from customkd_cache.data.views import normalize_on_device, render_view, to_tensor, to_uint8
 from customkd_cache.errors import DatasetError
-from customkd_cache.specs import DatasetSpec, ViewsSpec, load_train_spec
+from customkd_cache.specs import ViewsSpec, load_train_spec
 from customkd_cache.stage_two import replay
 from customkd_cache.stage_two.replay import ReplayDataset, Row, decode_jpegs, jitter_on_device, make_loader
 from customkd_cache.stage_two.train import run_train
-from customkd_cache.store import SplitInit, create_or_open_store, open_store
+from customkd_cache.store import open_store
 from customkd_cache.testing import fakedata, run_cli
-from customkd_cache.testing.fakedata import photo_like
+from customkd_cache.testing.fakedata import photo_like, photo_views_store
 
 # Not a multiple of 8 either way: the reduced image's last pixel covers a partial block, so a box
 # mapped with the reduced image's size instead of the exact full size / scale lands up to 5/8 pixel off.
@@ -132,39 +131,7 @@ MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 @pytest.fixture(scope="module")
 def photos(tmp_path_factory: pytest.TempPathFactory) -> tuple[Dataset, Path]:
     """Photo-like JPEGs in a list-file dataset and a store holding their views (features are zeros)."""
-    root = tmp_path_factory.mktemp("photos")
-    lines = []
-    for i, (w, h) in enumerate(SIZES):
-        photo_like(w, h, seed=i).save(root / f"{i}.jpg", quality=90)
-        lines.append(f"{i}.jpg {i % 2}")
-    (root / "all.txt").write_text("\n".join(lines) + "\n")
-    spec = DatasetSpec.model_validate(
-        {"kind": "list_file", "root": str(root), "lists": [str(root / "all.txt")]}
-    )
-    dataset = open_dataset(spec)
-    split = dataset.manifest.splits[0]
-    store = create_or_open_store(
-        root / "views.zarr",
-        fingerprint=fingerprint({"test": "loader"}),
-        identity={"test": "loader"},
-        provenance={},
-        splits={split.name: SplitInit(ids=split.ids(), labels=split.labels())},
-        num_views=VIEWS.num_views,
-        feature_dim=2,
-        dtype="float16",
-        unit_rows=len(SIZES),
-        compressor="zstd",
-    )
-    views = [sample_views(VIEWS, sample_index=i, width=w, height=h) for i, (w, h) in enumerate(SIZES)]
-    store.write_unit(
-        split.name,
-        0,
-        features=np.zeros((len(SIZES), VIEWS.num_views, 2), np.float32),
-        boxes=np.stack([b for b, _ in views]),
-        flips=np.stack([f for _, f in views]),
-    )
-    assert store.finalize_split(split.name)
-    return dataset, root / "views.zarr"
+    return photo_views_store(tmp_path_factory.mktemp("photos"), SIZES, VIEWS)
 
 
 def _replay(photos: tuple[Dataset, Path], **kw: Any) -> ReplayDataset:

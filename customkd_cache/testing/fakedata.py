@@ -23,6 +23,7 @@ import pickle
 import struct
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -33,6 +34,10 @@ from customkd_cache.data import (
     OFFICEHOME_CLASSES,
     OFFICEHOME_DOMAINS,
 )
+
+if TYPE_CHECKING:
+    from customkd_cache.data import Dataset
+    from customkd_cache.specs import ViewsSpec
 
 ODD_MODES = ("gray_jpeg", "cmyk_jpeg", "exif6_jpeg", "rgba_png", "la_png", "palette_png", "png16")
 _ODD_EXT = {"gray_jpeg": "jpg", "cmyk_jpeg": "jpg", "exif6_jpeg": "jpg"}
@@ -489,3 +494,67 @@ def photo_like(width: int, height: int, *, seed: int = 0) -> Image.Image:
     out += 40.0 * (ys / height)[..., None]
     out += rng.normal(0.0, 6.0, out.shape).astype(np.float32)
     return Image.fromarray(out.clip(0, 255).astype(np.uint8))
+
+
+def with_edges(img: Image.Image, seed: int) -> Image.Image:
+    """``img`` with black and white rectangles and lines drawn on it: hard edges, the worst case for
+    decoding at a reduced scale."""
+    rng = np.random.default_rng(seed)
+    draw = ImageDraw.Draw(img)
+    w, h = img.size
+    for k in range(12):
+        x0, y0 = int(rng.integers(0, w)), int(rng.integers(0, h))
+        x1, y1 = x0 + int(rng.integers(1, max(2, w // 4))), y0 + int(rng.integers(1, max(2, h // 4)))
+        colour = (0, 0, 0) if k % 2 else (255, 255, 255)
+        if k % 3:
+            draw.rectangle((x0, y0, x1, y1), fill=colour)
+        else:
+            draw.line((x0, y0, x1, y1), fill=colour, width=max(1, w // 300))
+    return img
+
+
+def photo_views_store(
+    root: Path, sizes: Sequence[tuple[int, int]], views: ViewsSpec, *, edges: bool = False
+) -> tuple[Dataset, Path]:
+    """Photo-like JPEGs (quality 90) of ``sizes`` as a list-file dataset in ``root`` (labels 0/1
+    alternating) and ``root/views.zarr``: a store holding every image's stored views (zero features)."""
+    from customkd_cache.catalog import fingerprint
+    from customkd_cache.data import open_dataset
+    from customkd_cache.data.views import sample_views
+    from customkd_cache.specs import DatasetSpec
+    from customkd_cache.store import SplitInit, create_or_open_store
+
+    lines = []
+    for i, (w, h) in enumerate(sizes):
+        img = photo_like(w, h, seed=i)
+        (with_edges(img, i) if edges else img).save(root / f"{i}.jpg", quality=90)
+        lines.append(f"{i}.jpg {i % 2}")
+    (root / "all.txt").write_text("\n".join(lines) + "\n")
+    spec = DatasetSpec.model_validate(
+        {"kind": "list_file", "root": str(root), "lists": [str(root / "all.txt")]}
+    )
+    dataset = open_dataset(spec)
+    split = dataset.manifest.splits[0]
+    store = create_or_open_store(
+        root / "views.zarr",
+        fingerprint=fingerprint({"photos": "views"}),
+        identity={"photos": "views"},
+        provenance={},
+        splits={split.name: SplitInit(ids=split.ids(), labels=split.labels())},
+        num_views=views.num_views,
+        feature_dim=2,
+        dtype="float16",
+        unit_rows=len(sizes),
+        compressor="zstd",
+    )
+    drawn = [sample_views(views, sample_index=i, width=w, height=h) for i, (w, h) in enumerate(sizes)]
+    store.write_unit(
+        split.name,
+        0,
+        features=np.zeros((len(sizes), views.num_views, 2), np.float32),
+        boxes=np.stack([b for b, _ in drawn]),
+        flips=np.stack([f for _, f in drawn]),
+    )
+    if not store.finalize_split(split.name):
+        raise RuntimeError(f"{root / 'views.zarr'}: split {split.name} did not finalize")
+    return dataset, root / "views.zarr"
