@@ -25,7 +25,7 @@ from customkd_cache.stage_two import stage_b
 from customkd_cache.stage_two.precision import resolve_precision
 from customkd_cache.stage_two.state import TrainState
 from customkd_cache.stage_two.train import prepare_run, run_train
-from customkd_cache.testing import fakedata
+from customkd_cache.testing import fakedata, run_gloo_ranks
 from customkd_cache.testing import run_cli as cli
 
 REPO = Path(__file__).resolve().parents[1]
@@ -368,30 +368,8 @@ with Dist.from_env("cpu", timeout_s=120) as dist:
 
 
 def _two_ranks(script: str, args: list[str], env: dict[str, str]) -> None:
-    import socket
-    import subprocess
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = env | {"WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
-    procs = [
-        subprocess.Popen(
-            [sys.executable, script, *args],
-            env=env | {"RANK": str(r), "LOCAL_RANK": str(r)},
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for r in (0, 1)
-    ]
-    try:
-        outs = [p.communicate(timeout=300) for p in procs]
-    finally:
-        for p in procs:
-            p.kill()
-    for r, (p, (_, err)) in enumerate(zip(procs, outs, strict=True)):
-        assert p.returncode == 0, (r, err[-3000:])
+    for r, (code, _, err) in enumerate(run_gloo_ranks(script, args, env)):
+        assert code == 0, (r, err[-3000:])
 
 
 def test_two_ranks_share_p_t_and_score_as_one_process(

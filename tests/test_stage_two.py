@@ -30,7 +30,7 @@ from customkd_cache.distributed import Dist
 from customkd_cache.specs import load_train_spec
 from customkd_cache.stage_two.run_dir import log_epoch
 from customkd_cache.stage_two.train import prepare_run, run_train
-from customkd_cache.testing import fakedata
+from customkd_cache.testing import fakedata, run_gloo_ranks
 from customkd_cache.testing import run_cli as cli
 
 REPO = Path(__file__).resolve().parents[1]
@@ -544,33 +544,14 @@ main()
 
 def test_a_non_finite_loss_on_one_rank_stops_every_rank(cached: dict[str, Path], tmp_path: Path) -> None:
     """Two gloo ranks, rank 1's loss NaN: both stop with the non-finite error (exit 2), none hangs."""
-    import socket
-
     script = tmp_path / "poison.py"
     script.write_text(_POISON_RANK_1)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     args = ["train", "--spec", str(TRAIN_SPEC), "--set", f"dataset.root={cached['root']}"]
     args += ["--set", "optim.epochs=1", "--set", "run.dist_timeout_s=60", "--out", str(tmp_path / "run")]
-    env = env_for(cached) | {"WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
-    procs = [
-        subprocess.Popen(
-            [sys.executable, str(script), *args],
-            env=env | {"RANK": str(r), "LOCAL_RANK": str(r)},
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for r in (0, 1)
-    ]
-    try:
-        outs = [p.communicate(timeout=300) for p in procs]
-    finally:
-        for p in procs:
-            p.kill()
-    for r, (p, (_, err)) in enumerate(zip(procs, outs, strict=True)):
-        assert p.returncode == 2, (r, err[-3000:])
+    ranks = run_gloo_ranks(str(script), args, env_for(cached))
+    outs = [(out, err) for _, out, err in ranks]
+    for r, (code, _, err) in enumerate(ranks):
+        assert code == 2, (r, err[-3000:])
         line = err.strip().splitlines()[-1]
         assert "loss is not finite" in line and "epoch 0, step 0" in line, (r, line)
     assert "on rank 1" in outs[1][1] and "on another rank" in outs[0][1]

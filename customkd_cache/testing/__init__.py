@@ -17,3 +17,33 @@ def run_cli(*args: str, env: dict[str, str], check: bool = True) -> subprocess.C
     if check and proc.returncode != 0:
         raise AssertionError(f"exit {proc.returncode}\nstdout: {proc.stdout}\nstderr: {proc.stderr}")
     return proc
+
+
+def run_gloo_ranks(
+    script: str, args: list[str], env: dict[str, str], *, world: int = 2, timeout: float = 300
+) -> list[tuple[int, str, str]]:
+    """``python SCRIPT ARGS`` as ``world`` ranks of one job on this machine (RANK, LOCAL_RANK,
+    WORLD_SIZE and a free MASTER_PORT set, as torchrun sets them): each rank's exit code, stdout and
+    stderr. Every rank is killed once the first ``timeout`` seconds of waiting are over."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = env | {"WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, script, *args],
+            env=env | {"RANK": str(r), "LOCAL_RANK": str(r)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for r in range(world)
+    ]
+    try:
+        outs = [p.communicate(timeout=timeout) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    return [(p.returncode, out, err) for p, (out, err) in zip(procs, outs, strict=True)]
