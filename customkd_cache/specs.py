@@ -325,7 +325,14 @@ class CustomKDSpec(_Spec):
     )
     stage_a_optimizer: Literal["adamw", "sgd"] = "adamw"
     stage_a_lr: float = Field(1e-2, gt=0.0, allow_inf_nan=False)
-    stage_a_weight_decay: float = Field(0.0, ge=0.0, allow_inf_nan=False)
+    stage_a_weight_decay: float = Field(
+        0.5,
+        ge=0.0,
+        allow_inf_nan=False,
+        description="AdamW/SGD weight decay of P_t in stage A: keeps the customized teacher near what the "
+        "frozen features support instead of fitting the few labels exactly (chosen on validation, "
+        "docs/method.md)",
+    )
     stage_a_ce_target: float = Field(
         0.0, ge=0.0, description="end a stage-A cycle early once a step's CE is below this; 0 = never"
     )
@@ -354,8 +361,9 @@ class CustomKDSpec(_Spec):
         "student has one, else features",
     )
     task_loss: Literal["mse", "normalized", "logit_kl"] = Field(
-        "mse",
-        description="form of L_task: mse = MSE(f_s, P_t(f_t)) (the paper's); normalized = the MSE between "
+        "logit_kl",
+        description="form of L_task (default chosen on validation, docs/method.md): mse = "
+        "MSE(f_s, P_t(f_t)) (the paper's); normalized = the MSE between "
         "the two rows each scaled to unit RMS (= 2 - 2 cos), so its pull does not depend on the target's "
         "norm; logit_kl = KD (kd.temperature) from H_s(P_t(f_t)), the customized teacher's logits, to "
         "the student's: only what the head reads of the target",

@@ -35,6 +35,9 @@ CACHE_SPECS = REPO / "cache_specs" / "fashion_mnist"
 TRAIN_SPEC = REPO / "pipelines" / "fashion_mnist" / "labels4_mobilenetv3.toml"
 OUT = REPO / "evidence" / "results"
 
+# The paper's L_task and an unregularized stage A: the defaults before 2026-12-06. Candidates from before
+# then name them, so each keeps meaning what it was run with.
+PAPER = ["customkd.task_loss=mse", "customkd.stage_a_weight_decay=0"]
 # name -> (method, overrides). Each method has the same number of candidates (equal search budget).
 CANDIDATES: dict[str, tuple[str, list[str]]] = {
     "student_only": ("student_only", []),
@@ -44,15 +47,16 @@ CANDIDATES: dict[str, tuple[str, list[str]]] = {
     "kd:T=8": ("kd", ["kd.temperature=8"]),
     "customkd:feat,rms10": (
         "customkd",
-        ["customkd.target_space=features", "customkd.target_bound=fixed_rms"],
+        [*PAPER, "customkd.target_space=features", "customkd.target_bound=fixed_rms"],
     ),
     "customkd:pre,rms10": (
         "customkd",
-        ["customkd.target_space=pre_activation", "customkd.target_bound=fixed_rms"],
+        [*PAPER, "customkd.target_space=pre_activation", "customkd.target_bound=fixed_rms"],
     ),
     "customkd:feat,student1": (
         "customkd",
         [
+            *PAPER,
             "customkd.target_space=features",
             "customkd.target_bound=student_rms",
             "customkd.target_bound_scale=1",
@@ -61,13 +65,14 @@ CANDIDATES: dict[str, tuple[str, list[str]]] = {
     "customkd:pre,student1": (
         "customkd",
         [
+            *PAPER,
             "customkd.target_space=pre_activation",
             "customkd.target_bound=student_rms",
             "customkd.target_bound_scale=1",
         ],
     ),
     # the ViT-S/14 study (evidence/results/customkd_vit.md): L_task's form and stage A's regularization
-    "customkd:pre": ("customkd", []),
+    "customkd:pre": ("customkd", PAPER),
     "customkd:norm,lt10,wd0.5": (
         "customkd",
         ["customkd.task_loss=normalized", "customkd.lambda_task=10", "customkd.stage_a_weight_decay=0.5"],
@@ -80,8 +85,8 @@ CANDIDATES: dict[str, tuple[str, list[str]]] = {
         "customkd",
         ["customkd.task_loss=logit_kl", "customkd.stage_a_weight_decay=0.5"],
     ),
-    "customkd:logitkl": ("customkd", ["customkd.task_loss=logit_kl"]),
-    "customkd+kd:lt0.3": ("customkd+kd", ["customkd.lambda_task=0.3"]),
+    "customkd:logitkl": ("customkd", ["customkd.task_loss=logit_kl", "customkd.stage_a_weight_decay=0"]),
+    "customkd+kd:lt0.3": ("customkd+kd", [*PAPER, "customkd.lambda_task=0.3"]),
 }
 
 

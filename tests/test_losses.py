@@ -195,7 +195,7 @@ class TestCustomizationLoss:
 B, C, D_S, D_T = 6, 5, 4, 3
 KD = KdSpec(temperature=2.0, weight=0.7)
 DKD = DkdSpec(alpha=1.5, beta=3.0, temperature=3.0, weight=0.3)
-CK = CustomKDSpec(lambda_gen=0.5, lambda_task=2.0, fitnet_weight=3.0)
+CK = CustomKDSpec(lambda_gen=0.5, lambda_task=2.0, fitnet_weight=3.0, task_loss="mse")
 RAMP = 0.5
 
 
