@@ -98,36 +98,39 @@ def prepare(bench: tuple[Any, ...], plan: study.Plan, given: Path | None = None)
     }
 
 
-def schedule(plan: study.Plan) -> list[tuple[str, int, tuple[str, ...]]]:
+def schedule(plan: study.Plan, methods: tuple[str, ...] = METHODS) -> list[tuple[str, int, tuple[str, ...]]]:
     """(benchmark, seed, methods) in the order the runs are made: every method of the first benchmark
     at the first seed, source only on the second, the other seeds of the first, then the rest of the
     second (what a cut-short study has first)."""
     first, second = (b[0] for b in BENCHMARKS)
     s0, rest = plan.seeds[0], plan.seeds[1:]
     return [
-        (first, s0, METHODS),
-        (second, s0, METHODS[:1]),
-        *[(first, s, METHODS) for s in rest],
-        (second, s0, METHODS[1:]),
-        *[(second, s, METHODS) for s in rest],
+        (first, s0, methods),
+        (second, s0, methods[:1]),
+        *[(first, s, methods) for s in rest],
+        (second, s0, methods[1:]),
+        *[(second, s, methods) for s in rest],
     ]
 
 
-def run_points(plan: study.Plan, work: Path, preps: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+def run_points(
+    plan: study.Plan, work: Path, preps: dict[str, dict[str, Any]], methods: tuple[str, ...] = METHODS
+) -> dict[str, dict[str, Any]]:
     """Every (method, seed) run of each benchmark at its one candidate setting, one sweep call per run
-    (shared round-robin between the ``--shard`` processes), in :func:`schedule`'s order."""
+    (shared round-robin between the ``--shard`` processes), in :func:`schedule`'s order; ``methods``:
+    a subset of :data:`METHODS`."""
     epochs = plan.epochs[0] if plan.uda_epochs is None else plan.uda_epochs
     pipelines = {b[0]: b[5] for b in BENCHMARKS}
     out: dict[str, dict[str, Any]] = {}
     for name in preps:
         grid = plan.uda_grid if plan is QUICK else GRIDS[name]
         assert len(grid) == 1 and len(grid[0][1]) == 1, "one candidate setting per benchmark"
-        points: dict[str, list[study.SweepPoint]] = {m: [] for m in METHODS}
+        points: dict[str, list[study.SweepPoint]] = {m: [] for m in methods}
         out[name] = {"grid": [list(g) for g in grid], "epochs": epochs, "points": points}
-    for name, seed, methods in schedule(plan):
+    for name, seed, ms in schedule(plan, methods):
         if name not in preps:
             continue
-        for m in methods:
+        for m in ms:
             out[name]["points"][m] += study.sweep(
                 pipelines[name],
                 work / name,
@@ -160,7 +163,8 @@ def write_report(out: Path, results: dict[str, Any], command: str) -> None:
         "",
         f"Command: `{command}`  ",
         f"Wall time: {results['wall_minutes']:.1f} min on {os.cpu_count()} CPU cores.  ",
-        f"Methods: {', '.join(METHODS)}; {results['epochs']} epochs; seeds {results['seeds']}.",
+        f"Methods: {', '.join(results.get('methods', METHODS))}; {results['epochs']} epochs; "
+        f"seeds {results['seeds']}.",
         "",
         "Target test accuracy in %, mean ± std over seeds of the last epoch (evaluated after the last "
         "epoch only, so the best-epoch column repeats it). Every method runs at the same single setting "
@@ -171,6 +175,9 @@ def write_report(out: Path, results: dict[str, Any], command: str) -> None:
     ]
     for name, row in results["benchmarks"].items():
         p = row["teacher_probe"]
+        ms = row["methods"]
+        source_only = study._cell(ms["student_only"]["test"]) if "student_only" in ms else "not run"
+        in_run = study._cell(ms["kd"]["teacher"]) if "kd" in ms else "not run (kd's runs)"
         lines += [
             "",
             f"## {name.replace('_to_', ' → ')}",
@@ -178,8 +185,8 @@ def write_report(out: Path, results: dict[str, Any], command: str) -> None:
             f"Teacher probe on the target test split: {100 * p['linear_probe_accuracy']:.2f} % "
             f"(1-NN {100 * p['nn1_accuracy']:.2f} %; {p['train_images']} source / "
             f"{p['test_images']} target images). Source only: "
-            f"{study._cell(row['methods']['student_only']['test'])}. In-run probe: "
-            f"{study._cell(row['methods']['kd']['teacher'])}. Candidates per method "
+            f"{source_only}. In-run probe: "
+            f"{in_run}. Candidates per method "
             f"(optimizer, learning rates): `{json.dumps(row['grid'])}`.",
             "",
             *[
@@ -199,6 +206,14 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None, help="default: evidence/results (quick: WORK/results)")
     ap.add_argument("--only", default="", help="one benchmark by name (default: both)")
     ap.add_argument(
+        "--methods",
+        nargs="+",
+        choices=METHODS,
+        default=list(METHODS),
+        metavar="METHOD",
+        help=f"run and report only these methods, in this order (default: all of {', '.join(METHODS)})",
+    )
+    ap.add_argument(
         "--store",
         action="append",
         default=[],
@@ -214,19 +229,25 @@ def main() -> None:
     os.environ.setdefault("CUSTOMKD_CACHE_ROOT", str(REPO / "caches"))
     t0 = time.perf_counter()
     benches = [b for b in BENCHMARKS if not args.only or b[0] == args.only]
+    methods = tuple(dict.fromkeys(args.methods))
     results: dict[str, Any] = {
         "plan": asdict(plan),
+        "methods": list(methods),
         "epochs": plan.epochs[0] if plan.uda_epochs is None else plan.uda_epochs,
         "seeds": list(plan.seeds),
     }
     given = {k: Path(v) for k, v in (x.split("=", 1) for x in args.store)}
     preps = {b[0]: prepare(b, plan, given.get(b[0])) for b in benches}
-    ran = run_points(plan, work, preps)
+    ran = run_points(plan, work, preps, methods)
     results["benchmarks"] = {name: summarize(preps[name], ran[name]) for name in preps}
     results["wall_minutes"] = round((time.perf_counter() - t0) / 60, 1)
     if index != 0:
         return
     command = "python -m evidence.uda_study" + (" --quick" if args.quick else "")
+    if args.only:
+        command += f" --only {args.only}"
+    if methods != METHODS:
+        command += f" --methods {' '.join(methods)}"
     if count > 1:
         command += f" (with --shard I/{count}, {count} processes)"
     write_report(out, results, command)
