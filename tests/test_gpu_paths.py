@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 
@@ -112,6 +113,8 @@ class TestPrecision:
         res = run_train(spec_for(), spec_path=TRAIN_SPEC, out=tmp_path / "fp32")
         assert seen == {k: {False} for k in ("student", "student_parts", "customizer", "probe")}, seen
         assert res["precision"] == "fp32"
+        # the library versions a rerun needs to repeat these numbers exactly
+        assert res["versions"]["torch"] == torch.__version__ and res["versions"]["numpy"] == np.__version__
 
     @staticmethod
     def _record_autocast(monkeypatch: pytest.MonkeyPatch, seen: dict[str, set[bool]]) -> None:

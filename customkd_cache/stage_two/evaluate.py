@@ -140,6 +140,26 @@ def teacher_accuracy(run: Run) -> tuple[float, dict[str, float]]:
     return correct / max(total, 1), per_split
 
 
+# The installed distributions whose versions decide a run's numbers: the same spec and seed repeat a
+# run exactly only with the same versions, so results.json records them.
+VERSIONED = ("torch", "torchvision", "timm", "numpy", "pillow", "zarr", "numcodecs", "open_clip_torch")
+
+
+def library_versions() -> dict[str, str]:
+    """Python's and each installed ``VERSIONED`` distribution's version (missing ones left out)."""
+    import platform
+    from importlib import metadata
+
+    out = {"python": platform.python_version()}
+    for name in VERSIONED:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    out["torch"] = torch.__version__  # with its build tag (e.g. +cu130), which the metadata leaves out
+    return out
+
+
 def summarize(run: Run, state: TrainState) -> dict[str, Any]:
     last: dict[str, Any] = next((m for m in reversed(state.history) if "student_accuracy" in m), {})
     t_acc, t_split = teacher_accuracy(run)
@@ -166,4 +186,5 @@ def summarize(run: Run, state: TrainState) -> dict[str, Any]:
         "num_unlabeled": len(run.protocol.unlabeled),
         "num_val": sum(len(r) for r in run.protocol.val_rows.values()),
         "cache_fingerprint": run.store.fingerprint,
+        "versions": library_versions(),
     }
