@@ -13,10 +13,7 @@ is marked done, and its claim released, only once the thread has written it.
 
 from __future__ import annotations
 
-import contextlib
-import importlib.metadata
 import os
-import platform
 import queue
 import socket
 import sys
@@ -33,7 +30,7 @@ import torch
 from torch.utils.data import DataLoader
 from torch.utils.data import Dataset as TorchDataset
 
-from customkd_cache import __version__
+from customkd_cache import library_versions
 from customkd_cache.catalog import (
     cache_identity,
     dataset_identity,
@@ -213,28 +210,11 @@ def open_plan_store(plan: CachePlan, *, command: Sequence[str] = ()) -> FeatureS
     )
 
 
-# Libraries whose versions travel with a store (key -> distribution name), read from the installed
-# metadata so that provenance imports none of them.
-_VERSIONED = {
-    "torch": "torch",
-    "timm": "timm",
-    "zarr": "zarr",
-    "numcodecs": "numcodecs",
-    "numpy": "numpy",
-    "open_clip": "open_clip_torch",
-}
-
-
 def provenance(spec: CacheSpec, *, command: Sequence[str] = ()) -> dict[str, Any]:
     """Resolved spec, library versions, host, time and the making command: recorded, never hashed."""
-    versions = {"customkd_cache": __version__, "python": platform.python_version()}
-    for key, dist in _VERSIONED.items():
-        # a library that is not installed (open_clip for timm-only caches) is left out
-        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
-            versions[key] = importlib.metadata.version(dist)
     return {
         "spec": to_dict(spec),
-        "versions": versions,
+        "versions": library_versions(),
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "host": socket.gethostname(),
         "argv": sys.argv,

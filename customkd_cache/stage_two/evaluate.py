@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from customkd_cache import library_versions
 from customkd_cache.stage_two.build import to_feature_space
 from customkd_cache.stage_two.losses import linear_cka
 from customkd_cache.stage_two.precision import run_autocast, run_precision
@@ -138,26 +139,6 @@ def teacher_accuracy(run: Run) -> tuple[float, dict[str, float]]:
         correct += acc * n
         total += n
     return correct / max(total, 1), per_split
-
-
-# The installed distributions whose versions decide a run's numbers: the same spec and seed repeat a
-# run exactly only with the same versions, so results.json records them.
-VERSIONED = ("torch", "torchvision", "timm", "numpy", "pillow", "zarr", "numcodecs", "open_clip_torch")
-
-
-def library_versions() -> dict[str, str]:
-    """Python's and each installed ``VERSIONED`` distribution's version (missing ones left out)."""
-    import platform
-    from importlib import metadata
-
-    out = {"python": platform.python_version()}
-    for name in VERSIONED:
-        try:
-            out[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            continue
-    out["torch"] = torch.__version__  # with its build tag (e.g. +cu130), which the metadata leaves out
-    return out
 
 
 def summarize(run: Run, state: TrainState) -> dict[str, Any]:
