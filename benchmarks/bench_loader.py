@@ -90,15 +90,13 @@ def replay(
 
 
 def before_item(ds: ReplayDataset, size: int, interpolation: str) -> Callable[[int], torch.Tensor]:
-    """The worker before reduced decoding: full decode, Pillow crop and resize, normalized float32."""
-    split = ds.split_names[0]
-    sv = ds._split_views(split)
-    views = sv.boxes.shape[1]
-    root = ds.dataset.root
+    """The worker before reduced decoding, for ``ds``'s item ``k``: full decode, Pillow crop and resize,
+    normalized float32."""
+    sv = ds._split_views(ds.split_names[0])
 
     def item(k: int) -> torch.Tensor:
-        row, view = divmod(k, views)
-        img = decode_image(root / ds.dataset.manifest.splits[0].samples[row].id, name=str(row))
+        row, view = ds._rows[k], ds._view_of[k]
+        img = decode_image(image_path(ds, k), name=str(row))
         out = render_view(
             img, sv.boxes[row, view], bool(sv.flips[row, view]), size=size, interpolation=interpolation
         )
@@ -108,13 +106,17 @@ def before_item(ds: ReplayDataset, size: int, interpolation: str) -> Callable[[i
 
 
 def bare_decode(ds: ReplayDataset) -> Callable[[int], Image.Image]:
-    views = ds._split_views(ds.split_names[0]).boxes.shape[1]
-    samples = ds.dataset.manifest.splits[0].samples
+    """The full decode of ``ds``'s item ``k``'s image and nothing else."""
 
     def item(k: int) -> Image.Image:
-        return decode_image(ds.dataset.root / samples[k // views].id, name=str(k))
+        return decode_image(image_path(ds, k), name=str(k))
 
     return item
+
+
+def image_path(ds: ReplayDataset, k: int) -> Path:
+    """The file of item ``k``'s image (the items as ``set_items`` listed them)."""
+    return ds.dataset.root / ds.dataset.manifest.splits[0].samples[ds._rows[k]].id
 
 
 def item_seconds(fn: Callable[[int], object], n: int) -> np.ndarray:
@@ -138,26 +140,20 @@ def print_rates(runs: dict[str, list[np.ndarray]], items: np.ndarray, what: str,
     print(f"{what + f' ({int(items.sum())})':<24}{cells}")
 
 
-def pixel_difference(reduced: ReplayDataset, full: ReplayDataset) -> tuple[int, float, dict[int, int]]:
-    """Largest and mean absolute difference of the reduced and full renderings, and items per scale."""
-    split = reduced.split_names[0]
-    sv = reduced._split_views(split)
-    views = sv.boxes.shape[1]
-    samples = reduced.dataset.manifest.splits[0].samples
+def pixel_difference(
+    reduced: ReplayDataset, full: ReplayDataset, sizes: list[tuple[int, int]]
+) -> tuple[int, float, dict[int, int]]:
+    """Largest and mean absolute difference of the reduced and full renderings, and items per decode
+    scale (``sizes``: each image's (width, height))."""
+    sv = reduced._split_views(reduced.split_names[0])
     largest, total, count = 0, 0.0, 0
     scales: dict[int, int] = {}
     for k in range(len(reduced)):
-        a, b = reduced[k]["pixels"].int(), full[k]["pixels"].int()
-        diff = (a - b).abs()
-        largest, total, count = (
-            max(largest, int(diff.max())),
-            total + float(diff.float().sum()),
-            count + diff.numel(),
-        )
-        row, view = divmod(k, views)
-        with Image.open(reduced.dataset.root / samples[row].id) as im:
-            w, h = im.size
-        s = draft_scale(w, h, sv.boxes[row, view], reduced.student_size)
+        diff = (reduced[k]["pixels"].int() - full[k]["pixels"].int()).abs()
+        largest = max(largest, int(diff.max()))
+        total, count = total + float(diff.float().sum()), count + diff.numel()
+        row, view = reduced._rows[k], reduced._view_of[k]
+        s = draft_scale(*sizes[row], sv.boxes[row, view], reduced.student_size)
         scales[s] = scales.get(s, 0) + 1
     return largest, total / count, dict(sorted(scales.items()))
 
@@ -208,7 +204,7 @@ def main(argv: list[str] | None = None) -> None:
         print_rates(runs, np.ones(n, bool), "all items")
         for side in sorted(set(long_side.tolist())):
             print_rates(runs, long_side == side, f"long side {side} px", header=False)
-        largest, mean, scales = pixel_difference(reduced, full)
+        largest, mean, scales = pixel_difference(reduced, full, sizes)
         print(
             f"reduced vs full rendering: largest |difference| {largest}/255, mean {mean:.3f}; "
             f"items per decode scale {scales}"

@@ -162,11 +162,13 @@ def decode(device: torch.device) -> dict[str, Any]:
         cpu = replay(dataset, store, size, "bilinear", reduced=True)
         gpu = replay(dataset, store, size, "bilinear", reduced=True, decode="gpu")
         n = len(cpu)
-        items: list[dict[str, Any]] = []
-        for name, ds in (("cpu_worker", cpu), ("gpu_worker", gpu)):
-            t0 = time.perf_counter()
-            items = [ds[k] for k in range(n)]
-            out[f"{name}_items_per_s"] = round(n / (time.perf_counter() - t0), 1)
+        t0 = time.perf_counter()
+        for k in range(n):
+            _ = cpu[k]  # the rendered view, as a worker makes it
+        out["cpu_worker_items_per_s"] = round(n / (time.perf_counter() - t0), 1)
+        t0 = time.perf_counter()
+        items = [gpu[k] for k in range(n)]  # the bytes and boxes to_device decodes below
+        out["gpu_worker_items_per_s"] = round(n / (time.perf_counter() - t0), 1)
         batch = gpu.collate(items)
         out["gpu_items_decoded_on_device"] = len(batch.get("jpeg", []))
         sec = _timed(lambda: gpu.to_device(batch, device), SIZES["steps"], device)
