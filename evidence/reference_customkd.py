@@ -124,7 +124,7 @@ def run(args: argparse.Namespace) -> dict[str, float]:
         opt_b = torch.optim.SGD(params_b, lr=args.lr, momentum=0.9, nesterov=True, weight_decay=5e-4)
     else:
         opt_b = torch.optim.AdamW(params_b, lr=args.lr, weight_decay=0.05)
-    opt_a = torch.optim.AdamW(p_t.parameters(), lr=1e-2, weight_decay=0.0)
+    opt_a = torch.optim.AdamW(p_t.parameters(), lr=1e-2, weight_decay=args.stage_a_wd)
     n_lab = 32 if not args.uda else 64  # labeled rows per batch (the pipelines' labeled_per_batch)
     n_un = 128 - n_lab
     steps_per_epoch = len(pool) // n_un
@@ -172,7 +172,15 @@ def run(args: argparse.Namespace) -> dict[str, float]:
                     if cap_now is not None:
                         rms = target.pow(2).mean(1, keepdim=True).sqrt()
                         target = target * torch.clamp(cap_now / rms, max=1.0)
-                loss = loss + F.mse_loss(p_s(f_s), ft_tr[b]) + F.mse_loss(h_s, target)
+                if (
+                    args.task_loss == "logit_kl"
+                ):  # KD (T=4) from the customized teacher's logits H_s(act(target))
+                    with torch.no_grad():
+                        c = F.softmax(F.linear(act(target), head.weight, head.bias) / 4, 1)
+                    task = F.kl_div(F.log_softmax(logits / 4, 1), c, reduction="batchmean") * 16
+                else:  # the paper's L_task
+                    task = F.mse_loss(h_s, target)
+                loss = loss + F.mse_loss(p_s(f_s), ft_tr[b]) + task
             opt_b.zero_grad()
             loss.backward()
             opt_b.step()
@@ -206,13 +214,31 @@ def main() -> None:
     ap.add_argument(
         "--space", choices=("features", "pre"), default="features", help="L_task on f_s or its pre-activation"
     )
+    ap.add_argument(
+        "--task-loss",
+        choices=("mse", "logit_kl"),
+        default="logit_kl",
+        help="L_task: the paper's MSE(h_s, P_t(f_t)), or KD from the logits H_s(P_t(f_t))",
+    )
+    ap.add_argument("--stage-a-wd", type=float, default=0.5, help="AdamW weight decay of P_t in stage A")
     ap.add_argument("--per-class", type=int, default=4, help="SSL: the labeled list's labels per class")
     ap.add_argument("--optimizer", choices=("adamw", "sgd"), default="adamw", help="stage B optimizer")
     ap.add_argument("--lr", type=float, default=3e-3, help="stage B lr")
     args = ap.parse_args()
     if not args.uda and args.lists is None:
         ap.error("give --lists (SSL) or --uda SOURCE TARGET EVAL")
-    keys = ("method", "seed", "epochs", "optimizer", "lr", "bound", "space", "per_class")
+    keys = (
+        "method",
+        "seed",
+        "epochs",
+        "optimizer",
+        "lr",
+        "bound",
+        "space",
+        "task_loss",
+        "stage_a_wd",
+        "per_class",
+    )
     print(json.dumps({**{k: getattr(args, k) for k in keys}, **run(args)}))
 
 
