@@ -293,11 +293,13 @@ def main(argv: list[str] | None = None) -> None:
     probe: dict[str, Any] = {}
     for teacher in args.teachers:
         for pc in args.per_class:
-            vals = [
-                100 * r["teacher_accuracy"]
+            # one probe per seed: every run of a seed trains the same probe on the same labels
+            per_seed = {
+                r["seed"]: 100 * r["teacher_accuracy"]
                 for r in runs
                 if r["teacher"] == teacher and r["per_class"] == pc and r["teacher_accuracy"]
-            ]
+            }
+            vals = list(per_seed.values())
             if vals:
                 s = _stats(vals)
                 probe[f"{teacher} {pc}/class"] = f"{s['mean']:.2f} ± {s['std']:.2f}"
