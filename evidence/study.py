@@ -23,6 +23,7 @@ evidence/results/study.{md,json,png}.
 
     python -m evidence.study --shard 0/3 & python -m evidence.study --shard 1/3 & ...   # 3 processes
     python -m evidence.study --quick    # minutes, tiny sizes: checks the pipeline only
+    python -m evidence.study --no-uda   # parts 1-2 only
 """
 
 from __future__ import annotations
@@ -468,7 +469,7 @@ def write_report(out: Path, results: dict[str, Any], command: str, minutes: floa
             f"| {m} | {chosen} | {_cell(row['val'])} | {_cell(row['test'])} | "
             f"{_cell(row['customized_teacher'])} |"
         )
-    for direction in UDA_DIRECTIONS:
+    for direction in UDA_DIRECTIONS if "uda" in results else ():
         table = results["uda"][direction]
         lines += [
             "",
@@ -489,7 +490,7 @@ def plot(path: Path, results: dict[str, Any]) -> None:
     import matplotlib.pyplot as plt
 
     panels = [("SSL (4 labels/class)", results["ssl"]["methods"]), ("Ablations", results["ssl"]["ablations"])]
-    panels += [(f"UDA {d}", results["uda"][d]) for d in UDA_DIRECTIONS]
+    panels += [(f"UDA {d}", results["uda"][d]) for d in UDA_DIRECTIONS if "uda" in results]
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4.5))
     for ax, (title, groups) in zip(axes, panels, strict=True):
         names = list(groups)
@@ -516,6 +517,7 @@ def main() -> None:
         "--shard", default="0/1", help="I/N: this process's share of the sweeps (run N processes at once)"
     )
     ap.add_argument("--out", type=Path, default=None, help="default: evidence/results (quick: WORK/results)")
+    ap.add_argument("--no-uda", action="store_true", help="the SSL part only (skip digits <-> MNIST)")
     args = ap.parse_args()
     plan = QUICK if args.quick else FULL
     args.work = (
@@ -527,9 +529,13 @@ def main() -> None:
     os.environ.setdefault("CUSTOMKD_CACHE_ROOT", str(REPO / "caches"))
     t0 = time.perf_counter()
     folder = ensure_fashion_mnist()
-    results = {"plan": asdict(plan), "ssl": run_ssl(folder, plan, args.work), "uda": run_uda(plan, args.work)}
+    results: dict[str, Any] = {"plan": asdict(plan), "ssl": run_ssl(folder, plan, args.work)}
+    if not args.no_uda:
+        results["uda"] = run_uda(plan, args.work)
     minutes = (time.perf_counter() - t0) / 60
     command = "python -m evidence.study" + (" --quick" if args.quick else "")
+    if args.no_uda:
+        command += " --no-uda"
     results["wall_minutes"] = round(minutes, 1)
     if index != 0:  # shard 0 writes the report
         return
