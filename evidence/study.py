@@ -518,8 +518,12 @@ def main() -> None:
     )
     ap.add_argument("--out", type=Path, default=None, help="default: evidence/results (quick: WORK/results)")
     ap.add_argument("--no-uda", action="store_true", help="the SSL part only (skip digits <-> MNIST)")
+    ap.add_argument("--pool", type=int, default=None, help="SSL unlabeled images (default: the plan's)")
+    ap.add_argument("--test", type=int, default=None, help="SSL test images (default: the plan's)")
     args = ap.parse_args()
     plan = QUICK if args.quick else FULL
+    sizes = {"n_pool": args.pool, "n_test": args.test}
+    plan = replace(plan, **{k: v for k, v in sizes.items() if v is not None})
     args.work = (
         args.work.resolve()
     )  # list files are passed as absolute paths (relative ones resolve under data_root)
@@ -536,6 +540,7 @@ def main() -> None:
     command = "python -m evidence.study" + (" --quick" if args.quick else "")
     if args.no_uda:
         command += " --no-uda"
+    command += "".join(f" --{k} {v}" for k, v in (("pool", args.pool), ("test", args.test)) if v is not None)
     results["wall_minutes"] = round(minutes, 1)
     if index != 0:  # shard 0 writes the report
         return
