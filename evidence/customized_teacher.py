@@ -56,7 +56,7 @@ def one(store_path: Path, lists: Path, seed: int, per_class: int) -> dict[str, f
     v = min(3, tr.shape[1])
     mean, std = tr[:, :v].reshape(-1, tr.shape[2]).mean(0), tr[:, :v].reshape(-1, tr.shape[2]).std(0) + 1e-6
     lab = ids(lists / f"labeled_{per_class}pc_seed{seed}.txt")
-    pool = ids(lists / f"pool_2000_seed{seed}.txt")
+    pool = ids(lists / f"pool_2000_{per_class}pc_seed{seed}.txt")
     f_lab = torch.from_numpy((tr[lab, :v] - mean) / std).reshape(-1, tr.shape[2])
     y_lab = y_tr[lab].repeat_interleave(v)
     f_pool = torch.from_numpy((tr[np.concatenate([lab, pool]), :v] - mean) / std).reshape(-1, tr.shape[2])

@@ -120,10 +120,12 @@ def ssl_lists(
     def ids(ix: list[int]) -> list[str]:
         return [f"train/{i:05d}" for i in sorted(ix)]
 
+    # The pool and validation split exclude this label count's labeled rows, so their names carry it:
+    # lists of two label counts in one folder must not overwrite each other.
     return {
         "labeled": write_list(out / f"labeled_{per_class}pc_seed{seed}.txt", ids(chosen)),
-        "pool": write_list(out / f"pool_{n_pool}_seed{seed}.txt", ids(pool)),
-        "val": write_list(out / f"val_{n_val}_seed{seed}.txt", ids(val)),
+        "pool": write_list(out / f"pool_{n_pool}_{per_class}pc_seed{seed}.txt", ids(pool)),
+        "val": write_list(out / f"val_{n_val}_{per_class}pc_seed{seed}.txt", ids(val)),
     }
 
 

@@ -67,7 +67,7 @@ def ssl_data(args: argparse.Namespace, student: nn.Module) -> tuple:
     folder = ensure_fashion_mnist()
     (xtr, ytr), (xte, yte) = read_idx(folder, "train"), read_idx(folder, "t10k")
     lab = ids(args.lists / f"labeled_{args.per_class}pc_seed{args.seed}.txt")
-    pool = ids(next(args.lists.glob(f"pool_*_seed{args.seed}.txt")))
+    pool = ids(next(args.lists.glob(f"pool_*_{args.per_class}pc_seed{args.seed}.txt")))
     x_tr, x_te = pixels(xtr[: len(f_train)], student), pixels(xte[: len(f_test)], student)
     y_tr, y_te = torch.from_numpy(ytr[: len(f_train)]), torch.from_numpy(yte[: len(f_test)])
     return f_train, f_test, x_tr, x_te, y_tr, y_te, lab, pool
