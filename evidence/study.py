@@ -24,6 +24,7 @@ evidence/results/study.{md,json,png}.
     python -m evidence.study --shard 0/3 & python -m evidence.study --shard 1/3 & ...   # 3 processes
     python -m evidence.study --quick    # minutes, tiny sizes: checks the pipeline only
     python -m evidence.study --no-uda   # parts 1-2 only
+    python -m evidence.study --no-uda --methods-only   # part 1's methods table only
 """
 
 from __future__ import annotations
@@ -269,7 +270,9 @@ def protocol(
 # --- SSL ---------------------------------------------------------------------------------------
 
 
-def run_ssl(folder: Path, plan: Plan, work: Path) -> dict[str, Any]:
+def run_ssl(folder: Path, plan: Plan, work: Path, extras: bool = True) -> dict[str, Any]:
+    """The methods table; with ``extras`` also the ablations and view policies at customkd's (and
+    kd's) chosen settings."""
     n_train = 40 + plan.n_pool + plan.n_val
     sizes = f"dataset.max_per_split={{train = {n_train}, test = {plan.n_test}}}"
     store = cache(SSL_CACHE, [f"dataset.root={folder}", sizes, f"views.num_views={plan.views}"])
@@ -302,6 +305,8 @@ def run_ssl(folder: Path, plan: Plan, work: Path) -> dict[str, Any]:
         epochs=plan.epochs,
         common_for=common,
     )
+    if not extras:
+        return {"methods": table, "ablations": {}, "views": {}, "store": str(store)}
     ck_set = setting_overrides(table["customkd"]["chosen"] or DEFAULT_SETTING)
     ablations: dict[str, dict[str, Any]] = {}
     for group, label, switch in ABLATIONS:
@@ -448,6 +453,8 @@ def write_report(out: Path, results: dict[str, Any], command: str, minutes: floa
         "| table | variant | test | CKA(f_s, P_t(f_t)) |",
         "|---|---|---|---|",
     ]
+    if not ssl["ablations"]:
+        lines.append("| - | not run (--methods-only) | - | - |")
     for label, row in ssl["ablations"].items():
         lines.append(
             f"| {row['table']} | {label} | {_cell(row['test'])} | "
@@ -463,6 +470,8 @@ def write_report(out: Path, results: dict[str, Any], command: str, minutes: floa
         "| method, policy | setting (chosen above) | val | test, last epoch | customized teacher |",
         "|---|---|---|---|---|",
     ]
+    if not ssl.get("views"):
+        lines.append("| - | not run (--methods-only) | - | - | - |")
     for m, row in ssl.get("views", {}).items():
         chosen = ", ".join(f"{k.split('.')[-1]}={v}" for k, v in row["chosen"].items())
         lines.append(
@@ -489,10 +498,11 @@ def plot(path: Path, results: dict[str, Any]) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = [("SSL (4 labels/class)", results["ssl"]["methods"]), ("Ablations", results["ssl"]["ablations"])]
+    panels = [("SSL (4 labels/class)", results["ssl"]["methods"])]
+    panels += [("Ablations", results["ssl"]["ablations"])] if results["ssl"]["ablations"] else []
     panels += [(f"UDA {d}", results["uda"][d]) for d in UDA_DIRECTIONS if "uda" in results]
-    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4.5))
-    for ax, (title, groups) in zip(axes, panels, strict=True):
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4.5), squeeze=False)
+    for ax, (title, groups) in zip(axes[0], panels, strict=True):
         names = list(groups)
         stats = [groups[n]["test"] for n in names]
         means = [100 * s["mean"] if s["n"] else 0.0 for s in stats]
@@ -518,6 +528,11 @@ def main() -> None:
     )
     ap.add_argument("--out", type=Path, default=None, help="default: evidence/results (quick: WORK/results)")
     ap.add_argument("--no-uda", action="store_true", help="the SSL part only (skip digits <-> MNIST)")
+    ap.add_argument(
+        "--methods-only",
+        action="store_true",
+        help="SSL: the methods table only (no ablations, no view policies)",
+    )
     ap.add_argument("--pool", type=int, default=None, help="SSL unlabeled images (default: the plan's)")
     ap.add_argument("--test", type=int, default=None, help="SSL test images (default: the plan's)")
     args = ap.parse_args()
@@ -533,13 +548,15 @@ def main() -> None:
     os.environ.setdefault("CUSTOMKD_CACHE_ROOT", str(REPO / "caches"))
     t0 = time.perf_counter()
     folder = ensure_fashion_mnist()
-    results: dict[str, Any] = {"plan": asdict(plan), "ssl": run_ssl(folder, plan, args.work)}
+    results: dict[str, Any] = {
+        "plan": asdict(plan),
+        "ssl": run_ssl(folder, plan, args.work, not args.methods_only),
+    }
     if not args.no_uda:
         results["uda"] = run_uda(plan, args.work)
     minutes = (time.perf_counter() - t0) / 60
     command = "python -m evidence.study" + (" --quick" if args.quick else "")
-    if args.no_uda:
-        command += " --no-uda"
+    command += " --no-uda" * args.no_uda + " --methods-only" * args.methods_only
     command += "".join(f" --{k} {v}" for k, v in (("pool", args.pool), ("test", args.test)) if v is not None)
     results["wall_minutes"] = round(minutes, 1)
     if index != 0:  # shard 0 writes the report
