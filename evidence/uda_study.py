@@ -1,7 +1,8 @@
 """UDA where the teacher knows the target: MNIST -> MNIST-M and Fashion-MNIST -> sketches.
 
 Two benchmarks from real images (``evidence/mnistm.py``, ``evidence/fmnist_shift.py``), each one
-``list_file`` dataset and one EfficientNet-Lite0 cache (``cache_specs/{mnistm,fmnist_sketch}/``),
+``list_file`` dataset and one cache (``cache_specs/{mnistm,fmnist_sketch}/``, EfficientNet-Lite0 unless
+``--teacher`` names another spec of those folders, e.g. ``vit_s14_112`` for the sketches),
 trained with the shipped pipelines (``pipelines/mnistm/mnist_to_mnistm.toml``,
 ``pipelines/fmnist_sketch/fmnist_to_sketch.toml``).
 
@@ -73,11 +74,14 @@ FULL = study.Plan(0, 0, 0, 3, (5,), SEEDS, (), GRID, 0)
 QUICK = study.Plan(0, 0, 0, 3, (1,), (0, 1), (), GRID, 200, uda_epochs=1)
 
 
-def prepare(bench: tuple[Any, ...], plan: study.Plan, given: Path | None = None) -> dict[str, Any]:
+def prepare(
+    bench: tuple[Any, ...], plan: study.Plan, given: Path | None = None, teacher: str = "efficientnet_lite0"
+) -> dict[str, Any]:
     """The benchmark's data (written once), its store (computed once, or ``given``: a store of the
     same cache spec made by an earlier version, checked against the dataset by every run) and the
     teacher probe."""
     name, folder, splits, writer, cache_spec, pipeline, source, target_eval = bench
+    cache_spec = cache_spec.with_name(f"{teacher}.toml")
     root = data_root().resolve() / folder  # absolute: a relative dataset.root is read under data_root
     if study.JOBS.index == 0:
         writer(root)
@@ -94,7 +98,7 @@ def prepare(bench: tuple[Any, ...], plan: study.Plan, given: Path | None = None)
     return {
         "store": str(store),
         "teacher_probe": probe,
-        "common": [*data, f"cache.store={store}", *study.RUN],
+        "common": [*data, f"cache.spec={cache_spec}", f"cache.store={store}", *study.RUN],
     }
 
 
@@ -122,16 +126,17 @@ def summarize(prep: dict[str, Any], ran: dict[str, Any]) -> dict[str, Any]:
     return {"store": prep["store"], "teacher_probe": prep["teacher_probe"], **ran}
 
 
-def write_report(out: Path, results: dict[str, Any], command: str) -> None:
+def write_report(out: Path, results: dict[str, Any], command: str, stem: str = "uda") -> None:
     out.mkdir(parents=True, exist_ok=True)
-    (out / "uda.json").write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
+    (out / f"{stem}.json").write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
     lines = [
         "# UDA where the teacher is strong: MNIST → MNIST-M, Fashion-MNIST → sketches",
         "",
         f"Command: `{command}`  ",
         f"Wall time: {results['wall_minutes']:.1f} min on {os.cpu_count()} CPU cores.  ",
         f"Methods: {', '.join(results.get('methods', METHODS))}; {results['epochs']} epochs; "
-        f"seeds {results['seeds']}.",
+        f"seeds {results['seeds']}; teacher: each benchmark's "
+        f"`{results.get('teacher', 'efficientnet_lite0')}.toml` cache spec.",
         "",
         "Target test accuracy in %, mean ± std over seeds of the last epoch (evaluated after the last "
         "epoch only, so the best-epoch column repeats it). Every method gets the same search budget: "
@@ -162,7 +167,7 @@ def write_report(out: Path, results: dict[str, Any], command: str) -> None:
                 for x in study.methods_table(row["methods"])
             ],
         ]
-    (out / "uda.md").write_text("\n".join(lines) + "\n")
+    (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
 
 
 def main() -> None:
@@ -188,6 +193,12 @@ def main() -> None:
         metavar="NAME=PATH",
         help="use this store for benchmark NAME instead of computing its cache spec's",
     )
+    ap.add_argument(
+        "--teacher",
+        default="efficientnet_lite0",
+        help="the cache spec of each benchmark's cache_specs folder, by file name (default: %(default)s)",
+    )
+    ap.add_argument("--name", default="uda", help="results file name, NAME.{json,md} (default: %(default)s)")
     args = ap.parse_args()
     plan = QUICK if args.quick else FULL
     work = args.work.resolve()
@@ -203,9 +214,15 @@ def main() -> None:
         "methods": list(methods),
         "epochs": plan.epochs[0] if plan.uda_epochs is None else plan.uda_epochs,
         "seeds": list(plan.seeds),
+        "teacher": args.teacher,
     }
     given = {k: Path(v) for k, v in (x.split("=", 1) for x in args.store)}
-    preps = {b[0]: prepare(b, plan, given.get(b[0])) for b in benches}
+    for b in benches:
+        if not b[4].with_name(f"{args.teacher}.toml").is_file():
+            ap.error(
+                f"{b[0]} has no cache spec {b[4].with_name(args.teacher + '.toml')}: pick --only or --teacher"
+            )
+    preps = {b[0]: prepare(b, plan, given.get(b[0]), args.teacher) for b in benches}
     results["benchmarks"] = {
         name: summarize(prep, run_benchmark(plan, work, name, prep, methods)) for name, prep in preps.items()
     }
@@ -215,12 +232,16 @@ def main() -> None:
     command = "python -m evidence.uda_study" + (" --quick" if args.quick else "")
     if args.only:
         command += f" --only {args.only}"
+    if args.teacher != "efficientnet_lite0":
+        command += f" --teacher {args.teacher}"
+    if args.name != "uda":
+        command += f" --name {args.name}"
     if methods != METHODS:
         command += f" --methods {' '.join(methods)}"
     if count > 1:
         command += f" (with --shard I/{count}, {count} processes)"
-    write_report(out, results, command)
-    print((out / "uda.md").read_text())
+    write_report(out, results, command, args.name)
+    print((out / f"{args.name}.md").read_text())
 
 
 if __name__ == "__main__":
