@@ -368,6 +368,12 @@ class CustomKDSpec(_Spec):
         "norm; logit_kl = KD (kd.temperature) from H_s(P_t(f_t)), the customized teacher's logits, to "
         "the student's: only what the head reads of the target",
     )
+    gen_loss: Literal["mse", "relational"] = Field(
+        "mse",
+        description="form of L_gen: mse = MSE(P_s(f_s), f_t) (the paper's); relational = the "
+        "similarity-preserving loss (Tung & Mori, ICCV 2019) between the batch's row-normalized Gram "
+        "matrices of P_s(f_s) and f_t: only how the images relate, not the teacher's coordinates",
+    )
     fitnet_weight: float = Field(1.0, ge=0.0, description="weight of the fitnet baseline's MSE")
 
 

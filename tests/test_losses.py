@@ -21,6 +21,7 @@ from customkd_cache.stage_two.losses import (
     logit_l2,
     method_terms,
     normalized_mse,
+    similarity_preserving,
     stage_b_loss,
     standardize,
 )
@@ -407,3 +408,35 @@ class TestTaskLossForms:
     def test_unknown_task_loss_is_a_spec_error(self) -> None:
         with pytest.raises(Exception, match="task_loss"):
             CustomKDSpec(task_loss="cosine")  # type: ignore[arg-type]
+
+
+def np_similarity_preserving(p: np.ndarray, t: np.ndarray) -> float:
+    """Tung & Mori's loss from its definition, times B: row-normalized Gram matrices, squared Frobenius."""
+    gp, gt = p @ p.T, t @ t.T
+    gp = gp / np.linalg.norm(gp, axis=1, keepdims=True)
+    gt = gt / np.linalg.norm(gt, axis=1, keepdims=True)
+    return float(((gp - gt) ** 2).sum() / p.shape[0])
+
+
+class TestGenLossForms:
+    """``customkd.gen_loss``: the paper's MSE or the similarity-preserving (relational) form."""
+
+    def test_similarity_preserving_matches_numpy_and_ignores_rotation_and_scale(self) -> None:
+        g = torch.Generator().manual_seed(3)
+        a, b = torch.randn(5, 4, generator=g), torch.randn(5, 7, generator=g)
+        want = np_similarity_preserving(a.double().numpy(), b.double().numpy())
+        assert similarity_preserving(a, b).item() == pytest.approx(want, rel=1e-5)
+        q, _ = torch.linalg.qr(torch.randn(4, 4, generator=g))
+        assert similarity_preserving(3 * a @ q, a).item() == pytest.approx(0.0, abs=1e-6)
+
+    def test_stage_b_gen_term_per_form_and_fitnet_keeps_mse(self) -> None:
+        batch = Batch()
+        projected = batch.student_projector(batch.f_s)
+        ck = CK.model_copy(update={"gen_loss": "relational"})
+        rel = batch.loss("customkd", ck=ck)
+        assert rel.gen.item() == pytest.approx(similarity_preserving(projected, batch.f_t).item(), rel=1e-6)
+        assert rel.gen.item() != pytest.approx(batch.loss("customkd").gen.item(), rel=1e-3)
+        fitnet = batch.loss("fitnet", ck=ck).gen.item()
+        assert fitnet == pytest.approx(feature_mse(projected, batch.f_t).item(), rel=1e-6)
+        rel.total.backward()
+        assert batch.student_projector.weight.grad is not None

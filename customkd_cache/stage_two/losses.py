@@ -109,6 +109,23 @@ def normalized_mse(pred: Tensor, target: Tensor, eps: float = 1e-12) -> Tensor:
     return F.mse_loss(p, t)
 
 
+def similarity_preserving(pred: Tensor, target: Tensor, eps: float = 1e-12) -> Tensor:
+    """Similarity-preserving loss (Tung & Mori, ICCV 2019) between two representations of one batch.
+
+    ``pred`` (B, D1), ``target`` (B, D2): each batch Gram matrix ``G = X X^T`` (B, B) has its rows
+    scaled to unit L2 norm, and the loss is ``||G_p - G_t||_F^2 / B``, the mean over rows of the
+    squared distance between the two rows (in [0, 4]). That is B times the paper's
+    ``/ B^2`` form, so its scale is that of an MSE whatever the batch size and a weight of 1 is
+    comparable to ``feature_mse``'s. It compares how the B images relate to each other, so the two
+    dimensions may differ and no coordinate system of the target is copied. A zero row of ``G``
+    stays zero (its norm is clamped at ``eps``).
+    """
+    p, t = pred.float(), target.float()
+    g_p = F.normalize(p @ p.T, dim=1, eps=eps)
+    g_t = F.normalize(t @ t.T, dim=1, eps=eps)
+    return (g_p - g_t).pow(2).sum() / p.shape[0]
+
+
 def linear_cka(x: Tensor, y: Tensor) -> float:
     """Linear CKA (Kornblith et al., ICML 2019) between two representations of the same N inputs.
 
@@ -244,7 +261,8 @@ def stage_b_loss(
 
     Terms (see ``StageBTerms`` for how they add up):
     - ``ce``: cross-entropy on the labeled rows; 0 (still attached to the graph) when there are none.
-    - ``gen`` (customkd*, fitnet): ``MSE(P_s(f_s), f_t)`` over all rows.
+    - ``gen`` (customkd*, fitnet): ``MSE(P_s(f_s), f_t)`` over all rows; for customkd* with
+      ``ck.gen_loss = relational``, ``similarity_preserving(P_s(f_s), f_t)`` over the batch instead.
     - ``task`` (customkd*): ``MSE(f_s, stopgrad(P_t(f_t)))`` over all rows, the customized
       task-specific term (the paper's L_spec); with ``h_s`` (B, d_s) given, the student's
       pre-activation ``h_s`` takes the place of ``f_s`` (``customkd.target_space``). ``P_t`` runs under
@@ -271,7 +289,10 @@ def stage_b_loss(
     gen = task = kd_term = dkd_term = logit_term = zero
 
     if "gen" in terms:
-        gen = feature_mse(_required(student_projector, "student_projector", method)(f_s), f_t)
+        projected = _required(student_projector, "student_projector", method)(f_s)
+        relational = ck.gen_loss == "relational" and method != "fitnet"
+        gen_form = similarity_preserving if relational else feature_mse
+        gen = gen_form(projected, f_t)
         total = total + (ck.fitnet_weight if method == "fitnet" else ck.lambda_gen) * gen
     if "task" in terms:
         p_t = _required(customizer, "customizer", method)
