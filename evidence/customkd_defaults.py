@@ -86,6 +86,18 @@ CANDIDATES: dict[str, tuple[str, list[str]]] = {
         ["customkd.task_loss=logit_kl", "customkd.stage_a_weight_decay=0.5"],
     ),
     "customkd:logitkl": ("customkd", ["customkd.task_loss=logit_kl", "customkd.stage_a_weight_decay=0"]),
+    # the open questions about the ViT case (2026-12-06): a relational L_gen, and the student
+    # at 64 px instead of 32 (the teacher sees 112 px); the defaults otherwise
+    "customkd:logitkl,wd0.5,sp": (
+        "customkd",
+        ["customkd.task_loss=logit_kl", "customkd.stage_a_weight_decay=0.5", "customkd.gen_loss=relational"],
+    ),
+    "student_only:64px": ("student_only", ["student.input_size=64"]),
+    "kd:T=4,64px": ("kd", ["kd.temperature=4", "student.input_size=64"]),
+    "customkd:logitkl,wd0.5,64px": (
+        "customkd",
+        ["customkd.task_loss=logit_kl", "customkd.stage_a_weight_decay=0.5", "student.input_size=64"],
+    ),
     "customkd+kd:lt0.3": ("customkd+kd", [*PAPER, "customkd.lambda_task=0.3"]),
 }
 
