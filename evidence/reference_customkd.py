@@ -10,7 +10,8 @@ plain torch. Single view, no loaders, no replay.
 
 ``--uda SOURCE TARGET EVAL`` runs the UDA protocol on a list_file store instead (the digit domains
 of evidence/digits.py): labeled rows are the source split, unlabeled rows the target split, and the
-images are the PNG files the store's ids name under ``--images`` (default ``$CUSTOMKD_DATA_ROOT/digits``).
+images are the PNG files the store's ids name under ``--images`` (default ``$CUSTOMKD_DATA_ROOT/digits``),
+read as RGB (MNIST-M is in colour; a grey image gives three equal channels).
 """
 
 from __future__ import annotations
@@ -36,8 +37,10 @@ def ids(path: Path) -> np.ndarray:
 
 
 def pixels(images: np.ndarray, model: nn.Module) -> torch.Tensor:
+    """(N, 3, 32, 32) student input from uint8 images (N, H, W) grey or (N, H, W, 3) RGB."""
     cfg = timm.data.resolve_model_data_config(model)
-    x = torch.from_numpy(images).float().div(255).unsqueeze(1).repeat(1, 3, 1, 1)
+    x = torch.from_numpy(images).float().div(255)
+    x = x.permute(0, 3, 1, 2) if x.ndim == 4 else x.unsqueeze(1).repeat(1, 3, 1, 1)
     x = F.interpolate(x, size=32, mode="bilinear", align_corners=False, antialias=True)
     return (x - torch.tensor(cfg["mean"]).view(1, 3, 1, 1)) / torch.tensor(cfg["std"]).view(1, 3, 1, 1)
 
@@ -81,7 +84,8 @@ def uda_data(args: argparse.Namespace, student: nn.Module) -> tuple:
 
     def split(name: str) -> tuple[np.ndarray, torch.Tensor, torch.Tensor]:
         feats = np.asarray(store.read_split(name)[:, 0], np.float32)
-        imgs = np.stack([np.asarray(Image.open(root / i).convert("L")) for i in store.ids(name)])
+        # RGB: a grey PNG gives three equal channels, as the grey path does (MNIST-M is in colour)
+        imgs = np.stack([np.asarray(Image.open(root / i).convert("RGB")) for i in store.ids(name)])
         return feats, pixels(imgs, student), torch.from_numpy(np.asarray(store.labels(name), np.int64))
 
     (fs, xs, ys), (ft, xt, yt), (fe, xe, ye) = split(source), split(target), split(evaluation)
