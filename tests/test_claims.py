@@ -159,3 +159,23 @@ def test_a_writer_holding_a_unit_never_waits_for_another_writers_unit(tmp_path: 
     assert got == [[("train", 0)], [("train", 1)]] and not sampler.finished
     assert set(sampler.held) == {("train", 0)}  # still held: the caller writes it, then starts a new pass
     sampler.release_all()
+
+
+def test_a_claimer_stopped_before_its_record_is_written_leaves_no_claim(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A process killed while claiming (here: its write fails at that moment) must not leave a claim
+    without a record: such a claim names no process, so every other writer waited out the whole
+    lease for it (the likely cause of a SIGKILL-then-rerun cache test that once waited past its
+    180 s timeout)."""
+    from customkd_cache.store import claims
+
+    def stopped(*args: Any, **kwargs: Any) -> None:
+        raise KeyboardInterrupt  # stands for the kill between creating the file and writing into it
+
+    monkeypatch.setattr(claims.json, "dump", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        try_claim(tmp_path, "unit-000001")
+    monkeypatch.undo()
+    assert list(tmp_path.iterdir()) == []  # neither a claim nor its temporary file
+    assert try_claim(tmp_path, "unit-000001") is not None  # the next writer claims it at once

@@ -1,7 +1,9 @@
 """Claims on work units, as plain files, so writers sharing one store do not compute a unit twice.
 
-A claim is the file ``<dir>/<key>.claim`` created with ``O_CREAT | O_EXCL`` (atomic on local file
-systems and on NFS v3+), holding JSON ``{host, pid, time, token}``. Its mtime is the heartbeat:
+A claim is the file ``<dir>/<key>.claim`` holding JSON ``{host, pid, time, token}``. It is written
+whole to a private temporary file first and then hard-linked to its name (atomic, and exclusive, on
+local file systems and on NFS), so a claim never exists without its record: a process killed while
+claiming leaves no claim that only its lease could expire. Its mtime is the heartbeat:
 ``Claim.refresh`` touches it. A claim is stale when its process is gone (same host, pid not alive)
 or its lease ran out (mtime older than ``lease_s``, the test that works across hosts); a stale claim
 is taken over by renaming it to a unique tombstone, which only one of several stealers can do.
@@ -89,14 +91,25 @@ def try_claim(dir: Path, key: str, *, lease_s: float = 600.0) -> Claim | None:
 
 
 def _create(path: Path) -> Claim | None:
+    """The claim at ``path`` with this process's record, or None if a claim is there already.
+
+    The record is complete before the claim's name exists: an empty claim (a kill between an
+    exclusive create and the write) would name no process, so nobody could tell that its holder
+    died, and every other writer would wait out the whole lease for it.
+    """
     token = uuid.uuid4().hex
     record = {"host": socket.gethostname(), "pid": os.getpid(), "time": time.time(), "token": token}
+    tmp = path.with_name(f".{path.name}.{token}.tmp")
     try:
-        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        fd = os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)  # O_EXCL: never via a link
+        with os.fdopen(fd, "w") as f:
+            json.dump(record, f)
+        os.link(tmp, path)  # fails if any file, or a planted link, is at path already
     except FileExistsError:
         return None
-    with os.fdopen(fd, "w") as f:
-        json.dump(record, f)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
     return Claim(path, token)
 
 
