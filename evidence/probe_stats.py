@@ -26,14 +26,13 @@ from customkd_cache.stage_two.probe import probe_accuracy, train_probe
 from customkd_cache.stage_two.replay import combined_stats
 from customkd_cache.store import open_store
 from customkd_cache.store.codec import std_divisor
+from evidence.teacher_probe import view0
 
 
-def _features(store: Any, split: str, views: int | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(N * V, D) float32 features of the first ``views`` views (all when None), and their labels."""
-    arr = store.read_split(split)
-    arr = arr[:, :views] if views else arr
-    labels = np.repeat(store.labels(split).astype("int64"), arr.shape[1])
-    return torch.from_numpy(arr.reshape(-1, arr.shape[-1]).astype("float32")), torch.from_numpy(labels)
+def _flat(views: np.ndarray, labels: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N * V, D) float32 features of ``views`` (N, V, D) and their (N * V,) labels."""
+    flat = views.reshape(-1, views.shape[-1]).astype("float32")
+    return torch.from_numpy(flat), torch.from_numpy(np.repeat(labels.astype("int64"), views.shape[1]))
 
 
 # (name, statistics from, training views): the standalone probe first, the in-run probe's form last
@@ -49,10 +48,10 @@ def probe_table(path: Path, *, source: str, target: str, eval_split: str, seed: 
     """Target accuracy of the probe in each form of :data:`FORMS`; the first equals
     ``evidence.teacher_probe.probe_store``'s linear probe on the same splits."""
     store = open_store(path)
-    x_eval = torch.from_numpy(store.read_split(eval_split)[:, 0].astype("float32"))
-    y_eval = torch.from_numpy(store.labels(eval_split).astype("int64"))
-    num_classes = int(max(int(store.labels(source).max()), int(y_eval.max())) + 1)
-    x0, _ = _features(store, source, 1)
+    x_eval, y_eval = view0(path, eval_split)
+    source_views, source_labels = store.read_split(source), store.labels(source)  # read once
+    num_classes = int(max(int(source_labels.max()), int(y_eval.max())) + 1)
+    x0, _ = _flat(source_views[:, :1], source_labels)
     stats = {
         "source, view 0": (x0.mean(dim=0), x0.std(dim=0, correction=0)),
         "source": _torch_stats(combined_stats(store, [source])),
@@ -61,7 +60,7 @@ def probe_table(path: Path, *, source: str, target: str, eval_split: str, seed: 
     out: dict[str, Any] = {"store": str(path), "source": source, "target": target, "eval": eval_split}
     out["rows"] = []
     for name, stats_from, views in FORMS:
-        x, y = _features(store, source, views)
+        x, y = _flat(source_views[:, :views], source_labels)
         mean, std = stats[stats_from]
         probe = train_probe(x, y, num_classes=num_classes, spec=ProbeSpec(), seed=seed, mean=mean, std=std)
         out["rows"].append({"form": name, "target_accuracy": probe_accuracy(probe, x_eval, y_eval)})
