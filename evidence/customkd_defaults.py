@@ -38,6 +38,8 @@ OUT = REPO / "evidence" / "results"
 # The paper's L_task and an unregularized stage A: the defaults before 2026-12-06. Candidates from before
 # then name them, so each keeps meaning what it was run with.
 PAPER = ["customkd.task_loss=mse", "customkd.stage_a_weight_decay=0"]
+# The defaults of 2026-12-06 (151f422), spelled out, so candidates that vary them keep their meaning.
+LOGIT_KL = ["customkd.task_loss=logit_kl", "customkd.stage_a_weight_decay=0.5"]
 # name -> (method, overrides). Each method has the same number of candidates (equal search budget).
 CANDIDATES: dict[str, tuple[str, list[str]]] = {
     "student_only": ("student_only", []),
@@ -81,23 +83,14 @@ CANDIDATES: dict[str, tuple[str, list[str]]] = {
         "customkd",
         ["customkd.task_loss=normalized", "customkd.stage_a_weight_decay=0.5"],
     ),
-    "customkd:logitkl,wd0.5": (
-        "customkd",
-        ["customkd.task_loss=logit_kl", "customkd.stage_a_weight_decay=0.5"],
-    ),
+    "customkd:logitkl,wd0.5": ("customkd", LOGIT_KL),
     "customkd:logitkl": ("customkd", ["customkd.task_loss=logit_kl", "customkd.stage_a_weight_decay=0"]),
     # the open questions about the ViT case (2026-12-06): a relational L_gen, and the student
     # at 64 px instead of 32 (the teacher sees 112 px); the defaults otherwise
-    "customkd:logitkl,wd0.5,sp": (
-        "customkd",
-        ["customkd.task_loss=logit_kl", "customkd.stage_a_weight_decay=0.5", "customkd.gen_loss=relational"],
-    ),
+    "customkd:logitkl,wd0.5,sp": ("customkd", [*LOGIT_KL, "customkd.gen_loss=relational"]),
     "student_only:64px": ("student_only", ["student.input_size=64"]),
     "kd:T=4,64px": ("kd", ["kd.temperature=4", "student.input_size=64"]),
-    "customkd:logitkl,wd0.5,64px": (
-        "customkd",
-        ["customkd.task_loss=logit_kl", "customkd.stage_a_weight_decay=0.5", "student.input_size=64"],
-    ),
+    "customkd:logitkl,wd0.5,64px": ("customkd", [*LOGIT_KL, "student.input_size=64"]),
     "customkd+kd:lt0.3": ("customkd+kd", [*PAPER, "customkd.lambda_task=0.3"]),
 }
 
